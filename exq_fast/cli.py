@@ -1,0 +1,103 @@
+"""The ``exq-fast`` command: a thin layer over ``Config`` and the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis
+
+from . import __version__
+from .config import Config, ConfigError
+from .demo import run_demo
+from .enqueuer import Enqueuer
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class UsageError(Exception):
+    """A problem with what the user typed; printed as one line."""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL or 127.0.0.1:6379)")
+    parser.add_argument("--namespace", help="key namespace (default: $EXQ_NAMESPACE or 'exq')")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def config_from(args: argparse.Namespace, **extra: Any) -> Config:
+    """The Config of a command: env, then the flags given."""
+    overrides = {"redis_url": args.redis_url, "namespace": args.namespace, **extra}
+    return Config.from_env(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _enqueue(args: argparse.Namespace) -> int:
+    try:
+        job_args = json.loads(args.args_json)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"ARGS_JSON is not valid JSON: {exc.msg} (e.g. '[1, \"two\"]')") from None
+    if not isinstance(job_args, list):
+        raise UsageError("ARGS_JSON must be a JSON list, e.g. '[1, \"two\"]'")
+    options: dict[str, Any] = {}
+    if args.retry is not None:
+        options["max_retries"] = args.retry
+    with Enqueuer(config_from(args)) as enqueuer:
+        if args.in_seconds is not None:
+            result = enqueuer.enqueue_in(args.queue, args.in_seconds, args.job_class, job_args,
+                                         **options)
+        else:
+            result = enqueuer.enqueue(args.queue, args.job_class, job_args, **options)
+    print(result if isinstance(result, str) else f"conflict: held by {result.existing_jid}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    return run_demo(jobs=args.jobs, redis_url=args.redis_url, namespace=args.namespace)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every verb."""
+    parser = argparse.ArgumentParser(prog="exq-fast", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"exq-fast {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    enqueue = verbs.add_parser("enqueue", help="enqueue one job")
+    _common(enqueue)
+    enqueue.add_argument("queue")
+    enqueue.add_argument("job_class", metavar="CLASS")
+    enqueue.add_argument("args_json", metavar="ARGS_JSON", nargs="?", default="[]")
+    enqueue.add_argument("--in", dest="in_seconds", type=float, help="run in S seconds")
+    enqueue.add_argument("--retry", type=int, help="max retries of this job")
+    enqueue.set_defaults(handler=_enqueue)
+
+    demo = verbs.add_parser("demo", help="enqueue and process a batch of demo jobs")
+    _common(demo)
+    demo.add_argument("--jobs", type=int, default=10000, help="how many jobs (default 10000)")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``exq-fast`` and ``python -m exq_fast``."""
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except (UsageError, ConfigError, ValueError, TypeError) as exc:
+        return _fail(args, exc, f"error: {exc}")
+    except redis.exceptions.AuthenticationError as exc:
+        return _fail(args, exc, f"error: Redis refused the credentials ({exc}); check the password")
+    except redis.exceptions.ConnectionError as exc:
+        return _fail(args, exc, f"error: cannot reach Redis ({exc}); check --redis-url / REDIS_URL")
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(args: argparse.Namespace, exc: Exception, message: str) -> int:
+    if getattr(args, "debug", False):
+        raise exc
+    print(message, file=sys.stderr)
+    return 2

@@ -1,0 +1,288 @@
+"""``Config``: every exq-fast option, with Exq's defaults.
+
+A ``Config`` is frozen and validated when it is built: a bad value raises
+``ConfigError`` naming the option and the value, so a process fails at start-up
+rather than at the first job.
+
+Sources and precedence: ``Config(...)`` takes keyword arguments over the
+defaults and nothing else (what you write is what you get, whatever the
+environment holds). ``Config.from_env(**overrides)`` reads ``REDIS_URL`` and
+``EXQ_<OPTION>`` variables (``EXQ_NAMESPACE``, ``EXQ_QUEUES="default:10,mail:5"``,
+``EXQ_CONCURRENCY``, ...) and then applies ``overrides``: explicit > env > default.
+The CLI builds its config with ``from_env`` and its flags as overrides.
+
+Times follow Exq's units: milliseconds, except ``dead_timeout_in_seconds``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+UNLIMITED = None
+"""Concurrency value meaning "no limit" (Exq's ``:infinity``)."""
+
+_RESERVED_NODE_IDS = frozenset(
+    {"queues", "schedule", "retry", "dead", "processes", "heartbeats", "stat", "queue", "unique"}
+)
+_URL_SCHEMES = frozenset({"redis", "rediss", "unix"})
+
+
+class ConfigError(ValueError):
+    """An option has a value exq-fast cannot use; the message names both."""
+
+    def __init__(self, option: str, value: object, why: str) -> None:
+        super().__init__(f"invalid value for option {option!r}: {value!r} ({why})")
+        self.option = option
+        self.value = value
+        self.why = why
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    """A queue to consume and its concurrency (``None`` = unlimited)."""
+
+    name: str
+    concurrency: int | None
+
+
+QueueInput = str | tuple[str, int | str | None] | QueueSpec
+"""One queue entry: ``"name"``, ``"name:10"``, ``("name", 10)`` or a ``QueueSpec``."""
+
+
+def parse_concurrency(option: str, value: object) -> int | None:
+    """Parse a concurrency the way Exq does: an int, a numeric string, or infinity."""
+    if value is None:
+        return UNLIMITED
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("infinity", "infinite", "inf", "unlimited"):
+            return UNLIMITED
+        if not text.lstrip("-").isdigit():
+            raise ConfigError(option, value, "expected a positive integer or 'infinity'")
+        value = int(text)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(option, value, "expected a positive integer or 'infinity'")
+    if value < 1:
+        raise ConfigError(option, value, "concurrency must be at least 1")
+    return value
+
+
+def _queue_spec(entry: QueueInput, default: int | None) -> QueueSpec:
+    if isinstance(entry, QueueSpec):
+        return QueueSpec(_queue_name(entry.name), parse_concurrency("queues", entry.concurrency))
+    if isinstance(entry, tuple):
+        if len(entry) != 2:
+            raise ConfigError("queues", entry, "expected (name, concurrency)")
+        return QueueSpec(_queue_name(entry[0]), parse_concurrency("queues", entry[1]))
+    if not isinstance(entry, str):
+        raise ConfigError("queues", entry, "expected a queue name")
+    name, sep, conc = entry.strip().rpartition(":")
+    if not sep:
+        return QueueSpec(_queue_name(conc), default)
+    return QueueSpec(_queue_name(name), parse_concurrency("queues", conc))
+
+
+def _checked_spec(entry: QueueInput, default: int | None) -> QueueSpec:
+    try:
+        return _queue_spec(entry, default)
+    except ConfigError as exc:
+        raise ConfigError("queues", entry, exc.why) from None
+
+
+def _queue_name(name: object) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError("queues", name, "a queue name must be a non-empty string")
+    return name.strip()
+
+
+def parse_queues(value: str | Sequence[QueueInput], default: int | None) -> tuple[QueueSpec, ...]:
+    """Normalise a queue list or a ``"a:10,b"`` string into ``QueueSpec``s."""
+    entries: Sequence[QueueInput] = value.split(",") if isinstance(value, str) else value
+    specs = tuple(_checked_spec(e, default) for e in entries)
+    if not specs:
+        raise ConfigError("queues", value, "at least one queue is needed")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError("queues", value, "a queue is listed twice")
+    return specs
+
+
+def default_node_id() -> str:
+    """The hostname, Exq's default node identifier."""
+    return socket.gethostname()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """All options of an exq-fast process or client. See the module docstring."""
+
+    # Redis connection. ``redis_url`` (redis://, rediss://, unix://) overrides the parts.
+    redis_url: str | None = None
+    redis_host: str = "127.0.0.1"
+    redis_port: int = 6379
+    redis_db: int = 0
+    redis_username: str | None = None
+    redis_password: str | None = None
+    redis_tls: bool = False
+    redis_tls_ca_certs: str | None = None
+    redis_tls_verify: bool = True
+    redis_timeout: int = 5000
+    # Layout and queues.
+    namespace: str = "exq"
+    queues: str | Sequence[QueueInput] = ("default",)
+    concurrency: int | None = 100
+    node_id: str = field(default_factory=default_node_id)
+    # Polling.
+    poll_timeout: int = 100
+    scheduler_enable: bool = True
+    scheduler_poll_timeout: int = 200
+    scheduler_page_size: int = 10
+    # Retries and the dead set.
+    max_retries: int = 25
+    dead_max_jobs: int = 10000
+    dead_timeout_in_seconds: int = 15552000
+    backoff: Callable[..., float] | None = None
+    # Shutdown and stats. Exq flushes stats every 1000 ms; exq-fast acks through
+    # the stats batch, so it flushes within a few milliseconds of work.
+    shutdown_timeout: int = 5000
+    stats_flush_interval: int = 5
+    stats_batch_size: int = 2000
+    # Heartbeats (Exq's opt-in dead-node monitor).
+    heartbeat_enable: bool = False
+    heartbeat_interval: int = 60000
+    missed_heartbeats_allowed: int = 5
+    # Middleware chain; None = the default chain.
+    middleware: tuple[Any, ...] | None = None
+
+    queue_specs: tuple[QueueSpec, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        concurrency = parse_concurrency("concurrency", self.concurrency)
+        object.__setattr__(self, "concurrency", concurrency)
+        object.__setattr__(self, "queue_specs", parse_queues(self.queues, concurrency))
+        _validate(self)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        """Build from ``REDIS_URL`` / ``EXQ_*`` variables, then ``overrides`` on top."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, parse in _ENV_PARSERS.items():
+            raw = env.get("EXQ_" + name.upper())
+            if raw is None and name == "redis_url":
+                raw = env.get("REDIS_URL")
+            if raw is not None and (raw != "" or name == "namespace"):
+                values[name] = parse(name, raw)
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def queue_names(self) -> list[str]:
+        """The configured queue names, in order."""
+        return [spec.name for spec in self.queue_specs]
+
+
+def _validate(config: Config) -> None:
+    for name, minimum in _MINIMUMS.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(name, value, "expected an integer")
+        if value < minimum:
+            raise ConfigError(name, value, f"must be at least {minimum}")
+    if config.redis_url is not None:
+        _validate_url(config.redis_url)
+    if not config.node_id or config.node_id in _RESERVED_NODE_IDS or "::" in config.node_id:
+        raise ConfigError("node_id", config.node_id, "empty, reserved or containing '::'")
+    if config.namespace.endswith(":"):
+        raise ConfigError("namespace", config.namespace, "must not end with ':'")
+
+
+def _validate_url(url: str) -> None:
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError as exc:
+        raise ConfigError("redis_url", url, str(exc)) from None
+    if parts.scheme not in _URL_SCHEMES:
+        raise ConfigError("redis_url", url, "scheme must be redis://, rediss:// or unix://")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError("redis_url", url, "no host")
+
+
+_MINIMUMS: dict[str, int] = {
+    "redis_port": 1,
+    "redis_db": 0,
+    "redis_timeout": 1,
+    "poll_timeout": 0,
+    "scheduler_poll_timeout": 1,
+    "scheduler_page_size": 1,
+    "max_retries": 0,
+    "dead_max_jobs": 0,
+    "dead_timeout_in_seconds": 0,
+    "shutdown_timeout": 0,
+    "stats_flush_interval": 0,
+    "stats_batch_size": 1,
+    "heartbeat_interval": 1,
+    "missed_heartbeats_allowed": 0,
+}
+
+
+def _env_int(option: str, raw: str) -> int:
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ConfigError(option, raw, "expected an integer") from None
+
+
+def _env_bool(option: str, raw: str) -> bool:
+    text = raw.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(option, raw, "expected true or false")
+
+
+def _env_str(option: str, raw: str) -> str:
+    return raw
+
+
+_ENV_PARSERS: dict[str, Callable[[str, str], Any]] = {
+    "redis_url": _env_str,
+    "redis_host": _env_str,
+    "redis_port": _env_int,
+    "redis_db": _env_int,
+    "redis_username": _env_str,
+    "redis_password": _env_str,
+    "redis_tls": _env_bool,
+    "redis_tls_ca_certs": _env_str,
+    "redis_tls_verify": _env_bool,
+    "redis_timeout": _env_int,
+    "namespace": _env_str,
+    "queues": _env_str,
+    "concurrency": parse_concurrency,
+    "node_id": _env_str,
+    "poll_timeout": _env_int,
+    "scheduler_enable": _env_bool,
+    "scheduler_poll_timeout": _env_int,
+    "scheduler_page_size": _env_int,
+    "max_retries": _env_int,
+    "dead_max_jobs": _env_int,
+    "dead_timeout_in_seconds": _env_int,
+    "shutdown_timeout": _env_int,
+    "stats_flush_interval": _env_int,
+    "stats_batch_size": _env_int,
+    "heartbeat_enable": _env_bool,
+    "heartbeat_interval": _env_int,
+    "missed_heartbeats_allowed": _env_int,
+}

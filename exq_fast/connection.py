@@ -1,0 +1,54 @@
+"""Redis connections built from a ``Config``: URL or parts, password, ACL user, TLS."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import redis
+
+from .config import Config
+
+
+def connection_kwargs(config: Config) -> dict[str, Any]:
+    """Keyword arguments for ``redis.Redis`` shared by every client exq-fast makes."""
+    timeout = config.redis_timeout / 1000
+    kwargs: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "health_check_interval": 30,
+    }
+    if config.redis_username is not None:
+        kwargs["username"] = config.redis_username
+    if config.redis_password is not None:
+        kwargs["password"] = config.redis_password
+    if config.redis_tls or (config.redis_url or "").startswith("rediss://"):
+        kwargs.update(_tls_kwargs(config))
+    return kwargs
+
+
+def _tls_kwargs(config: Config) -> dict[str, Any]:
+    verify = config.redis_tls_verify
+    kwargs: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED if verify else ssl.CERT_NONE}
+    if not config.redis_tls_verify:
+        kwargs["ssl_check_hostname"] = False
+    if config.redis_tls_ca_certs:
+        kwargs["ssl_ca_certs"] = config.redis_tls_ca_certs
+    return kwargs
+
+
+def connect(config: Config, *, max_connections: int | None = None) -> redis.Redis:
+    """A client with its own connection pool (thread-safe), not yet connected."""
+    kwargs = connection_kwargs(config)
+    if max_connections is not None:
+        kwargs["max_connections"] = max_connections
+    if config.redis_url:
+        url = config.redis_url
+        if config.redis_tls and url.startswith("redis://"):
+            url = "rediss://" + url[len("redis://"):]
+        return redis.Redis.from_url(url, **kwargs)
+    if config.redis_tls:
+        kwargs["ssl"] = True
+    return redis.Redis(
+        host=config.redis_host, port=config.redis_port, db=config.redis_db, **kwargs
+    )

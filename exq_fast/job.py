@@ -1,0 +1,275 @@
+"""The job record: lazy decoding with simdjson, compact encoding, tolerant reading.
+
+A job stays the exact bytes it was fetched as (``Job.raw``): acks remove those
+bytes, and a job is re-encoded only when it changes (retry, dead, snooze). A
+re-encoded job keeps every field of the original, unknown ones included, and
+writes timestamps as JSON floats of seconds.
+
+Decoding uses one ``simdjson.Parser`` per thread and reads only the fields the
+worker needs. pysimdjson forbids re-using a parser while proxies (``Object``,
+``Array``) of its last document are alive, so every value kept is converted to
+plain Python and the document is dropped before ``decode`` returns or raises
+(a raised exception must not keep a frame that holds a proxy).
+
+Readers accept Exq 0.13.2, Exq 0.23 and Sidekiq payloads: ``retry`` as an int or
+a bool, missing ``retry_count``, integer-millisecond timestamps (Sidekiq 8),
+``Elixir.`` prefixes and Ruby ``::`` class names.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import simdjson
+
+MILLIS_THRESHOLD = 1e11
+"""A timestamp above this is integer epoch milliseconds (Sidekiq 8), not seconds."""
+
+TIMESTAMP_FIELDS = ("enqueued_at", "created_at", "failed_at", "retried_at", "unlocks_at")
+
+_local = threading.local()
+
+
+class InvalidJob(ValueError):
+    """A payload that cannot be a job; ``reason`` says what is wrong with it."""
+
+    def __init__(self, reason: str, raw: bytes) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.raw = raw
+
+
+def _parser() -> Any:
+    parser = getattr(_local, "parser", None)
+    if parser is None:
+        parser = _local.parser = simdjson.Parser()
+    return parser
+
+
+def now_seconds() -> float:
+    """The current Unix time as float seconds with microsecond precision (as Exq)."""
+    return time.time_ns() // 1000 / 1_000_000
+
+
+def new_jid() -> str:
+    """A new job id: a lowercase UUID4 with dashes, as Exq writes."""
+    return str(uuid.uuid4())
+
+
+def to_seconds(value: object) -> float | None:
+    """A payload timestamp as float seconds: accepts floats, ints and Sidekiq 8 millis."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return value / 1000 if value > MILLIS_THRESHOLD else float(value)
+
+
+def strip_elixir(name: str) -> str:
+    """What Exq stores for a class given at enqueue: one leading ``Elixir.`` removed."""
+    return name[7:] if name.startswith("Elixir.") else name
+
+
+def normalize_class(name: str) -> str:
+    """The name a worker is resolved by, as Exq resolves it (WIRE.md 2.4)."""
+    name = strip_elixir(name).replace("::", ".")
+    slash = name.find("/")
+    return name if slash < 0 else name[:slash]
+
+
+def encode(obj: object, *, sort_keys: bool = False) -> bytes:
+    """Compact UTF-8 JSON, as Exq and Sidekiq write it (non-ASCII left raw)."""
+    text = json.dumps(
+        obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False, sort_keys=sort_keys
+    )
+    return text.encode("utf-8")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads(raw: bytes) -> Any:
+    """Decode a whole JSON document to plain Python (simdjson, stdlib fallback)."""
+    try:
+        doc = _parse(raw)
+    except UnicodeDecodeError:
+        raise
+    except ValueError:
+        # simdjson refuses a few valid documents (integers beyond 64 bits):
+        # the stdlib parser decides whether the payload is really invalid.
+        return json.loads(raw, parse_constant=_reject_constant)
+    if isinstance(doc, simdjson.Object):
+        return doc.as_dict()
+    if isinstance(doc, simdjson.Array):
+        return doc.as_list()
+    return doc
+
+
+def _parse(raw: bytes) -> Any:
+    try:
+        return _parser().parse(raw)
+    except RuntimeError as exc:
+        if "re-use a parser" not in str(exc):
+            raise ValueError(str(exc)) from None  # e.g. BIGINT_ERROR: a document error
+    # The thread's parser still has live proxies (a caller kept one): use a
+    # fresh parser rather than fail the job.
+    _local.parser = simdjson.Parser()
+    try:
+        return _local.parser.parse(raw)
+    except RuntimeError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class Job:
+    """One decoded job. ``raw`` holds the exact bytes it was read as."""
+
+    __slots__ = (
+        "_args",
+        "enqueued_at",
+        "jid",
+        "job_class",
+        "queue",
+        "raw",
+        "retry",
+        "retry_count",
+        "unique_token",
+        "unique_until",
+    )
+
+    raw: bytes
+    job_class: str
+    jid: str | None
+    queue: str | None
+    retry: int | bool | None
+    retry_count: int
+    enqueued_at: float | None
+    unique_until: str | None
+    unique_token: str | None
+    _args: list[Any] | None
+
+    @property
+    def args(self) -> list[Any]:
+        """The positional arguments, as plain Python (decoded on first use)."""
+        if self._args is None:
+            self._args = list(loads(self.raw)["args"])
+        return self._args
+
+    @property
+    def worker_name(self) -> str:
+        """The class name normalised for worker lookup (``Elixir.``, ``::``, ``/`` handled)."""
+        return normalize_class(self.job_class)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field of the payload, as plain Python, in the original order."""
+        data = loads(self.raw)
+        assert isinstance(data, dict)
+        return data
+
+    def reencode(self, changes: Mapping[str, Any]) -> bytes:
+        """The payload with ``changes`` applied, every other field kept.
+
+        Known timestamps are rewritten as float seconds (Sidekiq 8 millis included).
+        """
+        data = self.to_dict()
+        for name in TIMESTAMP_FIELDS:
+            seconds = to_seconds(data.get(name))
+            if seconds is not None:
+                data[name] = seconds
+        data.update(changes)
+        return encode(data)
+
+    def __repr__(self) -> str:
+        return f"<Job {self.job_class} jid={self.jid} queue={self.queue}>"
+
+
+def decode(raw: bytes | str, *, with_args: bool = False) -> Job:
+    """Decode a payload, reading only the fields the worker needs.
+
+    Raises ``InvalidJob`` (never anything else) for bytes that are not UTF-8,
+    not JSON, not an object, have no string ``class`` or no list ``args``.
+    """
+    data = raw.encode("utf-8") if isinstance(raw, str) else bytes(raw)
+    result = _extract(data, with_args)
+    if isinstance(result, str):
+        raise InvalidJob(result, data)
+    return result
+
+
+def _extract(raw: bytes, with_args: bool) -> Job | str:
+    try:
+        doc = _parse(raw)
+    except UnicodeDecodeError:
+        return "payload is not valid UTF-8"
+    except ValueError as exc:
+        return _extract_fallback(raw, with_args, exc)
+    if not isinstance(doc, simdjson.Object):
+        return f"payload is not a JSON object (got {_kind(doc)})"
+    job = _fields(raw, doc, with_args)
+    del doc  # release the parser before anything else can happen
+    return job
+
+
+def _extract_fallback(raw: bytes, with_args: bool, exc: ValueError) -> Job | str:
+    try:
+        data = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        return "payload is not valid JSON: nested too deeply"
+    except ValueError:
+        return f"payload is not valid JSON: {str(exc).split(':')[0]}"
+    if not isinstance(data, dict):
+        return f"payload is not a JSON object (got {_kind(data)})"
+    return _fields(raw, data, with_args)
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, simdjson.Array | list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if value is None:
+        return "null"
+    return type(value).__name__
+
+
+def _fields(raw: bytes, doc: Any, with_args: bool) -> Job | str:
+    job_class = doc.get("class")
+    if not isinstance(job_class, str) or not job_class:
+        return "payload has no class" if job_class is None else "payload class is not a string"
+    args = doc.get("args")
+    if not isinstance(args, simdjson.Array | list):
+        return "payload has no args" if args is None else "payload args is not a list"
+    job = Job()
+    job.raw = raw
+    job.job_class = job_class
+    job._args = _plain_list(args) if with_args else None
+    del args
+    job.jid = _str_or_none(doc.get("jid"))
+    job.queue = _str_or_none(doc.get("queue"))
+    job.retry = _retry(doc.get("retry"))
+    job.retry_count = _int_or_zero(doc.get("retry_count"))
+    job.enqueued_at = to_seconds(doc.get("enqueued_at"))
+    job.unique_until = _str_or_none(doc.get("unique_until"))
+    job.unique_token = _str_or_none(doc.get("unique_token"))
+    return job
+
+
+def _plain_list(args: Any) -> list[Any]:
+    return args.as_list() if isinstance(args, simdjson.Array) else list(args)
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _retry(value: object) -> int | bool | None:
+    return value if isinstance(value, int) else None
+
+
+def _int_or_zero(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    return int(value)

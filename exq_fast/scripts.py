@@ -1,0 +1,205 @@
+"""The Lua scripts exq-fast runs, each called by EVALSHA with an EVAL fallback.
+
+The scripts follow Exq's (WIRE.md 4.3) where Exq has one, so the keys touched
+and the bytes written are the same; ``fetch`` is exq-fast's own: it moves up to
+N jobs of every queue into this node's backup lists in one round trip.
+
+``load_all`` registers every script once at start; ``Script.__call__`` falls
+back to EVAL when Redis answers NOSCRIPT (after a restart or SCRIPT FLUSH),
+which also puts the script back in Redis's cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+
+ENQUEUE = """
+local unlocks_in = tonumber(ARGV[4])
+if KEYS[3] and unlocks_in then
+  if not redis.call('SET', KEYS[3], ARGV[3], 'PX', unlocks_in, 'NX') then
+    return {1, redis.call('GET', KEYS[3])}
+  end
+end
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('LPUSH', KEYS[2], ARGV[2])
+return 0
+"""
+
+ENQUEUE_AT = """
+local unlocks_in = tonumber(ARGV[4])
+if KEYS[2] and unlocks_in then
+  if not redis.call('SET', KEYS[2], ARGV[3], 'PX', unlocks_in, 'NX') then
+    return {1, redis.call('GET', KEYS[2])}
+  end
+end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+return 0
+"""
+
+ENQUEUE_ALL = """
+local out = {}
+for i = 0, (#ARGV / 5) - 1 do
+  local jid, queue, score, job = ARGV[i*5+1], ARGV[i*5+2], ARGV[i*5+3], ARGV[i*5+4]
+  local unlocks_in = tonumber(ARGV[i*5+5])
+  local lock, list = KEYS[3+i*2], KEYS[4+i*2]
+  local held = false
+  if lock ~= '' and unlocks_in then
+    if not redis.call('SET', lock, jid, 'PX', unlocks_in, 'NX') then
+      held = redis.call('GET', lock)
+    end
+  end
+  if held then
+    out[i+1] = {1, held}
+  else
+    if score == '0' then
+      redis.call('SADD', KEYS[2], queue)
+      redis.call('LPUSH', list, job)
+    else
+      redis.call('ZADD', KEYS[1], score, job)
+    end
+    out[i+1] = {0, jid}
+  end
+end
+return out
+"""
+
+COMPARE_AND_DELETE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# Exq's paged scheduler move. A member whose JSON cannot be read is moved to
+# the fallback queue ARGV[4] rather than left to block every later page: the
+# worker then sends it to the dead set with its reason (bad input is never
+# dropped and never stops the scheduler).
+SCHEDULER_DEQUEUE = """
+local members = redis.call('ZRANGEBYSCORE', KEYS[1], 0, ARGV[2], 'LIMIT', 0, tonumber(ARGV[1]))
+for _, member in ipairs(members) do
+  local ok, job = pcall(cjson.decode, member)
+  local queue = ARGV[4]
+  if ok and type(job) == 'table' and type(job['queue']) == 'string' then queue = job['queue'] end
+  if redis.call('ZREM', KEYS[1], member) == 1 then
+    redis.call('SADD', ARGV[3] .. 'queues', queue)
+    redis.call('LPUSH', ARGV[3] .. 'queue:' .. queue, member)
+  end
+end
+return #members
+"""
+
+SCHEDULER_DEQUEUE_JOBS = """
+local moved = 0
+for _, member in ipairs(ARGV) do
+  if redis.call('ZREM', KEYS[1], member) == 1 then
+    local ok, job = pcall(cjson.decode, member)
+    local queue = KEYS[3]
+    if ok and type(job) == 'table' and type(job['queue']) == 'string' then queue = job['queue'] end
+    redis.call('SADD', KEYS[2] .. 'queues', queue)
+    redis.call('LPUSH', KEYS[2] .. 'queue:' .. queue, member)
+    moved = moved + 1
+  end
+end
+return moved
+"""
+
+MLPOP_RPUSH = """
+local moved = 0
+for i = 1, tonumber(ARGV[1]) do
+  local job = redis.call('LPOP', KEYS[1])
+  if not job then break end
+  redis.call('RPUSH', KEYS[2], job)
+  moved = moved + 1
+end
+return {redis.call('LLEN', KEYS[1]), moved}
+"""
+
+HEARTBEAT_RE_ENQUEUE_BACKUP = """
+local score = redis.call('ZSCORE', KEYS[3], ARGV[1])
+if not score or tonumber(score) ~= tonumber(ARGV[2]) then
+  return {0, 0}
+end
+local moved = 0
+for i = 1, tonumber(ARGV[3]) do
+  local job = redis.call('LPOP', KEYS[1])
+  if not job then break end
+  redis.call('RPUSH', KEYS[2], job)
+  moved = moved + 1
+end
+return {redis.call('LLEN', KEYS[1]), moved}
+"""
+
+# exq-fast's batched fetch: KEYS are (queue, backup) pairs, ARGV the number of
+# jobs to take from each. RPOP with a count takes the oldest first and LPUSH
+# of the batch leaves the backup list as N single RPOPLPUSHes would.
+FETCH = """
+local out = {}
+for i = 1, #ARGV do
+  local n = tonumber(ARGV[i])
+  local jobs = false
+  if n > 0 then jobs = redis.call('RPOP', KEYS[2*i-1], n) end
+  if jobs then
+    redis.call('LPUSH', KEYS[2*i], unpack(jobs))
+  else
+    jobs = {}
+  end
+  out[i] = jobs
+end
+return out
+"""
+
+FETCH_BATCH_LIMIT = 1000
+"""Most jobs ``FETCH`` takes from one queue in one call (bounded by Lua's unpack)."""
+
+
+class Script:
+    """One Lua script, identified by the SHA1 of its source."""
+
+    __slots__ = ("name", "sha", "source")
+
+    def __init__(self, name: str, source: str) -> None:
+        self.name = name
+        self.source = source
+        self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+
+    def __call__(self, client: redis.Redis, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """Run on ``client`` (not a pipeline): EVALSHA, or EVAL on NOSCRIPT."""
+        try:
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return client.eval(self.source, len(keys), *keys, *args)
+
+
+enqueue = Script("enqueue", ENQUEUE)
+enqueue_at = Script("enqueue_at", ENQUEUE_AT)
+enqueue_all = Script("enqueue_all", ENQUEUE_ALL)
+compare_and_delete = Script("compare_and_delete", COMPARE_AND_DELETE)
+scheduler_dequeue = Script("scheduler_dequeue", SCHEDULER_DEQUEUE)
+scheduler_dequeue_jobs = Script("scheduler_dequeue_jobs", SCHEDULER_DEQUEUE_JOBS)
+mlpop_rpush = Script("mlpop_rpush", MLPOP_RPUSH)
+heartbeat_re_enqueue_backup = Script("heartbeat_re_enqueue_backup", HEARTBEAT_RE_ENQUEUE_BACKUP)
+fetch = Script("fetch", FETCH)
+
+ALL = (
+    enqueue,
+    enqueue_at,
+    enqueue_all,
+    compare_and_delete,
+    scheduler_dequeue,
+    scheduler_dequeue_jobs,
+    mlpop_rpush,
+    heartbeat_re_enqueue_backup,
+    fetch,
+)
+
+
+def load_all(client: redis.Redis) -> None:
+    """Register every script with SCRIPT LOAD (once per process start)."""
+    pipe = client.pipeline(transaction=False)
+    for script in ALL:
+        pipe.script_load(script.source)
+    pipe.execute()
