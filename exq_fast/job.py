@@ -235,11 +235,26 @@ def _kind(value: object) -> str:
     return type(value).__name__
 
 
+_WANTED = frozenset(
+    {"class", "args", "jid", "queue", "retry", "retry_count", "enqueued_at",
+     "unique_until", "unique_token"}
+)
+
+
+def _wanted_fields(doc: Any) -> dict[str, Any]:
+    # pysimdjson's get() of a missing key costs microseconds (it raises
+    # internally) and items() materialises every value; keys() then [] on the
+    # present ones is cheap and leaves args a lazy proxy.
+    return {key: doc[key] for key in doc.keys() if key in _WANTED}  # noqa: SIM118
+
+
 def _fields(raw: bytes, doc: Any, with_args: bool) -> Job | str:
-    job_class = doc.get("class")
+    fields = _wanted_fields(doc)
+    get = fields.get
+    job_class = get("class")
     if not isinstance(job_class, str) or not job_class:
         return "payload has no class" if job_class is None else "payload class is not a string"
-    args = doc.get("args")
+    args = get("args")
     if not isinstance(args, simdjson.Array | list):
         return "payload has no args" if args is None else "payload args is not a list"
     job = Job()
@@ -247,13 +262,14 @@ def _fields(raw: bytes, doc: Any, with_args: bool) -> Job | str:
     job.job_class = job_class
     job._args = _plain_list(args) if with_args else None
     del args
-    job.jid = _str_or_none(doc.get("jid"))
-    job.queue = _str_or_none(doc.get("queue"))
-    job.retry = _retry(doc.get("retry"))
-    job.retry_count = _int_or_zero(doc.get("retry_count"))
-    job.enqueued_at = to_seconds(doc.get("enqueued_at"))
-    job.unique_until = _str_or_none(doc.get("unique_until"))
-    job.unique_token = _str_or_none(doc.get("unique_token"))
+    job.jid = _str_or_none(get("jid"))
+    job.queue = _str_or_none(get("queue"))
+    job.retry = _retry(get("retry"))
+    job.retry_count = _int_or_zero(get("retry_count"))
+    job.enqueued_at = to_seconds(get("enqueued_at"))
+    job.unique_until = _str_or_none(get("unique_until"))
+    job.unique_token = _str_or_none(get("unique_token"))
+    fields.clear()  # drop the proxies before the parser is used again
     return job
 
 

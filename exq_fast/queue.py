@@ -83,3 +83,81 @@ def push_all(client: redis.Redis, keys: Keys, jobs: Sequence[Push]) -> list[Enqu
         args += [job.jid, job.queue, score, job.payload, unlocks_in]
     replies = scripts.enqueue_all(client, job_keys, args)
     return [_result(r if r[0] == 1 else 0, job.jid) for r, job in zip(replies, jobs, strict=True)]
+
+
+RECOVERY_BATCH = 100
+"""Jobs moved per script call when re-enqueueing a backup list."""
+
+
+def fetch(client: redis.Redis, keys: Keys, node_id: str,
+          wanted: Sequence[tuple[str, int]]) -> list[list[bytes]]:
+    """Move up to ``n`` jobs of each ``(queue, n)`` into this node's backup lists.
+
+    One round trip for every queue. Returns the raw jobs of each queue, oldest
+    first, in the order of ``wanted``. The bytes are kept exactly as fetched:
+    the ack removes those bytes from the backup list.
+    """
+    job_keys: list[str] = []
+    counts: list[int] = []
+    for queue, count in wanted:
+        job_keys += [keys.queue(queue), keys.backup(node_id, queue)]
+        counts.append(min(count, scripts.FETCH_BATCH_LIMIT))
+    replies: list[list[bytes]] = scripts.fetch(client, job_keys, counts)
+    return replies
+
+
+def recover_backup(client: redis.Redis, keys: Keys, node_id: str, queue: str) -> int:
+    """Move ``node_id``'s backup of ``queue`` back to the front of the queue.
+
+    Order is kept: the oldest fetched job is popped first again (Exq 0.15+).
+    Returns the number of jobs moved.
+    """
+    moved = 0
+    while True:
+        remaining, count = scripts.mlpop_rpush(
+            client, [keys.backup(node_id, queue), keys.queue(queue)], [RECOVERY_BATCH]
+        )
+        moved += int(count)
+        if int(remaining) == 0 or int(count) == 0:
+            return moved
+
+
+def recover_dead_node_backup(client: redis.Redis, keys: Keys, dead_node: str, queue: str,
+                             expected_score: str | float) -> int:
+    """Re-enqueue a dead node's backup of ``queue``, only while its heartbeat is unchanged.
+
+    The heartbeat score check (inside the script) keeps a node that came back,
+    or that another monitor already handled, from losing its jobs.
+    """
+    moved = 0
+    while True:
+        remaining, count = scripts.heartbeat_re_enqueue_backup(
+            client,
+            [keys.backup(dead_node, queue), keys.queue(queue), keys.heartbeats],
+            [dead_node, expected_score, RECOVERY_BATCH],
+        )
+        moved += int(count)
+        if int(remaining) == 0 or int(count) == 0:
+            return moved
+
+
+def move_due(client: redis.Redis, keys: Keys, zset: str, now: float, page_size: int,
+             fallback_queue: str = "default") -> int:
+    """Move the members of ``zset`` due by ``now`` into their queues, a page per call.
+
+    Safe with several processes at once: a member is pushed only by the
+    caller whose ZREM removed it. Returns the number of members moved.
+    """
+    moved = 0
+    while True:
+        count = int(scripts.scheduler_dequeue(
+            client, [zset], [page_size, repr(now), keys.prefix, fallback_queue]
+        ))
+        moved += count
+        if count < page_size:
+            return moved
+
+
+def unlock(client: redis.Redis, keys: Keys, token: str, jid: str) -> bool:
+    """Release a unique lock if ``jid`` still holds it (compare-and-delete)."""
+    return bool(scripts.compare_and_delete(client, [keys.unique(token)], [jid]))
