@@ -1,12 +1,22 @@
 """exq-fast: a fast Python worker and client for Exq / Sidekiq job queues in Redis."""
 
+import logging
+
+from .app import Exq
 from .config import Config, ConfigError, QueueSpec
 from .enqueuer import Enqueuer
 from .job import InvalidJob, Job, decode
 from .keys import Keys
+from .middleware import Middleware, Pipeline, Snooze
 from .queue import Conflict, EnqueueResult
+from .registry import Registry, UnknownWorker, worker
+from .worker import current_job
 
 __version__ = "0.1.0"
+
+# A library does not configure logging: without a handler of the
+# application's, exq-fast's records go nowhere (not to stderr).
+logging.getLogger("exq_fast").addHandler(logging.NullHandler())
 
 __all__ = [
     "Config",
@@ -14,10 +24,18 @@ __all__ = [
     "Conflict",
     "EnqueueResult",
     "Enqueuer",
+    "Exq",
     "InvalidJob",
     "Job",
     "Keys",
+    "Middleware",
+    "Pipeline",
     "QueueSpec",
+    "Registry",
+    "Snooze",
+    "UnknownWorker",
     "__version__",
+    "current_job",
     "decode",
+    "worker",
 ]

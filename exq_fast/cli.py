@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,6 +15,7 @@ from . import __version__
 from .config import Config, ConfigError
 from .demo import run_demo
 from .enqueuer import Enqueuer
+from .runner import run
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -54,6 +56,16 @@ def _enqueue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    extra: dict[str, Any] = {"node_id": args.node_id, "shutdown_timeout": args.shutdown_timeout,
+                             "concurrency": args.concurrency}
+    if args.queue:
+        extra["queues"] = args.queue
+    return run(config_from(args, **extra), args.workers)
+
+
 def _demo(args: argparse.Namespace) -> int:
     return run_demo(jobs=args.jobs, redis_url=args.redis_url, namespace=args.namespace)
 
@@ -72,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--in", dest="in_seconds", type=float, help="run in S seconds")
     enqueue.add_argument("--retry", type=int, help="max retries of this job")
     enqueue.set_defaults(handler=_enqueue)
+
+    run_verb = verbs.add_parser("run", help="run a worker node until SIGTERM / SIGINT")
+    _common(run_verb)
+    run_verb.add_argument("--queue", action="append", metavar="NAME[:CONCURRENCY]",
+                          help="a queue to consume (repeatable; default: $EXQ_QUEUES or default)")
+    run_verb.add_argument("--workers", action="append", default=[], metavar="MODULE",
+                          help="a module to import for its @worker registrations (repeatable)")
+    run_verb.add_argument("--node-id", help="this node's id (default: $EXQ_NODE_ID or hostname)")
+    run_verb.add_argument("--concurrency", help="default per-queue concurrency (or infinity)")
+    run_verb.add_argument("--shutdown-timeout", type=int, metavar="MS",
+                          help="how long running jobs may finish at stop (default 5000)")
+    run_verb.set_defaults(handler=_run)
 
     demo = verbs.add_parser("demo", help="enqueue and process a batch of demo jobs")
     _common(demo)

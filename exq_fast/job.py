@@ -68,6 +68,15 @@ def to_seconds(value: object) -> float | None:
     return value / 1000 if value > MILLIS_THRESHOLD else float(value)
 
 
+def normalize_timestamps(data: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite the known timestamp fields of a payload dict as float seconds (in place)."""
+    for name in TIMESTAMP_FIELDS:
+        seconds = to_seconds(data.get(name))
+        if seconds is not None:
+            data[name] = seconds
+    return data
+
+
 def strip_elixir(name: str) -> str:
     """What Exq stores for a class given at enqueue: one leading ``Elixir.`` removed."""
     return name[7:] if name.startswith("Elixir.") else name
@@ -129,6 +138,7 @@ class Job:
 
     __slots__ = (
         "_args",
+        "cancelled",
         "enqueued_at",
         "jid",
         "job_class",
@@ -149,6 +159,8 @@ class Job:
     enqueued_at: float | None
     unique_until: str | None
     unique_token: str | None
+    cancelled: bool
+    """Set when a cancel signal names this job: a cooperative job checks it and stops."""
     _args: list[Any] | None
 
     @property
@@ -174,11 +186,7 @@ class Job:
 
         Known timestamps are rewritten as float seconds (Sidekiq 8 millis included).
         """
-        data = self.to_dict()
-        for name in TIMESTAMP_FIELDS:
-            seconds = to_seconds(data.get(name))
-            if seconds is not None:
-                data[name] = seconds
+        data = normalize_timestamps(self.to_dict())
         data.update(changes)
         return encode(data)
 
@@ -269,6 +277,7 @@ def _fields(raw: bytes, doc: Any, with_args: bool) -> Job | str:
     job.enqueued_at = to_seconds(get("enqueued_at"))
     job.unique_until = _str_or_none(get("unique_until"))
     job.unique_token = _str_or_none(get("unique_token"))
+    job.cancelled = False
     fields.clear()  # drop the proxies before the parser is used again
     return job
 

@@ -22,6 +22,7 @@ R(<node>)-signals               LIST    signals for <node>; TTL 60
 P(<node>:workers)               HASH    pid string -> in-progress record (Exq)
 R(heartbeats)                   ZSET    node id scored by last heartbeat
 P(unique:<token>)               STRING  jid holding the unique lock; PX TTL
+P(<node>:stats-batch)           STRING  id of the last stats batch applied (exq-fast)
 P(processes), P(<id>),          Sidekiq's process registry; identical to the
 P(<id>:work)                    R() forms unless the namespace is empty
 ==============================  ======  ==========================================
@@ -132,6 +133,10 @@ class Keys:
     def sidekiq_work(self, identity: str) -> str:
         """Sidekiq >= 6.5's hash of the jobs a process is running."""
         return self.prefix + identity + ":work"
+
+    def batch_marker(self, node_id: str) -> str:
+        """exq-fast's record of the last stats batch ``node_id`` applied (1 h TTL)."""
+        return self.prefix + node_id + ":stats-batch"
 
     def unique(self, token: str) -> str:
         """The unique-job lock for ``token``."""

@@ -152,6 +152,25 @@ end
 return out
 """
 
+# exq-fast's stats batch: every ack, retry/dead write, in-progress record and
+# stat increment of a batch, applied atomically and at most once. KEYS[1] holds
+# the id of the last batch applied for this node: a batch retried after a lost
+# reply is recognised and skipped, so counts converge exactly after an outage.
+# ARGV = [batch_id, n, cmd, arg..., n, cmd, arg..., ...]. A command that
+# fails (e.g. WRONGTYPE on a key a user broke) is skipped, never blocks the rest.
+APPLY_BATCH = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return -1 end
+local i, failed = 2, 0
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  local reply = redis.pcall(unpack(ARGV, i + 1, i + n))
+  if type(reply) == 'table' and reply.err then failed = failed + 1 end
+  i = i + n + 1
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', 3600)
+return failed
+"""
+
 FETCH_BATCH_LIMIT = 1000
 """Most jobs ``FETCH`` takes from one queue in one call (bounded by Lua's unpack)."""
 
@@ -183,6 +202,7 @@ scheduler_dequeue_jobs = Script("scheduler_dequeue_jobs", SCHEDULER_DEQUEUE_JOBS
 mlpop_rpush = Script("mlpop_rpush", MLPOP_RPUSH)
 heartbeat_re_enqueue_backup = Script("heartbeat_re_enqueue_backup", HEARTBEAT_RE_ENQUEUE_BACKUP)
 fetch = Script("fetch", FETCH)
+apply_batch = Script("apply_batch", APPLY_BATCH)
 
 ALL = (
     enqueue,
@@ -194,6 +214,7 @@ ALL = (
     mlpop_rpush,
     heartbeat_re_enqueue_backup,
     fetch,
+    apply_batch,
 )
 
 

@@ -1,0 +1,238 @@
+"""``Exq``: one in-process exq-fast node -- start, run, stop.
+
+    from exq_fast import Config, Exq, worker
+
+    @worker("MyApp.Worker")
+    def perform(user_id, action): ...
+
+    with Exq(Config(queues=["default", ("mail", 5)])) as exq:
+        exq.enqueue("default", "MyApp.Worker", [1, "welcome"])
+        ...
+
+Start order: connect and load the scripts; delete this node's stale
+in-progress records; move this node's backup lists back to the front of their
+queues (jobs an earlier process with this node id fetched and never acked);
+then start the stats writer, the executor, the fetcher, the scheduler, the
+node pinger and (opt-in) the heartbeat.
+
+Stop order (``stop()``, SIGTERM under ``exq-fast run``): stop fetching; wait up
+to ``shutdown_timeout`` for running jobs; stop the scheduler and heartbeat;
+flush the stats (the acks of every finished job); remove this node's registry
+entry and in-progress records. Jobs still running then stay in the backup
+list and run again at the next start: their late completion is not acked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from typing import Any
+
+import redis
+
+from . import scripts
+from .config import Config
+from .connection import connect
+from .enqueuer import Enqueuer, WorkerRef
+from .heartbeat import Heartbeat, NodePinger, RunningJob
+from .keys import Keys
+from .manager import UNLIMITED_IN_FLIGHT, Manager
+from .middleware import Middleware, Services, default_chain
+from .queue import EnqueueResult
+from .registry import DEFAULT_REGISTRY, Registry
+from .retry import sidekiq_backoff
+from .scheduler import Scheduler
+from .stats import StatsWriter
+from .worker import WorkerServer
+
+logger = logging.getLogger("exq_fast")
+
+
+def _registry(workers: Registry | Mapping[str, object] | None,
+              allowed_modules: Sequence[str]) -> Registry:
+    if isinstance(workers, Registry):
+        return workers
+    if workers is None and not allowed_modules:
+        return DEFAULT_REGISTRY
+    return Registry(workers or {}, allowed_modules=allowed_modules)
+
+
+class Exq:
+    """A worker node: fetches, runs, acks, retries, schedules and beats. See the module doc."""
+
+    def __init__(self, config: Config | None = None, *,
+                 workers: Registry | Mapping[str, object] | None = None,
+                 allowed_modules: Sequence[str] = (),
+                 client: redis.Redis | None = None) -> None:
+        self.config = config if config is not None else Config.from_env()
+        self.keys = Keys(self.config.namespace)
+        self.registry = _registry(workers, allowed_modules)
+        self.redis = client if client is not None else connect(self.config)
+        self.enqueuer = Enqueuer(self.config, client=self.redis)
+        self.stats = StatsWriter(self.redis, self.keys, self.config.node_id,
+                                 flush_interval_ms=self.config.stats_flush_interval,
+                                 batch_size=self.config.stats_batch_size)
+        self.executor = ThreadPoolExecutor(self._threads(), thread_name_prefix="exq-worker")
+        self.manager = Manager(self.redis, self.keys, self.config, self.executor, self._run_job)
+        services = Services(self.redis, self.keys, self.config, self.stats, self.manager,
+                            self.registry, self.config.backoff or sidekiq_backoff)
+        chain: Sequence[Middleware] = self.config.middleware or default_chain()
+        self.server = WorkerServer(services, chain)
+        self.scheduler = Scheduler(self.redis, self.keys, self.config)
+        self.pinger = NodePinger(self.redis, self.keys, self.config, _NodeState(self))
+        self.heartbeat = Heartbeat(self.redis, self.keys, self.config)
+        self.stopped = threading.Event()
+        self._started = False
+        self._stop_lock = threading.Lock()
+
+    def _threads(self) -> int:
+        limits = [UNLIMITED_IN_FLIGHT if s.concurrency is None else s.concurrency
+                  for s in self.config.queue_specs]
+        return max(sum(limits), 1)
+
+    def _run_job(self, raw: bytes, queue: str) -> None:
+        self.server.run(raw, queue)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> Exq:
+        """Start every part of the node (see the module docstring for the order)."""
+        scripts.load_all(self.redis)
+        self._warn_eviction_policy()
+        self.redis.delete(self.keys.workers(self.config.node_id))
+        recovered = self.manager.recover_backups()
+        if recovered:
+            logger.info("re-enqueued %d jobs from this node's backup lists", recovered)
+        self.stats.start()
+        self.manager.start()
+        if self.config.scheduler_enable:
+            self.scheduler.start()
+        self.pinger.start()
+        if self.config.heartbeat_enable:
+            self.heartbeat.start()
+        self._started = True
+        return self
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Graceful stop. Returns True if every running job finished in time."""
+        with self._stop_lock:
+            if not self._started or self.stopped.is_set():
+                return True
+            budget = self.config.shutdown_timeout / 1000 if timeout is None else timeout
+            self.manager.unsubscribe_all()
+            self.manager.stop_fetching()
+            idle = self.manager.wait_idle(budget)
+            self.scheduler.stop()
+            self.heartbeat.stop()
+            flushed = self.stats.stop()
+            self.pinger.stop()
+            self.pinger.remove()
+            # Jobs not yet started are cancelled: they are in the backup list.
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.redis.close()
+            self.stopped.set()
+            if not idle:
+                logger.warning("%d jobs still running after the shutdown timeout stay in the "
+                               "backup list", self.manager.busy())
+            return idle and flushed
+
+    def request_stop(self) -> None:
+        """Stop from another thread (a TERM signal), without waiting."""
+        threading.Thread(target=self.stop, name="exq-stop", daemon=True).start()
+
+    def __enter__(self) -> Exq:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _warn_eviction_policy(self) -> None:
+        try:
+            policy = self.redis.config_get("maxmemory-policy").get("maxmemory-policy")
+        except redis.exceptions.RedisError:
+            return  # CONFIG may be disabled (managed Redis): nothing to check
+        if policy not in (None, "noeviction", b"noeviction"):
+            logger.warning("Redis maxmemory-policy is %s: Redis may evict queued jobs; "
+                           "use noeviction", policy)
+
+    # -- subscriptions and enqueue passthroughs ----------------------------------
+
+    def subscribe(self, queue: str, concurrency: int | str | None = "default") -> None:
+        """Start consuming ``queue`` at run time."""
+        self.manager.subscribe(queue, concurrency)
+
+    def unsubscribe(self, queue: str) -> None:
+        """Stop consuming ``queue``; its running jobs finish."""
+        self.manager.unsubscribe(queue)
+
+    def unsubscribe_all(self) -> None:
+        """Stop consuming every queue (quiet)."""
+        self.manager.unsubscribe_all()
+
+    def subscriptions(self) -> list[str]:
+        """The queues being consumed."""
+        return self.manager.subscriptions()
+
+    def enqueue(self, queue: str, worker_class: WorkerRef, args: Sequence[Any] = (),
+                **options: Any) -> EnqueueResult:
+        """See ``Enqueuer.enqueue``."""
+        return self.enqueuer.enqueue(queue, worker_class, args, **options)
+
+    def enqueue_at(self, queue: str, when: datetime | float, worker_class: WorkerRef,
+                   args: Sequence[Any] = (), **options: Any) -> EnqueueResult:
+        """See ``Enqueuer.enqueue_at``."""
+        return self.enqueuer.enqueue_at(queue, when, worker_class, args, **options)
+
+    def enqueue_in(self, queue: str, seconds: float, worker_class: WorkerRef,
+                   args: Sequence[Any] = (), **options: Any) -> EnqueueResult:
+        """See ``Enqueuer.enqueue_in``."""
+        return self.enqueuer.enqueue_in(queue, seconds, worker_class, args, **options)
+
+    def enqueue_all(self, jobs: Iterable[Sequence[Any]]) -> list[EnqueueResult]:
+        """See ``Enqueuer.enqueue_all``."""
+        return self.enqueuer.enqueue_all(jobs)
+
+
+class _NodeState:
+    """What the node pinger reports and the signals it delivers."""
+
+    def __init__(self, exq: Exq) -> None:
+        self.exq = exq
+
+    def busy(self) -> int:
+        return self.exq.manager.busy()
+
+    def subscriptions(self) -> list[str]:
+        return self.exq.manager.subscriptions()
+
+    def total_concurrency(self) -> int:
+        return self.exq.manager.total_concurrency()
+
+    def running_jobs(self) -> list[RunningJob]:
+        return [RunningJob(r.flight.field, r.flight.queue, r.flight.raw, r.flight.run_at,
+                           r.flight.jid) for r in list(self.exq.server.running.values())]
+
+    def on_signal(self, signal: str) -> None:
+        if signal == "TSTP":
+            logger.info("TSTP: quiet (no more fetching)")
+            self.exq.unsubscribe_all()
+        elif signal == "TERM":
+            logger.info("TERM: stopping")
+            self.exq.request_stop()
+        elif signal.startswith("CANCEL:"):
+            self._cancel(signal[len("CANCEL:"):])
+        else:
+            logger.info("ignoring signal %r", signal)
+
+    def _cancel(self, text: str) -> None:
+        try:
+            jid = json.loads(text)["jid"]
+        except (ValueError, KeyError, TypeError):
+            logger.warning("ignoring malformed CANCEL signal %r", text)
+            return
+        if self.exq.server.cancel(str(jid)):
+            logger.info("cancel requested for job %s", jid)

@@ -1,0 +1,397 @@
+"""Node registration (``NodePinger``) and Exq's dead-node monitor (``Heartbeat``).
+
+``NodePinger`` makes this process visible to Exq's Api / exq_ui (WIRE 3.6) and
+to the Sidekiq Web UI (WIRE 9.3) and delivers the signals they send.
+``Heartbeat`` is Exq's opt-in ``heartbeat_enable`` feature (WIRE 4.4): it
+beats into the heartbeats zset and re-enqueues the backups of nodes that
+stopped beating. Both run as ``BackgroundLoop`` threads (see ``scheduler``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Protocol, cast
+
+import redis
+from redis.client import Pipeline
+from redis.typing import EncodableT, FieldT
+
+from . import queue
+from .config import Config
+from .keys import Keys
+from .scheduler import BackgroundLoop, ErrorHook, Step
+
+logger = logging.getLogger("exq_fast")
+
+PING_INTERVAL = 5.0
+"""Seconds between two node pings (Exq's and Sidekiq 6's beat)."""
+NODE_TTL = 60
+"""EXPIRE of the node hash and of the Sidekiq work hash, in seconds."""
+SIGNALS_PER_PING = 100
+"""Most signals read from one signal list per ping (Exq's LRANGE 0 99)."""
+PRUNE_EVERY = 10
+"""Pings between two prunes of the process registry (ping 0, 10, 20, ...)."""
+HEARTBEAT_RETRY_CAP = 5.0
+"""After a failed heartbeat tick, retry after min(interval, this) seconds."""
+FORGET_ATTEMPTS = 5
+"""Tries to drop a dead node's heartbeat when other nodes' beats keep racing us."""
+
+RecoveredHook = Callable[[str, str, int], None]
+"""Called with ``(dead node, queue, jobs moved)`` after a dead node's backup is recovered."""
+
+
+class RunningJob(NamedTuple):
+    """A job this node is running, as shown in the Sidekiq Busy page."""
+
+    field: str
+    """The hash field: a worker / thread id unique within this node."""
+    queue: str
+    raw: bytes
+    """The job exactly as fetched."""
+    run_at: float
+    """When it started, float seconds."""
+    jid: str | None
+
+
+class NodeState(Protocol):
+    """What the pinger needs to know about the running node (the app implements it)."""
+
+    def busy(self) -> int:
+        """Jobs running now."""
+        ...
+
+    def subscriptions(self) -> list[str]:
+        """The queues currently consumed; empty means quiet."""
+        ...
+
+    def total_concurrency(self) -> int:
+        """Sum of the finite queue limits plus 1000 per unlimited queue."""
+        ...
+
+    def running_jobs(self) -> list[RunningJob]:
+        """The jobs running now."""
+        ...
+
+    def on_signal(self, signal: str) -> None:
+        """Handle ``"TSTP"``, ``"TERM"``, ``"CANCEL:<json>"``; others: the app decides."""
+        ...
+
+
+def rss_kb() -> int:
+    """This process's resident set size in kB (``VmRSS``), or 0 where unreadable."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass  # not Linux, or an odd format: Sidekiq shows 0, which is honest
+    return 0
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _score_text(value: bytes | str | float) -> str:
+    """A score as Redis sent it (RESP2 bytes); a float (RESP3) as its exact repr."""
+    return repr(value) if isinstance(value, float) else _text(value)
+
+
+def _package_version() -> str:
+    from . import __version__  # noqa: PLC0415 - lazy: exq_fast/__init__ may import us
+
+    return __version__
+
+
+def _compact(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+class NodePinger(BackgroundLoop):
+    """Registers this node every ``interval`` seconds (first ping at once) and
+    delivers the signals sent to it; prunes dead nodes every 10th ping.
+
+    Writes the Exq form (``R(processes)``, ``R(node)`` hash) and the Sidekiq
+    form (``P(processes)``, ``P(node)``, ``P(node):work``); they are the same
+    keys unless the namespace is empty, in which case both are written.
+    ``stop()`` leaves the registration to expire (60 s); at a graceful
+    shutdown call ``remove()`` after ``stop()``.
+    """
+
+    thread_name = "exq-node-pinger"
+
+    def __init__(self, client: redis.Redis, keys: Keys, config: Config, state: NodeState,
+                 on_error: ErrorHook | None = None, *, interval: float = PING_INTERVAL) -> None:
+        super().__init__(interval, on_error)
+        self.client = client
+        self.keys = keys
+        self.state = state
+        self.node_id = config.node_id
+        self.started_at = time.time()
+        self.pings = 0
+        """Pings done so far; the prune runs when this is a multiple of 10."""
+        self.version = _package_version()
+        self._registries = self._registry_pairs()
+        self._signal_keys = self._signal_lists()
+
+    def _registry_pairs(self) -> list[tuple[str, Callable[[str], str]]]:
+        pairs: list[tuple[str, Callable[[str], str]]] = [(self.keys.processes, self.keys.node)]
+        if self.keys.sidekiq_processes != self.keys.processes:  # empty namespace
+            pairs.append((self.keys.sidekiq_processes, self.keys.sidekiq_process))
+        return pairs
+
+    def _signal_lists(self) -> list[str]:
+        exq = self.keys.signals(self.node_id)
+        # Keys has no Sidekiq signal-list method; this is Sidekiq's `<identity>-signals`.
+        sidekiq = self.keys.sidekiq_process(self.node_id) + "-signals"
+        return [exq] if sidekiq == exq else [exq, sidekiq]
+
+    def steps(self) -> Sequence[Step]:
+        """One step: ``run_once`` under the operation name ``"node_ping"``."""
+        return [("node_ping", self.run_once)]
+
+    def run_once(self) -> list[str]:
+        """Ping, hand the signals received to ``state.on_signal`` (oldest first),
+        and prune on pings 0, 10, 20, ... Returns the signals handled."""
+        signals = self.ping()
+        count = self.pings
+        self.pings += 1
+        # Signals are handled before the prune: they are already trimmed from
+        # Redis, so a prune failure must not lose them.
+        self._dispatch(signals)
+        if count % PRUNE_EVERY == 0:
+            self.prune()
+        return signals
+
+    def ping(self) -> list[str]:
+        """Write this node's registration in one MULTI/EXEC; return the signals read."""
+        fields = self.node_fields()
+        pipe = self.client.pipeline(transaction=True)
+        for processes, node_key in self._registries:
+            pipe.sadd(processes, self.node_id)
+            pipe.hset(node_key(self.node_id), mapping=fields)
+            pipe.expire(node_key(self.node_id), NODE_TTL)
+        self._write_work(pipe, self.state.running_jobs())
+        for key in self._signal_keys:
+            pipe.lrange(key, 0, SIGNALS_PER_PING - 1)
+            pipe.ltrim(key, SIGNALS_PER_PING, -1)
+        replies = pipe.execute()
+        lists = replies[-2 * len(self._signal_keys)::2]
+        # Senders LPUSH, so each LRANGE is newest first: reverse it.
+        return [_text(s) for signals in lists for s in reversed(signals)]
+
+    def node_fields(self) -> dict[FieldT, EncodableT]:
+        """The node hash: Exq's info/busy/beat/quiet plus Sidekiq's rss/rtt_us."""
+        queues = list(self.state.subscriptions())
+        busy = self.state.busy()
+        quiet = not queues
+        return {
+            "info": _compact(self.info(queues, busy, quiet)),
+            "busy": str(busy),
+            "beat": repr(time.time()),
+            "quiet": "true" if quiet else "false",
+            "rss": str(rss_kb()),
+            "rtt_us": "0",
+        }
+
+    def info(self, queues: list[str], busy: int, quiet: bool) -> dict[str, object]:
+        """The ``info`` JSON object: Exq's node struct plus Sidekiq's fields."""
+        return {
+            "hostname": socket.gethostname(),
+            "identity": self.node_id,
+            "started_at": self.started_at,
+            "pid": os.getpid(),  # an integer: Sidekiq needs it, Exq accepts it
+            "tag": "",
+            "concurrency": self.state.total_concurrency(),
+            "queues": queues,
+            "labels": [],
+            "busy": busy,
+            "quiet": quiet,
+            "version": self.version,
+            "embedded": False,
+        }
+
+    def _write_work(self, pipe: Pipeline, jobs: list[RunningJob]) -> None:
+        key = self.keys.sidekiq_work(self.node_id)
+        pipe.delete(key)
+        if jobs:
+            pipe.hset(key, mapping={job.field: _work_json(job) for job in jobs})
+            pipe.expire(key, NODE_TTL)
+
+    def _dispatch(self, signals: list[str]) -> None:
+        for signal in signals:
+            try:
+                self.state.on_signal(signal)
+            except Exception:
+                # The signal is gone from Redis; one bad handler must not drop the rest.
+                logger.exception("node_ping: handling signal %r failed", signal)
+
+    def prune(self) -> list[str]:
+        """Remove the registry members whose node hash is gone (and their workers
+        hash); return them. A live node's workers hash is never touched."""
+        removed: list[str] = []
+        for processes, node_key in self._registries:
+            removed += self._prune_registry(processes, node_key)
+        return removed
+
+    def _prune_registry(self, processes: str, node_key: Callable[[str], str]) -> list[str]:
+        members = [_text(m) for m in self.client.smembers(processes)]
+        check = self.client.pipeline(transaction=False)
+        for member in members:
+            check.hexists(node_key(member), "info")
+        gone = [m for m, alive in zip(members, check.execute(), strict=True) if not alive]
+        return self._remove_gone(processes, node_key, gone) if gone else []
+
+    def _remove_gone(self, processes: str, node_key: Callable[[str], str],
+                     candidates: list[str]) -> list[str]:
+        # WATCH the candidates' hashes and check them again: a node that pings
+        # between the check and EXEC aborts the transaction, so a live node
+        # never loses its workers hash. After an abort, the next prune retries.
+        with self.client.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(*[node_key(m) for m in candidates])  # type: ignore[no-untyped-call]
+                gone = [m for m in candidates if not pipe.hexists(node_key(m), "info")]
+                if not gone:
+                    return []
+                pipe.multi()
+                pipe.srem(processes, *gone)
+                pipe.delete(*[self.keys.workers(m) for m in gone])
+                pipe.execute()
+            except redis.WatchError:
+                return []
+        return gone
+
+    def remove(self) -> None:
+        """Unregister this node at a graceful stop: registry membership, node
+        hash(es), the Sidekiq work hash and the Exq workers hash, in one MULTI."""
+        pipe = self.client.pipeline(transaction=True)
+        for processes, node_key in self._registries:
+            pipe.srem(processes, self.node_id)
+            pipe.delete(node_key(self.node_id))
+        pipe.delete(self.keys.sidekiq_work(self.node_id), self.keys.workers(self.node_id))
+        pipe.execute()
+
+
+def _work_json(job: RunningJob) -> str:
+    # The payload is shown, never parsed back: undecodable bytes become U+FFFD.
+    payload = job.raw.decode("utf-8", "replace")
+    return _compact({"queue": job.queue, "payload": payload, "run_at": int(job.run_at)})
+
+
+class Heartbeat(BackgroundLoop):
+    """Exq's heartbeat (``heartbeat_enable``): beats into ``R(heartbeats)`` and
+    re-enqueues the backups of nodes that missed ``missed_heartbeats_allowed``
+    beats, every ``heartbeat_interval`` ms.
+
+    Safe with any number of monitors: the recovery script moves jobs only while
+    the dead node's score is the one read, and each job is moved by one LPOP.
+    The application starts it only when ``config.heartbeat_enable`` is set.
+    """
+
+    thread_name = "exq-heartbeat"
+
+    def __init__(self, client: redis.Redis, keys: Keys, config: Config,
+                 on_error: ErrorHook | None = None,
+                 on_recovered: RecoveredHook | None = None) -> None:
+        super().__init__(config.heartbeat_interval / 1000.0, on_error)
+        self.client = client
+        self.keys = keys
+        self.node_id = config.node_id
+        self.queue_names = config.queue_names
+        self.missed_heartbeats_allowed = config.missed_heartbeats_allowed
+        self.on_recovered = on_recovered
+
+    def steps(self) -> Sequence[Step]:
+        """Two steps: ``"heartbeat"`` (beat) and ``"heartbeat_monitor"`` (monitor)."""
+        return [("heartbeat", self.beat), ("heartbeat_monitor", self.monitor)]
+
+    def error_delay(self, failures: int) -> float:
+        """Exq's rule: retry after min(interval, 5 s), not a growing backoff, so
+        the node beats again as soon as Redis is back and is not taken for dead."""
+        return min(self.interval, HEARTBEAT_RETRY_CAP)
+
+    def run_once(self) -> int:
+        """Beat, then recover dead nodes; return the number of jobs re-enqueued."""
+        self.beat()
+        return self.monitor()
+
+    def beat(self) -> float:
+        """Record this node's heartbeat (MULTI, ZREM, ZADD, EXEC); return the score."""
+        score = int(time.time() * 1000) / 1000  # ms precision, as Exq
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zrem(self.keys.heartbeats, self.node_id)
+        pipe.zadd(self.keys.heartbeats, {self.node_id: score})
+        pipe.execute()
+        return score
+
+    def dead_nodes(self, now: float | None = None) -> list[tuple[str, str]]:
+        """``(node, score string)`` of the other nodes whose last beat is too old."""
+        now = time.time() if now is None else now
+        cutoff = max(0.0, now - self.interval * (self.missed_heartbeats_allowed + 1))
+        pairs = cast(list[tuple[bytes, str]], self.client.zrangebyscore(
+            self.keys.heartbeats, 0, cutoff, withscores=True, score_cast_func=_score_text
+        ))
+        nodes = [(_text(member), score) for member, score in pairs]
+        return [(node, score) for node, score in nodes if node != self.node_id]
+
+    def monitor(self) -> int:
+        """Recover every dead node; return the number of jobs re-enqueued."""
+        return sum(self.recover_node(node, score) for node, score in self.dead_nodes())
+
+    def recover_node(self, node: str, expected_score: str) -> int:
+        """Move ``node``'s backups to the front of their queues, then drop its
+        workers hash and heartbeat, all only while its score is ``expected_score``."""
+        moved = 0
+        for name in self._queues():
+            count = queue.recover_dead_node_backup(
+                self.client, self.keys, node, name, expected_score
+            )
+            if count:
+                self._recovered(node, name, count)
+            moved += count
+        self._forget(node, expected_score)
+        return moved
+
+    def _queues(self) -> list[str]:
+        known = {_text(q) for q in self.client.smembers(self.keys.queues)}
+        return sorted(known | set(self.queue_names))
+
+    def _recovered(self, node: str, name: str, count: int) -> None:
+        logger.warning("heartbeat_monitor: re-enqueued %d job(s) of dead node %r to %r",
+                       count, node, name)
+        if self.on_recovered is None:
+            return
+        try:
+            self.on_recovered(node, name, count)
+        except Exception:
+            # The jobs are already back in their queue; a broken hook changes nothing.
+            logger.exception("heartbeat_monitor: on_recovered hook failed")
+
+    def _forget(self, node: str, expected_score: str) -> bool:
+        # WATCH/MULTI rather than Exq's bare ZREM: if the node beat again since
+        # its score was read, it is alive and keeps its heartbeat and workers
+        # hash. Any beat of any node aborts the EXEC (WatchError): try again.
+        for _ in range(FORGET_ATTEMPTS):
+            with self.client.pipeline(transaction=True) as pipe:
+                try:
+                    return self._forget_watched(pipe, node, float(expected_score))
+                except redis.WatchError:
+                    continue
+        # Still racing: the member stays and the next monitor tick retries.
+        return False
+
+    def _forget_watched(self, pipe: Pipeline, node: str, expected: float) -> bool:
+        pipe.watch(self.keys.heartbeats)  # type: ignore[no-untyped-call]
+        if pipe.zscore(self.keys.heartbeats, node) != expected:
+            return False  # beat again (alive), or another monitor already forgot it
+        pipe.multi()
+        pipe.delete(self.keys.workers(node))
+        pipe.zrem(self.keys.heartbeats, node)
+        pipe.execute()
+        return True

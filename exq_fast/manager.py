@@ -1,0 +1,220 @@
+"""``Manager``: the fetch loop, per-queue concurrency, subscriptions.
+
+One fetcher thread moves jobs from ``queue:<q>`` to this node's backup list
+``queue:backup::<node>::<q>`` -- as many as every subscribed queue has free
+slots, for all queues in one round trip (``scripts.fetch``) -- and submits each
+to the executor. Timing follows Exq's manager: fetch again at once while jobs
+arrive; wait ``poll_timeout`` when the queues are empty; wait for a free slot
+when every queue is full; wait ``poll_timeout`` x 10 after a Redis error, then
+carry on (redis-py reconnects; no job is lost: a fetched job is in the backup
+list before it is handed out).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+import redis
+
+from . import queue as jobqueue
+from .config import Config
+from .keys import Keys
+from .scripts import FETCH_BATCH_LIMIT
+
+logger = logging.getLogger("exq_fast")
+
+UNLIMITED_IN_FLIGHT = 1000
+"""Most jobs of one queue in flight when its concurrency is unlimited."""
+
+RunJob = Callable[[bytes, str], None]
+ErrorHook = Callable[[str, BaseException], None]
+
+
+class QueueState:
+    """A queue's limit (None = unlimited) and the jobs of it running now."""
+
+    __slots__ = ("limit", "running")
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.running = 0
+
+    def free(self) -> int:
+        """How many more jobs of this queue may start now."""
+        cap = UNLIMITED_IN_FLIGHT if self.limit is None else self.limit
+        return max(cap - self.running, 0)
+
+
+class Manager:
+    """Fetches jobs for the subscribed queues and frees slots as jobs end."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, config: Config, executor: Executor,
+                 run_job: RunJob, on_error: ErrorHook | None = None) -> None:
+        self.client = client
+        self.keys = keys
+        self.config = config
+        self.executor = executor
+        self.run_job = run_job
+        self.on_error = on_error
+        self.poll_timeout = config.poll_timeout / 1000
+        self.errors = 0
+        self.fetched = 0
+        self._states: dict[str, QueueState] = {}
+        self._subscribed: list[str] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Subscribe to the configured queues and start fetching."""
+        for spec in self.config.queue_specs:
+            self._states[spec.name] = QueueState(spec.concurrency)
+            self._subscribed.append(spec.name)
+        self._thread = threading.Thread(target=self._loop, name="exq-manager", daemon=True)
+        self._thread.start()
+
+    def recover_backups(self) -> int:
+        """Move this node's backup lists of the configured queues back to their fronts.
+
+        Run at start, before fetching: the jobs there were fetched by an
+        earlier process with this node id and never acked.
+        """
+        node = self.config.node_id
+        return sum(jobqueue.recover_backup(self.client, self.keys, node, q)
+                   for q in self.config.queue_names)
+
+    def stop_fetching(self) -> None:
+        """Stop the fetch loop (running jobs go on) and wait for the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no job runs, up to ``timeout`` seconds. True if idle."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.busy() == 0, timeout)
+
+    # -- subscriptions -----------------------------------------------------------
+
+    def subscribe(self, queue: str, concurrency: int | str | None = "default") -> None:
+        """Start fetching ``queue`` (concurrency: int, None = unlimited, or the default).
+
+        The queue's backup list is recovered only when none of its jobs runs
+        here, so a re-subscribe never duplicates running jobs (Exq #310).
+        """
+        limit = self.config.concurrency if concurrency == "default" else concurrency
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"concurrency must be a positive integer or None, got {limit!r}")
+        with self._cond:
+            state = self._states.setdefault(queue, QueueState(limit))
+            state.limit = limit
+            idle = state.running == 0
+            if queue not in self._subscribed:
+                self._subscribed.insert(0, queue)  # Exq prepends new subscriptions
+        if idle:
+            jobqueue.recover_backup(self.client, self.keys, self.config.node_id, queue)
+        self._wake()
+
+    def unsubscribe(self, queue: str) -> None:
+        """Stop fetching ``queue``; its running jobs finish normally."""
+        with self._cond:
+            if queue in self._subscribed:
+                self._subscribed.remove(queue)
+
+    def unsubscribe_all(self) -> None:
+        """Stop fetching every queue (quiet)."""
+        with self._cond:
+            self._subscribed.clear()
+
+    def subscriptions(self) -> list[str]:
+        """The queues being fetched, newest subscription first."""
+        with self._cond:
+            return list(self._subscribed)
+
+    def busy(self) -> int:
+        """Jobs running now, all queues."""
+        return sum(state.running for state in list(self._states.values()))
+
+    def total_concurrency(self) -> int:
+        """The sum of the subscribed queues' limits (unlimited counts as the in-flight cap)."""
+        with self._cond:
+            states = [self._states[q] for q in self._subscribed]
+        return sum(UNLIMITED_IN_FLIGHT if s.limit is None else s.limit for s in states)
+
+    def job_terminated(self, queue: str, success: bool) -> None:
+        """Free one slot of ``queue`` (the Manager middleware calls this)."""
+        with self._cond:
+            self._states[queue].running -= 1
+            self._cond.notify_all()
+
+    # -- the fetch loop ------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                wanted = self._wanted()
+                if not wanted:
+                    self._cond.wait(self.poll_timeout)
+                    continue
+            delay = self._fetch_and_dispatch(wanted)
+            if delay:
+                with self._cond:
+                    if not self._stopping:
+                        self._cond.wait(delay)
+
+    def _wanted(self) -> list[tuple[str, int]]:
+        wanted = []
+        for name in self._subscribed:
+            free = self._states[name].free()
+            if free:
+                wanted.append((name, min(free, FETCH_BATCH_LIMIT)))
+        return wanted
+
+    def _fetch_and_dispatch(self, wanted: list[tuple[str, int]]) -> float:
+        """One fetch; returns how long to wait before the next (0 = at once)."""
+        try:
+            replies = jobqueue.fetch(self.client, self.keys, self.config.node_id, wanted)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            self._fetch_failed(exc)
+            return self.poll_timeout * 10
+        if self.errors and self._failing:
+            logger.warning("fetching recovered")
+        self._failing = False
+        dispatched = 0
+        for (name, _), jobs in zip(wanted, replies, strict=True):
+            dispatched += self._dispatch(name, jobs)
+        return 0.0 if dispatched else self.poll_timeout
+
+    _failing = False
+
+    def _fetch_failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        if not self._failing:
+            logger.warning("fetch failed, retrying every %.1f s: %s", self.poll_timeout * 10, exc)
+        self._failing = True
+        if self.on_error is not None:
+            self.on_error("fetch", exc)
+
+    def _dispatch(self, queue: str, jobs: list[bytes]) -> int:
+        if not jobs:
+            return 0
+        with self._cond:
+            self._states[queue].running += len(jobs)
+        submit, run_job = self.executor.submit, self.run_job
+        for raw in jobs:
+            submit(run_job, raw, queue)
+        self.fetched += len(jobs)
+        return len(jobs)

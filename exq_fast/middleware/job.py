@@ -1,0 +1,102 @@
+"""Job middleware: decode the payload and find its worker; on the way out, decide
+between ack, retry and death.
+
+Failure paths, decided here:
+
+* payload unusable (not UTF-8/JSON/an object, no class, args not a list): dead
+  at once, inside a wrapper job that keeps the bytes and says why;
+* no registered worker for the class: dead at once ("unknown worker ...");
+  nothing named by a payload is ever imported;
+* cancelled (Exq's ``CANCEL:`` signal): dead at once with "Canceled";
+* otherwise Exq's rule (``retry`` integer / ``true`` / anything else) sends
+  the job to the retry set with backoff, or to the dead set.
+
+In every case the retry/dead write goes into the batch *before* the ack, so a
+crash in between re-runs the job instead of losing it.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from ..job import InvalidJob, decode, encode, new_jid, now_seconds
+from ..registry import UnknownWorker
+from ..retry import dead_commands, dead_payload, is_dead, retry_commands
+from .base import Middleware, Pipeline, Services
+
+INVALID_CLASS = "ExqFast.InvalidPayload"
+"""``class`` of the dead-set entry wrapping a payload that is not a usable job."""
+
+
+def error_text(error: BaseException) -> tuple[str, str]:
+    """``(error_class, error_message)`` of an exception, Sidekiq style."""
+    message = str(error) or type(error).__name__
+    return type(error).__name__, message
+
+
+class JobMiddleware(Middleware):
+    """Exq's Job middleware, with exq-fast's handling of bad input."""
+
+    def before_work(self, pipeline: Pipeline) -> None:
+        assigns = pipeline.assigns
+        try:
+            job = decode(assigns["job_serialized"], with_args=True)
+        except InvalidJob as exc:
+            _refuse(assigns, exc)
+            return
+        assigns["job"] = job
+        assigns["flight"].jid = job.jid
+        try:
+            assigns["worker"] = assigns["services"].registry.resolve(job.job_class)
+        except UnknownWorker as exc:
+            _refuse(assigns, exc)
+
+    def after_processed_work(self, pipeline: Pipeline) -> None:
+        pipeline.assigns["ack"] = True
+
+    def after_failed_work(self, pipeline: Pipeline) -> None:
+        assigns = pipeline.assigns
+        services: Services = assigns["services"]
+        error_class, message = assigns["error_class"], assigns["error_message"]
+        job = assigns.get("job")
+        config = services.config
+        if job is None:
+            payload = _wrap_invalid(assigns, error_class, message)
+            assigns["dead"] = True
+        elif assigns.get("invalid") or assigns.get("job_canceled") or \
+                is_dead(job, config.max_retries):
+            payload = dead_payload(job, error_class, message)
+            assigns["dead"] = True
+        else:
+            delay = services.backoff(job)
+            pipeline.writes += retry_commands(services.keys, job, error_class, message, delay)
+            assigns["ack"] = True
+            return
+        pipeline.writes += dead_commands(
+            services.keys, payload, config.dead_max_jobs, config.dead_timeout_in_seconds
+        )
+        assigns["ack"] = True
+
+
+def _refuse(assigns: dict[str, Any], error: Exception) -> None:
+    """Mark the job as unusable: it goes to the dead set without running."""
+    assigns["error"] = error
+    assigns["invalid"] = True
+    assigns["error_class"], assigns["error_message"] = error_text(error)
+
+
+def _wrap_invalid(assigns: dict[str, Any], error_class: str, message: str) -> bytes:
+    raw: bytes = assigns["job_serialized"]
+    now = now_seconds()
+    wrapper: dict[str, Any] = {
+        "args": [], "class": INVALID_CLASS, "enqueued_at": now, "error_class": error_class,
+        "error_message": message, "failed_at": now, "retried_at": now, "finished_at": None,
+        "jid": new_jid(), "processor": None, "queue": assigns["queue"], "retry": 0,
+        "retry_count": 0,
+    }
+    try:
+        wrapper["args"] = [raw.decode("utf-8")]  # the bytes, verbatim, as the only arg
+    except UnicodeDecodeError:
+        wrapper["payload_base64"] = base64.b64encode(raw).decode("ascii")
+    return encode(wrapper)

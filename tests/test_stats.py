@@ -1,0 +1,148 @@
+"""StatsWriter: acks and counters in batches, at most once, converging after outages."""
+
+from __future__ import annotations
+
+import json
+
+import redis
+
+from exq_fast import scripts
+from exq_fast.embedded import RedisServer
+from exq_fast.keys import Keys
+from exq_fast.stats import Done, InFlight, StatsWriter
+
+
+def make_flight(keys: Keys, node: str, n: int, queue: str = "q") -> InFlight:
+    raw = json.dumps({"class": "W", "args": [n], "jid": f"j{n}", "queue": queue}).encode()
+    return InFlight(f"#PID<0.{n}.0>", queue, keys.backup(node, queue), raw, 1795867331.25)
+
+
+def fetched(client: redis.Redis, flights: list[InFlight]) -> None:
+    """Put the jobs in their backup list, as a fetch would."""
+    for flight in flights:
+        client.lpush(flight.backup, flight.raw)
+
+
+def test_acks_and_counts_reach_redis(redis_client: redis.Redis, keys: Keys) -> None:
+    writer = StatsWriter(redis_client, keys, "n1")
+    flights = [make_flight(keys, "n1", i) for i in range(10)]
+    fetched(redis_client, flights)
+    for i, flight in enumerate(flights):
+        writer.job_started(flight)
+        writer.job_done(Done(flight, [], True, "processed" if i < 7 else "failed"))
+    assert writer.flush()
+    assert redis_client.llen(keys.backup("n1", "q")) == 0
+    assert redis_client.get(keys.stat("processed")) == b"7"
+    assert redis_client.get(keys.stat("failed")) == b"3"
+    rt = redis_client.keys(keys.prefix + "stat:processed_rt:*")
+    assert len(rt) == 1 and 0 < redis_client.ttl(rt[0]) <= 120
+    assert redis_client.ttl(keys.stat_day("processed", 1795867331)) in (-1, -2)
+    assert writer.totals == {"processed": 7, "failed": 3}
+    assert not redis_client.exists(keys.workers("n1"))
+
+
+def test_a_job_outliving_a_flush_gets_an_in_progress_record(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    writer = StatsWriter(redis_client, keys, "n1")
+    flight = make_flight(keys, "n1", 1)
+    fetched(redis_client, [flight])
+    writer.job_started(flight)
+    assert writer.flush()
+    record = json.loads(redis_client.hget(keys.workers("n1"), flight.field) or b"{}")
+    assert record == {"host": "n1", "payload": flight.raw.decode(), "pid": flight.field,
+                      "queue": "q", "run_at": 1795867331.25}
+    writer.job_done(Done(flight, [], True, "processed"))
+    assert writer.flush()
+    assert not redis_client.exists(keys.workers("n1"))
+    assert redis_client.llen(flight.backup) == 0
+
+
+def test_a_job_ending_within_one_flush_writes_no_record(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    writer = StatsWriter(redis_client, keys, "n1")
+    flight = make_flight(keys, "n1", 1)
+    writer.job_started(flight)
+    writer.job_done(Done(flight, [], True, "processed"))
+    batch = writer._build()
+    assert batch is not None
+    assert "HSET" not in batch.args and "HDEL" not in batch.args
+    assert "LREM" in batch.args
+
+
+def test_writes_go_before_the_ack(redis_client: redis.Redis, keys: Keys) -> None:
+    writer = StatsWriter(redis_client, keys, "n1")
+    flight = make_flight(keys, "n1", 1)
+    writer.job_done(Done(flight, [("ZADD", keys.retry, "1", b"job")], True, "failed"))
+    batch = writer._build()
+    assert batch is not None
+    assert batch.args.index("ZADD") < batch.args.index("LREM")
+
+
+def test_a_batch_applied_twice_counts_once(redis_client: redis.Redis, keys: Keys) -> None:
+    writer = StatsWriter(redis_client, keys, "n1")
+    flight = make_flight(keys, "n1", 1)
+    writer.job_done(Done(flight, [], True, "processed"))
+    batch = writer._build()
+    assert batch is not None
+    marker = [keys.batch_marker("n1")]
+    scripts.load_all(redis_client)
+    assert scripts.apply_batch(redis_client, marker, batch.args) == 0
+    # As after a reply lost on the way back: the same batch again.
+    assert scripts.apply_batch(redis_client, marker, batch.args) == -1
+    assert redis_client.get(keys.stat("processed")) == b"1"
+
+
+def test_batches_are_capped_at_batch_size(redis_client: redis.Redis, keys: Keys) -> None:
+    writer = StatsWriter(redis_client, keys, "n1", batch_size=100)
+    for i in range(250):
+        writer.job_done(Done(make_flight(keys, "n1", i), [], True, "processed"))
+    sizes = []
+    while writer.pending():
+        batch = writer._build()
+        assert batch is not None
+        sizes.append(batch.jobs)
+        writer._applied(batch)
+    assert sizes == [100, 100, 50]
+
+
+def test_a_failed_flush_keeps_its_counts_and_converges(private_redis: RedisServer) -> None:
+    client = redis.Redis.from_url(private_redis.url, socket_timeout=1, socket_connect_timeout=1)
+    keys = Keys("exq")
+    writer = StatsWriter(client, keys, "n1")
+    flights = [make_flight(keys, "n1", i) for i in range(20)]
+    fetched(client, flights)
+    for flight in flights[:10]:
+        writer.job_done(Done(flight, [], True, "processed"))
+    assert writer.flush()
+    private_redis.kill()
+    for flight in flights[10:]:
+        writer.job_done(Done(flight, [], True, "processed"))
+    assert not writer.flush()
+    assert writer.errors == 1 and writer.pending() == 10
+    private_redis.start()  # no persistence: the first ten are gone with the restart
+    fetched(client, flights[10:])
+    assert writer.flush()
+    assert client.get(keys.stat("processed")) == b"10"
+    assert client.llen(keys.backup("n1", "q")) == 0
+    assert writer.totals["processed"] == 20
+    client.close()
+
+
+def test_stop_flushes_what_is_left_and_then_refuses_late_acks(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    writer = StatsWriter(redis_client, keys, "n1")
+    writer.start()
+    flight = make_flight(keys, "n1", 1)
+    fetched(redis_client, [flight])
+    writer.job_done(Done(flight, [], True, "processed"))
+    assert writer.stop(timeout=5)
+    assert redis_client.get(keys.stat("processed")) == b"1"
+    assert not redis_client.exists(keys.batch_marker("n1"))
+    late = make_flight(keys, "n1", 2)
+    fetched(redis_client, [late])
+    writer.job_done(Done(late, [], True, "processed"))  # a job that outlived stop
+    assert writer.pending() == 0
+    assert redis_client.lrange(late.backup, 0, -1) == [late.raw]
