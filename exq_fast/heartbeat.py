@@ -148,8 +148,7 @@ class NodePinger(BackgroundLoop):
 
     def _signal_lists(self) -> list[str]:
         exq = self.keys.signals(self.node_id)
-        # Keys has no Sidekiq signal-list method; this is Sidekiq's `<identity>-signals`.
-        sidekiq = self.keys.sidekiq_process(self.node_id) + "-signals"
+        sidekiq = self.keys.sidekiq_signals(self.node_id)
         return [exq] if sidekiq == exq else [exq, sidekiq]
 
     def steps(self) -> Sequence[Step]:
@@ -348,7 +347,7 @@ class Heartbeat(BackgroundLoop):
         """Move ``node``'s backups to the front of their queues, then drop its
         workers hash and heartbeat, all only while its score is ``expected_score``."""
         moved = 0
-        for name in self._queues():
+        for name in self._queues(node):
             count = queue.recover_dead_node_backup(
                 self.client, self.keys, node, name, expected_score
             )
@@ -358,8 +357,14 @@ class Heartbeat(BackgroundLoop):
         self._forget(node, expected_score)
         return moved
 
-    def _queues(self) -> list[str]:
+    def _queues(self, node: str) -> list[str]:
+        # Exq looks at the known and configured queues only; the node's own
+        # backup lists are scanned too, so a queue nobody lists is not missed.
         known = {_text(q) for q in self.client.smembers(self.keys.queues)}
+        for key in self.client.scan_iter(match=self.keys.backup_pattern(node), count=1000):
+            name = self.keys.backup_queue(node, _text(key))
+            if name:
+                known.add(name)
         return sorted(known | set(self.queue_names))
 
     def _recovered(self, node: str, name: str, count: int) -> None:

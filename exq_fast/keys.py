@@ -130,6 +130,15 @@ class Keys:
         """Sidekiq's process hash, read by its Web UI."""
         return self.prefix + identity
 
+    def sidekiq_signals(self, identity: str) -> str:
+        """The list Sidekiq's Web UI pushes signals for ``identity`` into."""
+        return self.prefix + identity + "-signals"
+
+    def backup_queue(self, node_id: str, key: str) -> str | None:
+        """The queue name of ``node_id``'s backup list ``key``, or None if it is not one."""
+        head = f"{self.prefix}queue:backup::{node_id}::"
+        return key[len(head):] if key.startswith(head) else None
+
     def sidekiq_work(self, identity: str) -> str:
         """Sidekiq >= 6.5's hash of the jobs a process is running."""
         return self.prefix + identity + ":work"

@@ -150,11 +150,11 @@ def move_due(client: redis.Redis, keys: Keys, zset: str, now: float, page_size: 
     """
     moved = 0
     while True:
-        count = int(scripts.scheduler_dequeue(
+        seen, count = scripts.scheduler_dequeue(
             client, [zset], [page_size, repr(now), keys.prefix, fallback_queue]
-        ))
-        moved += count
-        if count < page_size:
+        )
+        moved += int(count)
+        if int(seen) < page_size:
             return moved
 
 

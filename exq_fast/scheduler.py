@@ -89,6 +89,8 @@ class BackgroundLoop:
         does). A tick in progress is finished, not interrupted. True once stopped."""
         self._stop_event.set()
         thread = self._thread
+        if thread is threading.current_thread():
+            return False  # called from a step (e.g. a signal handler): it exits after this tick
         if thread is not None:
             thread.join(timeout)
         return thread is None or not thread.is_alive()

@@ -74,12 +74,14 @@ end
 return 0
 """
 
-# Exq's paged scheduler move. A member whose JSON cannot be read is moved to
-# the fallback queue ARGV[4] rather than left to block every later page: the
+# Exq's paged scheduler move; returns {seen, moved} (the caller pages on seen).
+# A member whose JSON cannot be read is moved to the fallback queue ARGV[4]
+# rather than left to block every later page: the
 # worker then sends it to the dead set with its reason (bad input is never
 # dropped and never stops the scheduler).
 SCHEDULER_DEQUEUE = """
 local members = redis.call('ZRANGEBYSCORE', KEYS[1], 0, ARGV[2], 'LIMIT', 0, tonumber(ARGV[1]))
+local moved = 0
 for _, member in ipairs(members) do
   local ok, job = pcall(cjson.decode, member)
   local queue = ARGV[4]
@@ -87,9 +89,10 @@ for _, member in ipairs(members) do
   if redis.call('ZREM', KEYS[1], member) == 1 then
     redis.call('SADD', ARGV[3] .. 'queues', queue)
     redis.call('LPUSH', ARGV[3] .. 'queue:' .. queue, member)
+    moved = moved + 1
   end
 end
-return #members
+return {#members, moved}
 """
 
 SCHEDULER_DEQUEUE_JOBS = """
