@@ -94,7 +94,14 @@ def encode(obj: object, *, sort_keys: bool = False) -> bytes:
     text = json.dumps(
         obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False, sort_keys=sort_keys
     )
-    return text.encode("utf-8")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (a "\ud800" escape in a payload, an undecodable file
+        # name in an error message) has no UTF-8 form: escape everything, which
+        # keeps it as the same JSON escape and the bytes valid UTF-8.
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False,
+                          sort_keys=sort_keys).encode("ascii")
 
 
 def _reject_constant(name: str) -> Any:

@@ -31,8 +31,12 @@ INVALID_CLASS = "ExqFast.InvalidPayload"
 
 def error_text(error: BaseException) -> tuple[str, str]:
     """``(error_class, error_message)`` of an exception, Sidekiq style."""
-    message = str(error) or type(error).__name__
-    return type(error).__name__, message
+    name = type(error).__name__
+    try:
+        message = str(error)
+    except Exception:  # an exception whose __str__ fails must still be recorded
+        message = f"{name} (its message could not be rendered)"
+    return name, message or name
 
 
 class JobMiddleware(Middleware):
