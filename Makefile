@@ -34,6 +34,7 @@ pytest: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/enqueue.py
+	$(PY) benchmarks/throughput.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
