@@ -31,12 +31,12 @@ import platform
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis
+from _common import chunks, delete_namespace, describe_server
 
 from exq_fast.config import Config
 from exq_fast.embedded import find_redis
@@ -48,7 +48,6 @@ ARGS: list[Any] = [1042, {"user_id": 77, "email": "ada@example.com", "plan": "pr
                           "amount": 19.99, "items": ["a-1", "b-2"]}]
 BATCH_SIZES = (100, 1000)
 WARMUP_JOBS = 200
-DELETE_BATCH = 500
 
 Runner = Callable[[int], None]
 
@@ -103,12 +102,6 @@ def single_enqueue(bench: Bench) -> Runner:
     return run
 
 
-def chunks(n: int, size: int) -> Iterator[int]:
-    """The sizes of the calls that push ``n`` jobs ``size`` at a time."""
-    full, rest = divmod(n, size)
-    yield from [size] * full
-    if rest:
-        yield rest
 
 
 def batch_enqueue(size: int) -> Callable[[Bench], Runner]:
@@ -162,27 +155,8 @@ def run_all(bench: Bench, jobs: int) -> list[Result]:
 # --- set-up and clean-up --------------------------------------------------------------
 
 
-def delete_namespace(client: redis.Redis, keys: Keys) -> int:
-    """Delete every key of the namespace (SCAN MATCH + DEL in batches); return the count."""
-    deleted = 0
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=keys.all_keys_pattern(), count=1000):
-        batch.append(key)
-        if len(batch) >= DELETE_BATCH:
-            deleted += int(client.delete(*batch))
-            batch.clear()
-    if batch:
-        deleted += int(client.delete(*batch))
-    return deleted
 
 
-def describe_server(client: redis.Redis, url: str, private: bool) -> str:
-    """Where the Redis is (host and port only, never credentials) and its version."""
-    parts = urlsplit(url)
-    where = f"{parts.hostname}:{parts.port}" if parts.hostname else url.split("?", 1)[0]
-    version = client.info("server").get("redis_version", "?")
-    kind = "private server started for this run" if private else "existing server"
-    return f"Redis {version} at {where} ({kind})"
 
 
 def benchmark(url: str, private: bool, jobs: int) -> list[Result]:
@@ -198,7 +172,7 @@ def benchmark(url: str, private: bool, jobs: int) -> list[Result]:
               f" B payload")
         return run_all(Bench(enqueuer, raw, keys), jobs)
     finally:
-        deleted = delete_namespace(raw, keys)
+        deleted = delete_namespace(raw, keys.namespace)
         print(f"clean-up: deleted {deleted} keys matching {keys.all_keys_pattern()}")
         enqueuer.close()
         raw.close()

@@ -58,13 +58,14 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import redis
+from _common import chunks, delete_namespace, describe_server
 
 from exq_fast.app import Exq
 from exq_fast.config import Config
@@ -82,7 +83,6 @@ DEFAULT_JOBS = 100_000
 QUICK_JOBS = 20_000
 DEFAULT_CONCURRENCY = (25, 100)
 ENQUEUE_BATCH = 1000
-DELETE_BATCH = 500
 POLL_SECONDS = 0.001
 MIN_DRAIN_TIMEOUT = 120.0
 SECONDS_PER_JOB_TIMEOUT = 0.005
@@ -315,12 +315,6 @@ class Window:
                       rss_after, peak)
 
 
-def chunks(n: int, size: int) -> Iterator[int]:
-    """The sizes of the calls that push ``n`` jobs ``size`` at a time."""
-    full, rest = divmod(n, size)
-    yield from [size] * full
-    if rest:
-        yield rest
 
 
 def pre_enqueue(bench: Bench, queue: str, jobs: int) -> None:
@@ -396,27 +390,8 @@ def run_exq(bench: Bench, jobs: int, concurrency: int) -> Result:
 # --- set-up and clean-up --------------------------------------------------------------------
 
 
-def delete_namespace(client: redis.Redis, keys: Keys) -> int:
-    """Delete every key of the namespace (SCAN MATCH + DEL in batches); return the count."""
-    deleted = 0
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=keys.all_keys_pattern(), count=1000):
-        batch.append(key)
-        if len(batch) >= DELETE_BATCH:
-            deleted += int(client.delete(*batch))
-            batch.clear()
-    if batch:
-        deleted += int(client.delete(*batch))
-    return deleted
 
 
-def describe_server(client: redis.Redis, url: str, private: bool) -> str:
-    """Where the Redis is (host and port only, never credentials) and its version."""
-    parts = urlsplit(url)
-    where = f"{parts.hostname}:{parts.port}" if parts.hostname else url.split("?", 1)[0]
-    version = client.info("server").get("redis_version", "?")
-    kind = "private server started for this run" if private else "existing server"
-    return f"Redis {version} at {where} ({kind})"
 
 
 def print_header(bench: Bench, private: bool, jobs: int) -> None:
@@ -445,7 +420,7 @@ def benchmark(url: str, private: bool, jobs: int, concurrencies: Sequence[int]) 
         results += [run_exq(bench, jobs, c) for c in concurrencies]
         return results
     finally:
-        deleted = delete_namespace(plain, keys)
+        deleted = delete_namespace(plain, keys.namespace)
         print(f"clean-up: deleted {deleted} keys matching {keys.all_keys_pattern()}")
         enqueuer.close()
         plain.close()

@@ -18,8 +18,7 @@ import redis
 
 from .app import Exq
 from .config import Config
-from .embedded import RedisServer, find_redis
-from .keys import Keys
+from .embedded import RedisServer, delete_namespace, find_redis
 from .registry import Registry
 
 BATCH = 1000
@@ -93,8 +92,6 @@ def _wait(exq: Exq, count: int, started: float, timeout: float = 120.0) -> int:
 def _cleanup(redis_url: str, namespace: str) -> None:
     client = redis.Redis.from_url(redis_url)
     try:
-        doomed = list(client.scan_iter(match=Keys(namespace).all_keys_pattern(), count=1000))
-        for i in range(0, len(doomed), 500):
-            client.delete(*doomed[i : i + 500])
+        delete_namespace(client, namespace)
     finally:
         client.close()

@@ -124,3 +124,23 @@ def find_redis(environ: dict[str, str] | None = None) -> tuple[str, RedisServer 
         return DEFAULT_URL, None
     server = RedisServer().start()
     return server.url, server
+
+
+def delete_namespace(client: redis.Redis, namespace: str, batch: int = 500) -> int:
+    """Delete every key of a non-empty ``namespace`` (SCAN MATCH, then DEL in batches).
+
+    For tests, benchmarks and the demo, which each work in a namespace of
+    their own: never FLUSHDB on a shared server. Returns the number deleted.
+    """
+    from .keys import Keys  # noqa: PLC0415 - keep this module's imports minimal
+
+    deleted = 0
+    found: list[bytes] = []
+    for key in client.scan_iter(match=Keys(namespace).all_keys_pattern(), count=1000):
+        found.append(key)
+        if len(found) >= batch:
+            deleted += int(client.delete(*found))
+            found.clear()
+    if found:
+        deleted += int(client.delete(*found))
+    return deleted

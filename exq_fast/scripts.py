@@ -110,9 +110,11 @@ end
 return moved
 """
 
-MLPOP_RPUSH = """
+# LPOP from KEYS[1], RPUSH to KEYS[2], up to `limit` jobs: the moved jobs keep
+# their order and are popped next (front of the queue).
+_MOVE_FRONT = """
 local moved = 0
-for i = 1, tonumber(ARGV[1]) do
+for i = 1, limit do
   local job = redis.call('LPOP', KEYS[1])
   if not job then break end
   redis.call('RPUSH', KEYS[2], job)
@@ -121,20 +123,14 @@ end
 return {redis.call('LLEN', KEYS[1]), moved}
 """
 
+MLPOP_RPUSH = "local limit = tonumber(ARGV[1])" + _MOVE_FRONT
+
 HEARTBEAT_RE_ENQUEUE_BACKUP = """
 local score = redis.call('ZSCORE', KEYS[3], ARGV[1])
 if not score or tonumber(score) ~= tonumber(ARGV[2]) then
   return {0, 0}
 end
-local moved = 0
-for i = 1, tonumber(ARGV[3]) do
-  local job = redis.call('LPOP', KEYS[1])
-  if not job then break end
-  redis.call('RPUSH', KEYS[2], job)
-  moved = moved + 1
-end
-return {redis.call('LLEN', KEYS[1]), moved}
-"""
+local limit = tonumber(ARGV[3])""" + _MOVE_FRONT
 
 # exq-fast's batched fetch: KEYS are (queue, backup) pairs, ARGV the number of
 # jobs to take from each. RPOP with a count takes the oldest first and LPUSH

@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from exq_fast.config import Config
-from exq_fast.embedded import RedisServer, find_redis
+from exq_fast.embedded import RedisServer, delete_namespace, find_redis
 from exq_fast.enqueuer import Enqueuer
 from exq_fast.keys import Keys
 
@@ -61,19 +61,6 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.ping()
     yield client
     client.close()
-
-
-def delete_namespace(client: redis.Redis, namespace: str) -> None:
-    """Delete every key of ``namespace`` (``ns:*``), names with spaces included."""
-    pattern = Keys(namespace).all_keys_pattern()
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=pattern, count=1000):
-        batch.append(key)
-        if len(batch) >= 500:
-            client.delete(*batch)
-            batch.clear()
-    if batch:
-        client.delete(*batch)
 
 
 @pytest.fixture
