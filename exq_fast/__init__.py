@@ -2,6 +2,7 @@
 
 import logging
 
+from ._version import __version__
 from .app import Exq
 from .config import Config, ConfigError, QueueSpec
 from .enqueuer import Enqueuer
@@ -11,8 +12,6 @@ from .middleware import Middleware, Pipeline, Snooze
 from .queue import Conflict, EnqueueResult
 from .registry import Registry, UnknownWorker, worker
 from .worker import current_job
-
-__version__ = "0.1.0"
 
 # A library does not configure logging: without a handler of the
 # application's, exq-fast's records go nowhere (not to stderr).

@@ -27,20 +27,24 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
 import redis
+from prometheus_client import CollectorRegistry
 
 from . import scripts
+from ._version import __version__
 from .config import Config
 from .connection import connect
 from .enqueuer import Enqueuer, WorkerRef
 from .heartbeat import Heartbeat, NodePinger, RunningJob
 from .keys import Keys
 from .manager import UNLIMITED_IN_FLIGHT, Manager
+from .metrics import ClusterCollector, Metrics, MetricsServer
 from .middleware import Middleware, Services, default_chain
 from .queue import EnqueueResult
 from .registry import DEFAULT_REGISTRY, Registry
@@ -67,24 +71,41 @@ class Exq:
     def __init__(self, config: Config | None = None, *,
                  workers: Registry | Mapping[str, object] | None = None,
                  allowed_modules: Sequence[str] = (),
-                 client: redis.Redis | None = None) -> None:
+                 client: redis.Redis | None = None,
+                 metrics_registry: CollectorRegistry | None = None) -> None:
         self.config = config if config is not None else Config.from_env()
         self.keys = Keys(self.config.namespace)
         self.registry = _registry(workers, allowed_modules)
         self.redis = client if client is not None else connect(self.config)
         self.enqueuer = Enqueuer(self.config, client=self.redis)
+        self.redis_errors: dict[str, int] = {}
+        self.recovered: dict[tuple[str, str], int] = {}
+        self._counts_lock = threading.Lock()
+        self.metrics = Metrics(metrics_registry, self.config.metrics_prefix, __version__)
+        self.metrics.attach(_MetricsSource(self))
+        if self.config.metrics_cluster:
+            self.metrics.registry.register(
+                ClusterCollector(self.redis, self.keys, self.config.metrics_prefix))
+        self.metrics_server: MetricsServer | None = None
         self.stats = StatsWriter(self.redis, self.keys, self.config.node_id,
                                  flush_interval_ms=self.config.stats_flush_interval,
-                                 batch_size=self.config.stats_batch_size)
+                                 batch_size=self.config.stats_batch_size,
+                                 on_error=self._redis_error,
+                                 listener=self.metrics if self.config.metrics_enabled else None)
         self.executor = ThreadPoolExecutor(self._threads(), thread_name_prefix="exq-worker")
-        self.manager = Manager(self.redis, self.keys, self.config, self.executor, self._run_job)
+        self.manager = Manager(self.redis, self.keys, self.config, self.executor, self._run_job,
+                               on_error=self._redis_error)
+        self.manager.on_recovered = self._recovered
         services = Services(self.redis, self.keys, self.config, self.stats, self.manager,
                             self.registry, self.config.backoff or sidekiq_backoff)
         chain: Sequence[Middleware] = self.config.middleware or default_chain()
         self.server = WorkerServer(services, chain)
-        self.scheduler = Scheduler(self.redis, self.keys, self.config)
-        self.pinger = NodePinger(self.redis, self.keys, self.config, _NodeState(self))
-        self.heartbeat = Heartbeat(self.redis, self.keys, self.config)
+        self.scheduler = Scheduler(self.redis, self.keys, self.config, on_error=self._redis_error)
+        self.pinger = NodePinger(self.redis, self.keys, self.config, _NodeState(self),
+                                 on_error=self._redis_error)
+        self.heartbeat = Heartbeat(
+            self.redis, self.keys, self.config, on_error=self._redis_error,
+            on_recovered=lambda node, queue, n: self._recovered(queue, "heartbeat", n))
         self.stopped = threading.Event()
         self._started = False
         self._stop_lock = threading.Lock()
@@ -97,10 +118,27 @@ class Exq:
     def _run_job(self, raw: bytes, queue: str) -> None:
         self.server.run(raw, queue)
 
+    def _redis_error(self, operation: str, exc: BaseException) -> None:
+        with self._counts_lock:
+            self.redis_errors[operation] = self.redis_errors.get(operation, 0) + 1
+
+    def _recovered(self, queue: str, reason: str, count: int) -> None:
+        with self._counts_lock:
+            key = (queue, reason)
+            self.recovered[key] = self.recovered.get(key, 0) + count
+
+    @property
+    def metrics_url(self) -> str | None:
+        """The URL of ``/metrics`` while the endpoint runs (the chosen port if 0 was asked)."""
+        return self.metrics_server.url if self.metrics_server is not None else None
+
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> Exq:
         """Start every part of the node (see the module docstring for the order)."""
+        if self.config.metrics_port is not None:
+            self.metrics_server = MetricsServer(self.metrics.registry, self.config.metrics_port,
+                                                self.config.metrics_addr).start()
         scripts.load_all(self.redis)
         self._warn_eviction_policy()
         self.redis.delete(self.keys.workers(self.config.node_id))
@@ -133,6 +171,8 @@ class Exq:
             self.pinger.remove()
             # Jobs not yet started are cancelled: they are in the backup list.
             self.executor.shutdown(wait=False, cancel_futures=True)
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
             self.redis.close()
             self.stopped.set()
             if not idle:
@@ -236,3 +276,37 @@ class _NodeState:
             return
         if self.exq.server.cancel(str(jid)):
             logger.info("cancel requested for job %s", jid)
+
+
+class _MetricsSource:
+    """What the metrics collector reads from the node at scrape time."""
+
+    def __init__(self, exq: Exq) -> None:
+        self.exq = exq
+
+    def in_progress(self) -> dict[str, int]:
+        return self.exq.manager.running_by_queue()
+
+    def concurrency(self) -> dict[str, int]:
+        return self.exq.manager.limits()
+
+    def oldest_running_age(self) -> float:
+        starts = [r.flight.run_at for r in list(self.exq.server.running.values())]
+        return max(time.time() - min(starts), 0.0) if starts else 0.0
+
+    def stats_pending(self) -> int:
+        return self.exq.stats.pending()
+
+    def fetched(self) -> dict[str, int]:
+        return dict(self.exq.manager.fetched)
+
+    def recovered(self) -> dict[tuple[str, str], int]:
+        with self.exq._counts_lock:
+            return dict(self.exq.recovered)
+
+    def redis_errors(self) -> dict[str, int]:
+        with self.exq._counts_lock:
+            return dict(self.exq.redis_errors)
+
+    def heartbeat_last_success(self) -> float:
+        return self.exq.pinger.last_success

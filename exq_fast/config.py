@@ -157,6 +157,13 @@ class Config:
     heartbeat_enable: bool = False
     heartbeat_interval: int = 60000
     missed_heartbeats_allowed: int = 5
+    # Prometheus: /metrics on metrics_addr:metrics_port (None = no endpoint;
+    # 0 = a free port); the cluster collector reads Redis-wide figures.
+    metrics_enabled: bool = True
+    metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
+    metrics_prefix: str = "exq_"
+    metrics_cluster: bool = False
     # Middleware chain; None = the default chain.
     middleware: tuple[Any, ...] | None = None
 
@@ -203,6 +210,12 @@ def _validate(config: Config) -> None:
         _validate_url(config.redis_url)
     if not config.node_id or config.node_id in _RESERVED_NODE_IDS or "::" in config.node_id:
         raise ConfigError("node_id", config.node_id, "empty, reserved or containing '::'")
+    port = config.metrics_port
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int)
+                             or not 0 <= port <= 65535):
+        raise ConfigError("metrics_port", port, "expected a port number 0-65535")
+    if not config.metrics_prefix.replace("_", "a").isalnum():
+        raise ConfigError("metrics_prefix", config.metrics_prefix, "letters, digits and _ only")
     if config.namespace.endswith(":"):
         raise ConfigError("namespace", config.namespace, "must not end with ':'")
 
@@ -285,4 +298,9 @@ _ENV_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "heartbeat_enable": _env_bool,
     "heartbeat_interval": _env_int,
     "missed_heartbeats_allowed": _env_int,
+    "metrics_enabled": _env_bool,
+    "metrics_port": _env_int,
+    "metrics_addr": _env_str,
+    "metrics_prefix": _env_str,
+    "metrics_cluster": _env_bool,
 }

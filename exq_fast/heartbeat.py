@@ -22,6 +22,7 @@ from redis.client import Pipeline
 from redis.typing import EncodableT, FieldT
 
 from . import queue
+from ._version import __version__
 from .config import Config
 from .keys import Keys
 from .scheduler import BackgroundLoop, ErrorHook, Step
@@ -103,12 +104,6 @@ def _score_text(value: bytes | str | float) -> str:
     return repr(value) if isinstance(value, float) else _text(value)
 
 
-def _package_version() -> str:
-    from . import __version__  # noqa: PLC0415 - lazy: exq_fast/__init__ may import us
-
-    return __version__
-
-
 def _compact(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
@@ -136,7 +131,7 @@ class NodePinger(BackgroundLoop):
         self.started_at = time.time()
         self.pings = 0
         """Pings done so far; the prune runs when this is a multiple of 10."""
-        self.version = _package_version()
+        self.version = __version__
         self._registries = self._registry_pairs()
         self._signal_keys = self._signal_lists()
 

@@ -61,7 +61,10 @@ class Manager:
         self.on_error = on_error
         self.poll_timeout = config.poll_timeout / 1000
         self.errors = 0
-        self.fetched = 0
+        self.fetched: dict[str, int] = {}
+        """Jobs fetched since start, per queue."""
+        self.on_recovered: Callable[[str, str, int], None] | None = None
+        """Called with (queue, reason, count) when backup jobs are re-enqueued."""
         self._states: dict[str, QueueState] = {}
         self._subscribed: list[str] = []
         self._cond = threading.Condition()
@@ -84,9 +87,13 @@ class Manager:
         Run at start, before fetching: the jobs there were fetched by an
         earlier process with this node id and never acked.
         """
-        node = self.config.node_id
-        return sum(jobqueue.recover_backup(self.client, self.keys, node, q)
-                   for q in self.config.queue_names)
+        return sum(self._recover(q, "startup") for q in self.config.queue_names)
+
+    def _recover(self, queue: str, reason: str) -> int:
+        moved = jobqueue.recover_backup(self.client, self.keys, self.config.node_id, queue)
+        if moved and self.on_recovered is not None:
+            self.on_recovered(queue, reason, moved)
+        return moved
 
     def stop_fetching(self) -> None:
         """Stop the fetch loop (running jobs go on) and wait for the thread."""
@@ -119,7 +126,7 @@ class Manager:
             if queue not in self._subscribed:
                 self._subscribed.insert(0, queue)  # Exq prepends new subscriptions
         if idle:
-            jobqueue.recover_backup(self.client, self.keys, self.config.node_id, queue)
+            self._recover(queue, "subscribe")
         self._wake()
 
     def unsubscribe(self, queue: str) -> None:
@@ -142,11 +149,20 @@ class Manager:
         """Jobs running now, all queues."""
         return sum(state.running for state in list(self._states.values()))
 
+    def running_by_queue(self) -> dict[str, int]:
+        """Jobs running now, per queue ever subscribed."""
+        return {name: state.running for name, state in list(self._states.items())}
+
+    def limits(self) -> dict[str, int]:
+        """The concurrency limit of each subscribed queue (unlimited: the in-flight cap)."""
+        with self._cond:
+            states = {q: self._states[q] for q in self._subscribed}
+        return {q: UNLIMITED_IN_FLIGHT if s.limit is None else s.limit
+                for q, s in states.items()}
+
     def total_concurrency(self) -> int:
         """The sum of the subscribed queues' limits (unlimited counts as the in-flight cap)."""
-        with self._cond:
-            states = [self._states[q] for q in self._subscribed]
-        return sum(UNLIMITED_IN_FLIGHT if s.limit is None else s.limit for s in states)
+        return sum(self.limits().values())
 
     def job_terminated(self, queue: str, success: bool) -> None:
         """Free one slot of ``queue`` (the Manager middleware calls this)."""
@@ -216,5 +232,5 @@ class Manager:
         submit, run_job = self.executor.submit, self.run_job
         for raw in jobs:
             submit(run_job, raw, queue)
-        self.fetched += len(jobs)
+        self.fetched[queue] = self.fetched.get(queue, 0) + len(jobs)
         return len(jobs)

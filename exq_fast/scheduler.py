@@ -48,6 +48,8 @@ class BackgroundLoop:
         self.on_error = on_error
         self.errors = 0
         """Failed steps since creation (every failure, not once per outage)."""
+        self.last_success = 0.0
+        """Unix time the last tick fully succeeded (0 before the first)."""
         self._failures = 0  # consecutive failed ticks; 0 = healthy
         self._outage = False  # a Redis error was logged and no tick has succeeded since
         self._stop_event = threading.Event()
@@ -140,6 +142,7 @@ class BackgroundLoop:
                            self.thread_name, self._failures)
         self._outage = False
         self._failures = 0
+        self.last_success = time.time()
 
 
 class Scheduler(BackgroundLoop):

@@ -34,7 +34,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 
@@ -74,16 +74,32 @@ class InFlight:
 
 
 class Done:
-    """A finished job: its writes (before the ack), whether to ack, which counter."""
+    """A finished job: its writes (before the ack), whether to ack, which counter.
 
-    __slots__ = ("ack", "flight", "stat", "writes")
+    ``job_class``, ``fate`` (``"retried"``, ``"dead"`` or None), ``duration``
+    and ``latency`` are for the metrics, which move when the batch is applied.
+    """
+
+    __slots__ = ("ack", "duration", "fate", "flight", "job_class", "latency", "stat", "writes")
 
     def __init__(self, flight: InFlight, writes: Sequence[Command], ack: bool,
-                 stat: StatKind | None) -> None:
+                 stat: StatKind | None, *, job_class: str = "unknown", fate: str | None = None,
+                 duration: float = 0.0, latency: float | None = None) -> None:
         self.flight = flight
         self.writes = writes
         self.ack = ack
         self.stat = stat
+        self.job_class = job_class
+        self.fate = fate
+        self.duration = duration
+        self.latency = latency
+
+
+class BatchListener(Protocol):
+    """Told of every batch that reached Redis (the metrics mirror it)."""
+
+    def batch_applied(self, done: Sequence[Done], seconds: float) -> None:
+        """``done``: the finished jobs the batch held; ``seconds``: the flush's duration."""
 
 
 class _Batch:
@@ -93,7 +109,12 @@ class _Batch:
         self.batch_id = batch_id
         self.args: list[Any] = [batch_id]
         self.counts: dict[StatKind, int] = {"processed": 0, "failed": 0}
-        self.jobs = 0
+        self.done: list[Done] = []
+
+    @property
+    def jobs(self) -> int:
+        """Finished jobs in this batch."""
+        return len(self.done)
 
     def add(self, command: Sequence[Any]) -> None:
         self.args.append(len(command))
@@ -105,7 +126,8 @@ class StatsWriter:
 
     def __init__(self, client: redis.Redis, keys: Keys, node_id: str, *,
                  flush_interval_ms: int = 5, batch_size: int = 2000,
-                 on_error: ErrorHook | None = None) -> None:
+                 on_error: ErrorHook | None = None,
+                 listener: BatchListener | None = None) -> None:
         self.client = client
         self.keys = keys
         self.node_id = node_id
@@ -114,6 +136,7 @@ class StatsWriter:
         self.flush_interval = flush_interval_ms / 1000
         self.batch_size = batch_size
         self.on_error = on_error
+        self.listener = listener
         self.totals: dict[StatKind, int] = {"processed": 0, "failed": 0}
         self.errors = 0
         self._events: deque[InFlight | Done] = deque()
@@ -189,12 +212,13 @@ class StatsWriter:
         batch = self._retry or self._build()
         if batch is None:
             return True
+        started = time.perf_counter()
         try:
             scripts.apply_batch(self.client, [self.marker_key], batch.args)
         except Exception as exc:  # any failure: keep the batch, retry
             self._failed(batch, exc)
             return False
-        self._applied(batch)
+        self._applied(batch, time.perf_counter() - started)
         return True
 
     def _failed(self, batch: _Batch, exc: BaseException) -> None:
@@ -205,12 +229,17 @@ class StatsWriter:
         if self.on_error is not None:
             self.on_error("stats_flush", exc)
 
-    def _applied(self, batch: _Batch) -> None:
+    def _applied(self, batch: _Batch, seconds: float = 0.0) -> None:
         if self._retry is not None:
             logger.warning("stats flush recovered")
         self._retry = None
         for kind, count in batch.counts.items():
             self.totals[kind] += count
+        if self.listener is not None:
+            try:
+                self.listener.batch_applied(batch.done, seconds)
+            except Exception:  # metrics must never stop acks
+                logger.exception("batch listener failed")
 
     def _build(self) -> _Batch | None:
         done = self._drain()
@@ -250,7 +279,7 @@ class StatsWriter:
             batch.add(("HDEL", self.workers_key, flight.field))
         if item.stat is not None:
             batch.counts[item.stat] += 1
-        batch.jobs += 1
+        batch.done.append(item)
 
     def _add_counts(self, batch: _Batch, at: float) -> None:
         for kind, count in batch.counts.items():

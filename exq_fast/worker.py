@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,11 +50,12 @@ def current_job() -> Job | None:
 class Running:
     """A job in progress on this node: what heartbeats and cancel need."""
 
-    __slots__ = ("flight", "job")
+    __slots__ = ("flight", "job", "started")
 
     def __init__(self, flight: InFlight) -> None:
         self.flight = flight
         self.job: Job | None = None
+        self.started = time.perf_counter()
 
 
 class WorkerServer:
@@ -141,9 +143,14 @@ class WorkerServer:
     def _finish(self, pipeline: Pipeline, running: Running) -> None:
         assigns = pipeline.assigns
         flight = running.flight
-        self.services.stats.job_done(
-            Done(flight, pipeline.writes, bool(assigns.get("ack")), assigns.get("stat"))
-        )
+        job: Job | None = assigns.get("job")
+        self.services.stats.job_done(Done(
+            flight, pipeline.writes, bool(assigns.get("ack")), assigns.get("stat"),
+            job_class=job.worker_name if job is not None and "worker" in assigns else "unknown",
+            fate=assigns.get("fate"), duration=time.perf_counter() - running.started,
+            latency=None if job is None or job.enqueued_at is None
+            else flight.run_at - job.enqueued_at,
+        ))
         del self.running[flight.field]
         # The slot is freed even when no Manager middleware ran (terminate, or
         # a chain without it): a leaked slot could never be recovered.

@@ -75,12 +75,12 @@ class JobMiddleware(Middleware):
         else:
             delay = services.backoff(job)
             pipeline.writes += retry_commands(services.keys, job, error_class, message, delay)
-            assigns["ack"] = True
+            assigns["ack"], assigns["fate"] = True, "retried"
             return
         pipeline.writes += dead_commands(
             services.keys, payload, config.dead_max_jobs, config.dead_timeout_in_seconds
         )
-        assigns["ack"] = True
+        assigns["ack"], assigns["fate"] = True, "dead"
 
 
 def _refuse(assigns: dict[str, Any], error: Exception) -> None:
