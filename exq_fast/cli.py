@@ -60,7 +60,8 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     extra: dict[str, Any] = {"node_id": args.node_id, "shutdown_timeout": args.shutdown_timeout,
-                             "concurrency": args.concurrency}
+                             "concurrency": args.concurrency, "metrics_port": args.metrics_port,
+                             "metrics_addr": args.metrics_addr}
     if args.queue:
         extra["queues"] = args.queue
     return run(config_from(args, **extra), args.workers)
@@ -95,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     run_verb.add_argument("--concurrency", help="default per-queue concurrency (or infinity)")
     run_verb.add_argument("--shutdown-timeout", type=int, metavar="MS",
                           help="how long running jobs may finish at stop (default 5000)")
+    run_verb.add_argument("--metrics-port", type=int, metavar="PORT",
+                          help="serve Prometheus /metrics on this port (0 = any free port)")
+    run_verb.add_argument("--metrics-addr", metavar="ADDR",
+                          help="address for /metrics (default 127.0.0.1)")
     run_verb.set_defaults(handler=_run)
 
     demo = verbs.add_parser("demo", help="enqueue and process a batch of demo jobs")
