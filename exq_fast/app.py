@@ -43,7 +43,7 @@ from .connection import connect
 from .enqueuer import Enqueuer, WorkerRef
 from .heartbeat import Heartbeat, NodePinger, RunningJob
 from .keys import Keys
-from .manager import UNLIMITED_IN_FLIGHT, Manager
+from .manager import Manager
 from .metrics import ClusterCollector, Metrics, MetricsServer
 from .middleware import Middleware, Services, default_chain
 from .queue import EnqueueResult
@@ -54,6 +54,9 @@ from .stats import StatsWriter
 from .worker import WorkerServer
 
 logger = logging.getLogger("exq_fast")
+
+MAX_THREADS = 100_000
+"""The thread pool's cap: never reached, since the manager bounds jobs in flight."""
 
 
 def _registry(workers: Registry | Mapping[str, object] | None,
@@ -90,12 +93,17 @@ class Exq:
         self.stats = StatsWriter(self.redis, self.keys, self.config.node_id,
                                  flush_interval_ms=self.config.stats_flush_interval,
                                  batch_size=self.config.stats_batch_size,
-                                 on_error=self._redis_error,
-                                 listener=self.metrics if self.config.metrics_enabled else None)
-        self.executor = ThreadPoolExecutor(self._threads(), thread_name_prefix="exq-worker")
+                                 on_error=self._redis_error)
+        # Threads are started on demand and reused, so the pool's cap only has
+        # to be above what the manager's per-queue limits let run at once,
+        # including queues subscribed later.
+        self.executor = ThreadPoolExecutor(MAX_THREADS, thread_name_prefix="exq-worker")
         self.manager = Manager(self.redis, self.keys, self.config, self.executor, self._run_job,
                                on_error=self._redis_error)
         self.manager.on_recovered = self._recovered
+        self.stats.listeners.append(self.manager)
+        if self.config.metrics_enabled:
+            self.stats.listeners.append(self.metrics)
         services = Services(self.redis, self.keys, self.config, self.stats, self.manager,
                             self.registry, self.config.backoff or sidekiq_backoff)
         chain: Sequence[Middleware] = self.config.middleware or default_chain()
@@ -109,11 +117,6 @@ class Exq:
         self.stopped = threading.Event()
         self._started = False
         self._stop_lock = threading.Lock()
-
-    def _threads(self) -> int:
-        limits = [UNLIMITED_IN_FLIGHT if s.concurrency is None else s.concurrency
-                  for s in self.config.queue_specs]
-        return max(sum(limits), 1)
 
     def _run_job(self, raw: bytes, queue: str) -> None:
         self.server.run(raw, queue)
@@ -168,7 +171,7 @@ class Exq:
             self.heartbeat.stop()
             flushed = self.stats.stop()
             self.pinger.stop()
-            self.pinger.remove()
+            self._remove_node()
             # Jobs not yet started are cancelled: they are in the backup list.
             self.executor.shutdown(wait=False, cancel_futures=True)
             if self.metrics_server is not None:
@@ -179,6 +182,14 @@ class Exq:
                 logger.warning("%d jobs still running after the shutdown timeout stay in the "
                                "backup list", self.manager.busy())
             return idle and flushed
+
+    def _remove_node(self) -> None:
+        try:
+            self.pinger.remove()
+        except (redis.exceptions.RedisError, OSError) as exc:
+            # Redis is down: the node hash expires by itself (60 s TTL) and the
+            # next start cleans this node's in-progress records.
+            logger.warning("could not remove this node's entries at stop: %s", exc)
 
     def request_stop(self) -> None:
         """Stop from another thread (a TERM signal), without waiting."""

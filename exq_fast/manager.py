@@ -8,13 +8,21 @@ arrive; wait ``poll_timeout`` when the queues are empty; wait for a free slot
 when every queue is full; wait ``poll_timeout`` x 10 after a Redis error, then
 carry on (redis-py reconnects; no job is lost: a fetched job is in the backup
 list before it is handed out).
+
+A fetch whose reply is lost (connection cut, Redis crash after the script ran)
+has moved jobs into the backup list that this process never saw. So the
+manager tracks the fetched jobs it has not seen acked, and after a failed
+fetch it reconciles: whatever sits in the backup list of those queues and is
+not tracked was fetched by the lost call, and is run now rather than left for
+the next start.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 
 import redis
@@ -23,6 +31,7 @@ from . import queue as jobqueue
 from .config import Config
 from .keys import Keys
 from .scripts import FETCH_BATCH_LIMIT
+from .stats import Done
 
 logger = logging.getLogger("exq_fast")
 
@@ -66,6 +75,10 @@ class Manager:
         self.on_recovered: Callable[[str, str, int], None] | None = None
         """Called with (queue, reason, count) when backup jobs are re-enqueued."""
         self._states: dict[str, QueueState] = {}
+        # Fetched jobs not yet acked in Redis, per queue (see the module doc).
+        self._tracked: dict[str, Counter[bytes]] = {}
+        self._tracked_lock = threading.Lock()
+        self._suspect: set[str] = set()
         self._subscribed: list[str] = []
         self._cond = threading.Condition()
         self._stopping = False
@@ -202,8 +215,12 @@ class Manager:
     def _fetch_and_dispatch(self, wanted: list[tuple[str, int]]) -> float:
         """One fetch; returns how long to wait before the next (0 = at once)."""
         try:
+            if self._suspect:
+                self._reconcile()
             replies = jobqueue.fetch(self.client, self.keys, self.config.node_id, wanted)
         except (redis.exceptions.RedisError, OSError) as exc:
+            # The script may have run and only its reply been lost.
+            self._suspect.update(name for name, _ in wanted)
             self._fetch_failed(exc)
             return self.poll_timeout * 10
         if self.errors and self._failing:
@@ -224,9 +241,40 @@ class Manager:
         if self.on_error is not None:
             self.on_error("fetch", exc)
 
+    def _reconcile(self) -> None:
+        """Run the jobs a lost fetch moved into our backup lists (see the module doc)."""
+        for queue in sorted(self._suspect):
+            backup = self.keys.backup(self.config.node_id, queue)
+            # The lock keeps acks from being forgotten between the LRANGE and
+            # the comparison: a job acked meanwhile is either still listed and
+            # still tracked, or gone from both.
+            with self._tracked_lock:
+                present: Counter[bytes] = Counter(
+                    raw for raw in self.client.lrange(backup, 0, -1) if isinstance(raw, bytes))
+                lost = present - self._tracked.get(queue, Counter())
+            orphans = list(lost.elements())
+            if orphans:
+                logger.warning("running %d jobs of %r fetched by a call whose reply was lost",
+                               len(orphans), queue)
+                self._dispatch(queue, orphans)
+            self._suspect.discard(queue)
+
+    def batch_applied(self, done: Sequence[Done], seconds: float) -> None:
+        """Forget the jobs whose ack reached Redis (the stats writer calls this)."""
+        with self._tracked_lock:
+            for item in done:
+                if item.ack:
+                    tracked = self._tracked.get(item.flight.queue)
+                    if tracked is not None:
+                        tracked[item.flight.raw] -= 1
+                        if tracked[item.flight.raw] <= 0:
+                            del tracked[item.flight.raw]
+
     def _dispatch(self, queue: str, jobs: list[bytes]) -> int:
         if not jobs:
             return 0
+        with self._tracked_lock:
+            self._tracked.setdefault(queue, Counter()).update(jobs)
         with self._cond:
             self._states[queue].running += len(jobs)
         submit, run_job = self.executor.submit, self.run_job

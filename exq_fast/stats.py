@@ -127,7 +127,7 @@ class StatsWriter:
     def __init__(self, client: redis.Redis, keys: Keys, node_id: str, *,
                  flush_interval_ms: int = 5, batch_size: int = 2000,
                  on_error: ErrorHook | None = None,
-                 listener: BatchListener | None = None) -> None:
+                 listeners: Sequence[BatchListener] = ()) -> None:
         self.client = client
         self.keys = keys
         self.node_id = node_id
@@ -136,7 +136,7 @@ class StatsWriter:
         self.flush_interval = flush_interval_ms / 1000
         self.batch_size = batch_size
         self.on_error = on_error
-        self.listener = listener
+        self.listeners = list(listeners)
         self.totals: dict[StatKind, int] = {"processed": 0, "failed": 0}
         self.errors = 0
         self._events: deque[InFlight | Done] = deque()
@@ -235,10 +235,10 @@ class StatsWriter:
         self._retry = None
         for kind, count in batch.counts.items():
             self.totals[kind] += count
-        if self.listener is not None:
+        for listener in self.listeners:
             try:
-                self.listener.batch_applied(batch.done, seconds)
-            except Exception:  # metrics must never stop acks
+                listener.batch_applied(batch.done, seconds)
+            except Exception:  # a listener (metrics) must never stop acks
                 logger.exception("batch listener failed")
 
     def _build(self) -> _Batch | None:

@@ -1,0 +1,220 @@
+"""``exq-fast run`` as an operator runs it: a subprocess, a worker module, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from exq_fast.enqueuer import Enqueuer
+from exq_fast.keys import Keys
+
+WORKER_MODULE = '''\
+import json
+import os
+import threading
+import time
+
+from exq_fast import current_job, worker
+
+_lock = threading.Lock()
+
+
+def _write(record):
+    with _lock, open(os.environ["CLI_OUT"], "a", encoding="utf-8") as out:
+        out.write(json.dumps(record) + "\\n")
+
+
+@worker("Cli.Echo")
+def echo(*args):
+    job = current_job()
+    _write({"event": "run", "jid": job.jid, "queue": job.queue, "args": list(args)})
+
+
+@worker("Cli.Slow")
+def slow(*args):
+    job = current_job()
+    _write({"event": "start", "jid": job.jid, "queue": job.queue, "t": time.monotonic()})
+    time.sleep(0.1)
+    _write({"event": "end", "jid": job.jid, "queue": job.queue, "t": time.monotonic()})
+'''
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    """Poll ``condition`` until it returns something truthy; return it, or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+        time.sleep(0.01)
+
+
+class Cli:
+    """Runs ``python -m exq_fast`` in ``tmp_path`` with the worker module there."""
+
+    def __init__(self, tmp_path: Path, redis_url: str, namespace: str, node_id: str) -> None:
+        self.tmp_path = tmp_path
+        self.redis_url = redis_url
+        self.namespace = namespace
+        self.node_id = node_id
+        self.out = tmp_path / "out.jsonl"
+        self.out.touch()
+        (tmp_path / "cli_workers.py").write_text(WORKER_MODULE, encoding="utf-8")
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith("EXQ_") and k != "REDIS_URL"}
+        self.env.update(CLI_OUT=str(self.out), PYTHONUNBUFFERED="1")
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.stderr_path = tmp_path / "stderr.log"
+
+    def node_args(self, *queues: str) -> list[str]:
+        args = ["--redis-url", self.redis_url, "--namespace", self.namespace,
+                "--node-id", self.node_id, "--workers", "cli_workers", "--shutdown-timeout", "2000"]
+        for queue in queues:
+            args += ["--queue", queue]
+        return args
+
+    def start(self, *args: str) -> subprocess.Popen[bytes]:
+        with self.stderr_path.open("wb") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "exq_fast", "run", *args], cwd=self.tmp_path,
+                env=self.env, stdout=subprocess.DEVNULL, stderr=stderr,
+            )
+        self.processes.append(process)
+        return process
+
+    def run(self, *args: str, timeout: float = 15) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "exq_fast", "run", *args], cwd=self.tmp_path, env=self.env,
+            capture_output=True, text=True, timeout=timeout, check=False,
+        )
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
+
+    def records(self) -> list[dict[str, Any]]:
+        lines = self.out.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line]
+
+    def close(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait(10)
+
+
+@pytest.fixture
+def cli(tmp_path: Path, redis_url: str, namespace: str, node_id: str) -> Iterator[Cli]:
+    runner = Cli(tmp_path, redis_url, namespace, node_id)
+    yield runner
+    runner.close()
+
+
+def registered(client: redis.Redis, keys: Keys, node_id: str) -> bool:
+    return bool(client.sismember(keys.processes, node_id)) and bool(
+        client.exists(keys.node(node_id)))
+
+
+def test_run_processes_jobs_and_stops_cleanly_on_sigterm(
+    cli: Cli, enqueuer: Enqueuer, redis_client: redis.Redis, keys: Keys, node_id: str
+) -> None:
+    # Given jobs enqueued before the node starts
+    before = {str(enqueuer.enqueue("a", "Cli.Echo", [i, "before"])) for i in range(3)}
+
+    # When `exq-fast run` starts, and more jobs come after it is up
+    process = cli.start(*cli.node_args("a"))
+    wait_for(lambda: registered(redis_client, keys, node_id), what="node registered")
+    after = {str(enqueuer.enqueue("a", "Cli.Echo", [i, "after"])) for i in range(3)}
+
+    # Then all of them run, once, with their args
+    wait_for(lambda: len(cli.records()) >= 6, what="6 jobs run")
+    runs = cli.records()
+    assert sorted(r["jid"] for r in runs) == sorted(before | after)
+    assert sorted(tuple(r["args"]) for r in runs) == sorted(
+        [(i, "before") for i in range(3)] + [(i, "after") for i in range(3)])
+    wait_for(lambda: redis_client.get(keys.stat("processed")) == b"6", what="6 acks")
+
+    # When it gets SIGTERM
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    code = process.wait(10)
+    elapsed = time.monotonic() - started
+
+    # Then it exits 0 within a few seconds, unregistered, with nothing left behind
+    assert code == 0, cli.stderr()
+    assert elapsed < 3
+    assert "Traceback" not in cli.stderr()
+    assert redis_client.exists(keys.node(node_id), keys.workers(node_id)) == 0
+    assert not redis_client.sismember(keys.processes, node_id)
+    assert redis_client.llen(keys.backup(node_id, "a")) == 0
+    assert redis_client.llen(keys.queue("a")) == 0
+
+
+def test_run_with_several_queues_and_a_concurrency(
+    cli: Cli, enqueuer: Enqueuer, redis_client: redis.Redis, keys: Keys, node_id: str
+) -> None:
+    # Given slow jobs in "a" and quick jobs in "b"
+    slow = {str(enqueuer.enqueue("a", "Cli.Slow", [i])) for i in range(6)}
+    quick = {str(enqueuer.enqueue("b", "Cli.Echo", [i])) for i in range(3)}
+
+    # When the node runs with --queue a:2 --queue b
+    process = cli.start(*cli.node_args("a:2", "b"))
+    wait_for(lambda: registered(redis_client, keys, node_id), what="node registered")
+
+    # Then it consumes both queues, "a" two jobs at a time
+    info = json.loads(redis_client.hget(keys.node(node_id), "info") or b"{}")
+    assert sorted(info["queues"]) == ["a", "b"]
+    wait_for(lambda: len([r for r in cli.records() if r["event"] != "start"]) == 9,
+             what="9 jobs done")
+    records = cli.records()
+    assert {r["jid"] for r in records if r["event"] == "run"} == quick
+    assert {r["jid"] for r in records if r["event"] == "end"} == slow
+    running = peak = 0
+    for record in sorted((r for r in records if r["event"] != "run"),
+                         key=lambda r: (r["t"], r["event"] == "start")):
+        running += 1 if record["event"] == "start" else -1
+        peak = max(peak, running)
+    assert peak == 2
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(10) == 0, cli.stderr()
+
+
+def test_run_with_a_bad_queue_concurrency_exits_with_one_line(cli: Cli) -> None:
+    # When the node is given --queue a:x
+    result = cli.run(*cli.node_args("a:x"))
+
+    # Then it exits non-zero with one line naming the option and the value
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "queue" in lines[0]
+    assert "a:x" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_run_with_unreachable_redis_exits_with_one_line(cli: Cli) -> None:
+    # When the node is pointed at a port where no Redis listens
+    cli.redis_url = "redis://127.0.0.1:1/0"
+    started = time.monotonic()
+    result = cli.run(*cli.node_args("a"))
+
+    # Then it exits non-zero, promptly, with a one-line message and no traceback
+    assert result.returncode != 0
+    assert time.monotonic() - started < 10
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Redis" in lines[0]
+    assert "127.0.0.1:1" in lines[0]
+    assert "Traceback" not in result.stderr
