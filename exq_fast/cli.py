@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -14,7 +15,8 @@ import redis
 from . import __version__
 from .config import Config, ConfigError
 from .demo import run_demo
-from .enqueuer import Enqueuer
+from .enqueuer import Enqueuer, to_timestamp
+from .queue import Conflict
 from .runner import run
 
 Handler = Callable[[argparse.Namespace], int]
@@ -36,24 +38,56 @@ def config_from(args: argparse.Namespace, **extra: Any) -> Config:
     return Config.from_env(**{k: v for k, v in overrides.items() if v is not None})
 
 
-def _enqueue(args: argparse.Namespace) -> int:
+def parse_args_json(text: str) -> list[Any]:
+    """ARGS_JSON of ``enqueue``: a JSON list, or a one-line error saying how to fix it."""
     try:
-        job_args = json.loads(args.args_json)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"ARGS_JSON is not valid JSON: {exc.msg} (e.g. '[1, \"two\"]')") from None
-    if not isinstance(job_args, list):
+    if not isinstance(value, list):
         raise UsageError("ARGS_JSON must be a JSON list, e.g. '[1, \"two\"]'")
+    return value
+
+
+def parse_time(text: str) -> float:
+    """``--at``: Unix seconds, or an ISO 8601 time (naive = UTC)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--at {text!r} is neither Unix seconds nor an ISO 8601 time "
+                         "(e.g. 2030-01-02T03:04:05Z)") from None
+    return to_timestamp(when)
+
+
+def _enqueue(args: argparse.Namespace) -> int:
+    job_args = parse_args_json(args.args_json)
     options: dict[str, Any] = {}
     if args.retry is not None:
         options["max_retries"] = args.retry
+    if args.unique_for is not None:
+        options["unique_for"] = args.unique_for
+    if args.in_seconds is not None:
+        options["in"] = args.in_seconds
+    elif args.at is not None:
+        options["at"] = parse_time(args.at)
+    if args.count < 1:
+        raise UsageError("--count must be at least 1")
+    items = [(args.queue, args.job_class, job_args, options)] * args.count
     with Enqueuer(config_from(args)) as enqueuer:
-        if args.in_seconds is not None:
-            result = enqueuer.enqueue_in(args.queue, args.in_seconds, args.job_class, job_args,
-                                         **options)
-        else:
-            result = enqueuer.enqueue(args.queue, args.job_class, job_args, **options)
-    print(result if isinstance(result, str) else f"conflict: held by {result.existing_jid}")
-    return 0
+        results = enqueuer.enqueue_all(items)
+    conflicts = [r for r in results if isinstance(r, Conflict)]
+    if args.json:
+        print(json.dumps([r if isinstance(r, str) else {"conflict": r.existing_jid}
+                          for r in results]))
+    else:
+        for result in results:
+            print(result if isinstance(result, str) else
+                  f"conflict: a unique lock is held by job {result.existing_jid}")
+    return 1 if conflicts and len(conflicts) == len(results) else 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -82,8 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("queue")
     enqueue.add_argument("job_class", metavar="CLASS")
     enqueue.add_argument("args_json", metavar="ARGS_JSON", nargs="?", default="[]")
-    enqueue.add_argument("--in", dest="in_seconds", type=float, help="run in S seconds")
-    enqueue.add_argument("--retry", type=int, help="max retries of this job")
+    when = enqueue.add_mutually_exclusive_group()
+    when.add_argument("--in", dest="in_seconds", type=float, metavar="S", help="run in S seconds")
+    when.add_argument("--at", metavar="TIME", help="run at TIME (Unix seconds or ISO 8601)")
+    enqueue.add_argument("--retry", type=int, metavar="N", help="max retries of this job")
+    enqueue.add_argument("--unique-for", type=float, metavar="S",
+                         help="hold a unique lock for S seconds (Exq's token)")
+    enqueue.add_argument("--count", type=int, default=1, metavar="N",
+                         help="enqueue N copies in one round trip")
+    enqueue.add_argument("--json", action="store_true", help="print the jids as JSON")
     enqueue.set_defaults(handler=_enqueue)
 
     run_verb = verbs.add_parser("run", help="run a worker node until SIGTERM / SIGINT")

@@ -9,6 +9,7 @@ what happened, and deletes its namespace's keys at the end.
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -20,19 +21,43 @@ from .app import Exq
 from .config import Config
 from .embedded import RedisServer, delete_namespace, find_redis
 from .registry import Registry
+from .worker import current_job
 
 BATCH = 1000
 FAIL_EVERY = 50
 SCHEDULE_EVERY = 200
+BAR_WIDTH = 30
 
 
-def _noop(*args: object) -> None:
-    """Demo.Noop: does nothing."""
+class _Latencies:
+    """Start latencies (enqueued_at to start) recorded by the demo jobs."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def record(self) -> None:
+        job = current_job()
+        if job is not None and job.enqueued_at is not None:
+            self.values.append(time.time() - job.enqueued_at)  # list.append is thread-safe
+
+    def percentile(self, fraction: float) -> float:
+        ordered = sorted(self.values)
+        if not ordered:
+            return 0.0
+        return ordered[min(int(fraction * len(ordered)), len(ordered) - 1)]
 
 
-def _fail(*args: object) -> None:
-    """Demo.Fail: always raises."""
-    raise RuntimeError(f"demo failure for {args!r}")
+def _workers(latencies: _Latencies) -> Registry:
+    def noop(*args: object) -> None:
+        """Demo.Noop: records its latency, does nothing else."""
+        latencies.record()
+
+    def fail(*args: object) -> None:
+        """Demo.Fail: always raises."""
+        latencies.record()
+        raise RuntimeError(f"demo failure for {args!r}")
+
+    return Registry({"Demo.Noop": noop, "Demo.Fail": fail})
 
 
 def _jobs(count: int) -> Iterator[Sequence[Any]]:
@@ -48,13 +73,15 @@ def _jobs(count: int) -> Iterator[Sequence[Any]]:
 
 def run_demo(jobs: int = 10000, redis_url: str | None = None, namespace: str | None = None) -> int:
     """Run the demo. Returns 0 when every job was accounted for, 1 otherwise."""
+    if jobs < 1:
+        raise ValueError("--jobs must be at least 1")
     server: RedisServer | None = None
     if redis_url is None:
         redis_url, server = find_redis()
-    print(f"exq-fast demo: Redis at {'embedded redis-server' if server else redis_url}")
+    print(f"exq-fast demo: Redis at {'an embedded redis-server' if server else redis_url}")
     ns = namespace or f"exq-demo-{uuid.uuid4().hex[:6]}"
     config = Config(redis_url=redis_url, namespace=ns, node_id=f"demo-{uuid.uuid4().hex[:6]}",
-                    concurrency=25)
+                    concurrency=25, metrics_port=0)
     try:
         return _run(config, jobs)
     finally:
@@ -64,29 +91,47 @@ def run_demo(jobs: int = 10000, redis_url: str | None = None, namespace: str | N
 
 
 def _run(config: Config, count: int) -> int:
-    registry = Registry({"Demo.Noop": _noop, "Demo.Fail": _fail})
-    with Exq(config, workers=registry) as exq:
+    latencies = _Latencies()
+    with Exq(config, workers=_workers(latencies)) as exq:
+        print(f"metrics while it runs: {exq.metrics_url}")
         started = time.perf_counter()
         for start in range(0, count, BATCH):
             exq.enqueue_all(_jobs(min(BATCH, count - start)))
-        print(f"enqueued {count} jobs in {time.perf_counter() - started:.2f} s")
         done = _wait(exq, count, started)
         elapsed = time.perf_counter() - started
         retry = exq.redis.zcard(exq.keys.retry)
         dead = exq.redis.zcard(exq.keys.dead)
     totals = exq.stats.totals
     print(f"processed {totals['processed']}, failed {totals['failed']} "
-          f"(retry set {retry}, dead set {dead}) in {elapsed:.2f} s: "
-          f"{done / elapsed:,.0f} jobs/s")
+          f"(retried {retry}, dead {dead}) in {elapsed:.2f} s: {done / elapsed:,.0f} jobs/s")
+    print(f"start latency p50 {latencies.percentile(0.5) * 1000:.1f} ms, "
+          f"p99 {latencies.percentile(0.99) * 1000:.1f} ms "
+          f"({count // SCHEDULE_EVERY} jobs were scheduled 1 s ahead)")
     return 0 if done == count else 1
 
 
 def _wait(exq: Exq, count: int, started: float, timeout: float = 120.0) -> int:
     done = 0
+    tty = sys.stdout.isatty()
+    shown = -1
     while done < count and time.perf_counter() - started < timeout:
-        time.sleep(0.05)
+        time.sleep(0.1)
         done = exq.stats.totals["processed"] + exq.stats.totals["failed"]
+        step = done * 10 // count
+        if tty or step != shown:
+            _progress(done, count, time.perf_counter() - started, tty)
+            shown = step
+    if tty:
+        print()
     return done
+
+
+def _progress(done: int, count: int, elapsed: float, tty: bool) -> None:
+    filled = done * BAR_WIDTH // count
+    bar = "#" * filled + "." * (BAR_WIDTH - filled)
+    rate = done / max(elapsed, 1e-9)
+    line = f"[{bar}] {done * 100 // count:3d}% {done}/{count} {rate:,.0f} jobs/s"
+    print("\r" + line if tty else line, end="" if tty else "\n", flush=True)
 
 
 def _cleanup(redis_url: str, namespace: str) -> None:

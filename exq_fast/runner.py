@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from types import FrameType
 
@@ -25,6 +26,28 @@ def import_worker_modules(modules: Sequence[str]) -> None:
         importlib.import_module(name)
 
 
+class _Status:
+    """A one-line live status on a terminal: processed/s, failed, busy."""
+
+    def __init__(self, exq: Exq) -> None:
+        self.exq = exq
+        self.last = (time.monotonic(), 0)
+
+    def show(self) -> None:
+        now, totals = time.monotonic(), self.exq.stats.totals
+        then, before = self.last
+        rate = (totals["processed"] - before) / max(now - then, 1e-9)
+        self.last = (now, totals["processed"])
+        line = (f"processed {totals['processed']} ({rate:,.0f}/s)  failed {totals['failed']}  "
+                f"busy {self.exq.manager.busy()}  queues {','.join(self.exq.subscriptions())}")
+        sys.stderr.write("\r\x1b[K" + line)
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        sys.stderr.write("\r\x1b[K")
+        sys.stderr.flush()
+
+
 def run(config: Config, worker_modules: Sequence[str]) -> int:
     """Run a node until SIGTERM/SIGINT (or a TERM signal through Redis); 0 on a clean stop."""
     import_worker_modules(worker_modules)
@@ -39,8 +62,12 @@ def run(config: Config, worker_modules: Sequence[str]) -> int:
     exq = Exq(config).start()
     logger.info("exq-fast node %s consuming %s (namespace %r)", config.node_id,
                 ", ".join(exq.subscriptions()), config.namespace)
-    while not (stop.wait(0.2) or exq.stopped.is_set()):
-        pass
+    status = _Status(exq) if sys.stderr.isatty() else None
+    while not (stop.wait(1.0) or exq.stopped.is_set()):
+        if status is not None:
+            status.show()
+    if status is not None:
+        status.clear()
     idle = exq.stop()
     logger.info("stopped (processed %d, failed %d)", exq.stats.totals["processed"],
                 exq.stats.totals["failed"])
