@@ -11,8 +11,16 @@ run), this drains N pre-enqueued no-op jobs (``Bench.Noop``, no args; enqueued w
 * ``raw RPOPLPUSH+LREM``: the yardstick, a single-threaded redis-py loop doing only
   ``RPOPLPUSH queue backup`` then ``LREM backup 1 <job>`` per job (2 round trips per
   job; no decoding, no worker call, no stats, no in-progress records);
-* ``exq-fast C=<c>``: one ``Exq`` node (default config, ``concurrency=c``, a fixed
-  node id) running the no-op worker, for each ``--concurrency`` (default 25 and 100).
+* ``exq-fast C=<c> m=on|off``: one ``Exq`` node (default config, ``concurrency=c``, a
+  fixed node id) running the no-op worker, for each ``--concurrency`` (default 25 and
+  100), twice: with ``metrics_enabled=True`` (the default: every applied stats batch
+  moves the Prometheus counters and histograms) and with ``metrics_enabled=False``.
+  The order of the two alternates from one concurrency to the next (on/off, off/on,
+  ...) so that neither always runs first; no ``/metrics`` endpoint is served.
+
+"metrics cost" is, per concurrency, ``(off jobs/s - on jobs/s) / off jobs/s``:
+positive means slower with metrics. One pair of runs is noisy: read a few percent
+either way as no measurable difference.
 
 Timing: from ``Exq.start()`` (scripts loaded, backups recovered, threads started)
 until ``exq.stats.totals["processed"] == N``, i.e. until the stats batch acking
@@ -59,7 +67,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -261,6 +269,8 @@ class Result:
     rss_before: float
     rss_after: float
     peak_rss: float
+    metrics: bool | None = None
+    """exq-fast's ``metrics_enabled`` for this run (None for the yardstick)."""
 
     @property
     def rate(self) -> float:
@@ -278,10 +288,12 @@ class Bench:
     plain: redis.Redis
     enqueuer: Enqueuer
 
-    def config(self, queue: str, node_id: str, concurrency: int) -> Config:
-        """The node's config: defaults but for the URL, namespace, queue and node id."""
+    def config(self, queue: str, node_id: str, concurrency: int,
+               metrics: bool = True) -> Config:
+        """The node's config: defaults but for the URL, namespace, queue, node id and
+        ``metrics_enabled``."""
         return Config(redis_url=self.url, namespace=self.namespace, queues=[queue],
-                      concurrency=concurrency, node_id=node_id)
+                      concurrency=concurrency, node_id=node_id, metrics_enabled=metrics)
 
 
 @dataclass
@@ -368,23 +380,31 @@ def wait_processed(exq: Exq, jobs: int) -> None:
         time.sleep(POLL_SECONDS)
 
 
-def run_exq(bench: Bench, jobs: int, concurrency: int) -> Result:
-    """Drain ``jobs`` with one exq-fast node of the given concurrency."""
-    queue = f"noop{concurrency}"
+def run_exq(bench: Bench, jobs: int, concurrency: int, metrics: bool = True) -> Result:
+    """Drain ``jobs`` with one exq-fast node of the given concurrency and metrics switch."""
+    switch = "on" if metrics else "off"
+    method = f"exq-fast C={concurrency} m={switch}"
+    queue = f"noop{concurrency}{switch}"
     pre_enqueue(bench, queue, jobs)
     counter = RequestCounter()
-    config = bench.config(queue, NODE_ID, concurrency)
+    config = bench.config(queue, NODE_ID, concurrency, metrics)
     exq = Exq(config, workers=Registry({WORKER: noop}), client=counting_client(config, counter))
     try:
         window = Window.open(bench, counter)
         exq.start()
         wait_processed(exq, jobs)
-        result = window.close(bench, f"exq-fast C={concurrency}", concurrency, jobs)
+        result = replace(window.close(bench, method, concurrency, jobs), metrics=metrics)
     finally:
         if not exq.stop():
-            print(f"warning: exq-fast C={concurrency} did not stop cleanly", file=sys.stderr)
+            print(f"warning: {method} did not stop cleanly", file=sys.stderr)
     check_drained(bench, result.method, queue, NODE_ID)
     return result
+
+
+def metrics_order(index: int) -> tuple[bool, bool]:
+    """The ``metrics_enabled`` values of the two runs of the ``index``-th concurrency:
+    on then off, then off then on, and so on, so neither always runs first."""
+    return (True, False) if index % 2 == 0 else (False, True)
 
 
 # --- set-up and clean-up --------------------------------------------------------------------
@@ -408,7 +428,8 @@ def print_header(bench: Bench, private: bool, jobs: int) -> None:
 
 
 def benchmark(url: str, private: bool, jobs: int, concurrencies: Sequence[int]) -> list[Result]:
-    """The yardstick, then one node per concurrency, under a fresh namespace."""
+    """The yardstick, then two nodes per concurrency (metrics on and off, the order
+    alternating), under a fresh namespace."""
     namespace = "bench" + uuid.uuid4().hex
     keys = Keys(namespace)
     plain = redis.Redis.from_url(url)
@@ -417,7 +438,9 @@ def benchmark(url: str, private: bool, jobs: int, concurrencies: Sequence[int]) 
     try:
         print_header(bench, private, jobs)
         results = [run_yardstick(bench, jobs)]
-        results += [run_exq(bench, jobs, c) for c in concurrencies]
+        for index, concurrency in enumerate(concurrencies):
+            results += [run_exq(bench, jobs, concurrency, metrics)
+                        for metrics in metrics_order(index)]
         return results
     finally:
         deleted = delete_namespace(plain, keys.namespace)
@@ -444,6 +467,27 @@ def print_table(results: Sequence[Result]) -> None:
     print("RT/job = client requests (packed sends, counted by a redis.Connection subclass) "
           "/ jobs")
     print("ratio  = jobs/s / yardstick jobs/s (above 1.00x = faster than the raw loop)")
+
+
+def metrics_costs(results: Sequence[Result]) -> list[tuple[int, float]]:
+    """``(concurrency, cost %)`` for each concurrency run with metrics on and off:
+    ``(off jobs/s - on jobs/s) / off jobs/s * 100`` (positive = slower with metrics)."""
+    rates: dict[int, dict[bool, float]] = {}
+    for r in results:
+        if r.concurrency is not None and r.metrics is not None:
+            rates.setdefault(r.concurrency, {})[r.metrics] = r.rate
+    return [(c, (pair[False] - pair[True]) / pair[False] * 100)
+            for c, pair in rates.items() if True in pair and False in pair]
+
+
+def print_metrics_cost(results: Sequence[Result]) -> None:
+    """One "metrics cost" line per concurrency, from its two rows of the table."""
+    print()
+    for concurrency, cost in metrics_costs(results):
+        print(f"C={concurrency}: metrics cost: {cost:+.1f}% of throughput")
+    print("metrics cost = (m=off jobs/s - m=on jobs/s) / m=off jobs/s; positive = slower with")
+    print("  metrics (metrics_enabled=True); runs alternate on/off, off/on by concurrency; a")
+    print("  single pair is noisy, so a few percent either way is within run-to-run variation")
 
 
 def print_memory_and_cpu(results: Sequence[Result]) -> None:
@@ -522,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.stop()
     print_table(results)
+    print_metrics_cost(results)
     print_memory_and_cpu(results)
     print_server(results, server is not None)
     return 0

@@ -142,6 +142,19 @@ class Exq:
         if self.config.metrics_port is not None:
             self.metrics_server = MetricsServer(self.metrics.registry, self.config.metrics_port,
                                                 self.config.metrics_addr).start()
+        try:
+            self._start_node()
+        except BaseException:
+            # A failed start (Redis unreachable, bad password) leaves nothing
+            # running and no port bound.
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
+            self.metrics.close()
+            raise
+        self._started = True
+        return self
+
+    def _start_node(self) -> None:
         scripts.load_all(self.redis)
         self._warn_eviction_policy()
         self.redis.delete(self.keys.workers(self.config.node_id))
@@ -155,8 +168,6 @@ class Exq:
         self.pinger.start()
         if self.config.heartbeat_enable:
             self.heartbeat.start()
-        self._started = True
-        return self
 
     def stop(self, timeout: float | None = None) -> bool:
         """Graceful stop. Returns True if every running job finished in time."""
@@ -176,6 +187,7 @@ class Exq:
             self.executor.shutdown(wait=False, cancel_futures=True)
             if self.metrics_server is not None:
                 self.metrics_server.stop()
+            self.metrics.close()
             self.redis.close()
             self.stopped.set()
             if not idle:

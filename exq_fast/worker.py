@@ -148,7 +148,7 @@ class WorkerServer:
             flight, pipeline.writes, bool(assigns.get("ack")), assigns.get("stat"),
             job_class=job.worker_name if job is not None and "worker" in assigns else "unknown",
             fate=assigns.get("fate"), duration=time.perf_counter() - running.started,
-            latency=None if job is None or job.enqueued_at is None
+            latency=None if job is None or job.enqueued_at is None or job.retry_count
             else flight.run_at - job.enqueued_at,
         ))
         del self.running[flight.field]
