@@ -40,7 +40,7 @@ from . import scripts
 from .config import Config
 from .connection import connect
 from .job import InvalidJob, Job, decode, encode, loads, to_seconds
-from .keys import Keys, StatKind, second_suffix
+from .keys import Keys, StatKind
 
 __all__ = ["Api", "Entry", "NodeInfo", "ProcessInfo", "Source", "Stats"]
 
@@ -599,8 +599,7 @@ class Api:
         if not found:
             return []
         values = cast(list[bytes | None], self.redis.mget(found))
-        # The key minus its time suffix, built by Keys itself.
-        head = self.keys.stat_rt(kind, 0.0)[: -len(second_suffix(0.0))].encode("utf-8")
+        head = self.keys.stat_rt_prefix(kind).encode("utf-8")
         pairs = [(_text(k[len(head):]), _int(v)) for k, v in zip(found, values, strict=True)
                  if v is not None and k.startswith(head)]
         return sorted(pairs)

@@ -23,6 +23,7 @@ from redis.typing import EncodableT, FieldT
 
 from . import queue
 from ._version import __version__
+from .api import Api
 from .config import Config
 from .keys import Keys
 from .scheduler import BackgroundLoop, ErrorHook, Step
@@ -127,6 +128,7 @@ class NodePinger(BackgroundLoop):
         self.client = client
         self.keys = keys
         self.state = state
+        self.config = config
         self.node_id = config.node_id
         self.started_at = time.time()
         self.pings = 0
@@ -227,39 +229,11 @@ class NodePinger(BackgroundLoop):
                 logger.exception("node_ping: handling signal %r failed", signal)
 
     def prune(self) -> list[str]:
-        """Remove the registry members whose node hash is gone (and their workers
-        hash); return them. A live node's workers hash is never touched."""
-        removed: list[str] = []
-        for processes, node_key in self._registries:
-            removed += self._prune_registry(processes, node_key)
-        return removed
-
-    def _prune_registry(self, processes: str, node_key: Callable[[str], str]) -> list[str]:
-        members = [_text(m) for m in self.client.smembers(processes)]
-        check = self.client.pipeline(transaction=False)
-        for member in members:
-            check.hexists(node_key(member), "info")
-        gone = [m for m, alive in zip(members, check.execute(), strict=True) if not alive]
-        return self._remove_gone(processes, node_key, gone) if gone else []
-
-    def _remove_gone(self, processes: str, node_key: Callable[[str], str],
-                     candidates: list[str]) -> list[str]:
-        # WATCH the candidates' hashes and check them again: a node that pings
-        # between the check and EXEC aborts the transaction, so a live node
-        # never loses its workers hash. After an abort, the next prune retries.
-        with self.client.pipeline(transaction=True) as pipe:
-            try:
-                pipe.watch(*[node_key(m) for m in candidates])  # type: ignore[no-untyped-call]
-                gone = [m for m in candidates if not pipe.hexists(node_key(m), "info")]
-                if not gone:
-                    return []
-                pipe.multi()
-                pipe.srem(processes, *gone)
-                pipe.delete(*[self.keys.workers(m) for m in gone])
-                pipe.execute()
-            except redis.WatchError:
-                return []
-        return gone
+        """Remove the registry members whose node hash is gone (and their in-progress
+        hashes); return them. A live node's records are never touched (see
+        ``Api.prune_dead_nodes``, the one implementation)."""
+        with Api(self.config, client=self.client) as api:
+            return api.prune_dead_nodes()
 
     def remove(self) -> None:
         """Unregister this node at a graceful stop: registry membership, node

@@ -108,11 +108,15 @@ class Keys:
 
     def stat_rt(self, kind: StatKind, at: float) -> str:
         """The per-second realtime counter for the UTC second of ``at``."""
-        return f"{self.prefix}stat:{kind}_rt:{second_suffix(at)}"
+        return self.stat_rt_prefix(kind) + second_suffix(at)
+
+    def stat_rt_prefix(self, kind: StatKind) -> str:
+        """What every realtime counter of ``kind`` starts with (its time follows)."""
+        return f"{self.prefix}stat:{kind}_rt:"
 
     def stat_rt_pattern(self, kind: StatKind) -> str:
         """A SCAN pattern matching every realtime counter of ``kind``."""
-        return f"{_glob_escape(self.prefix)}stat:{kind}_rt:*"
+        return _glob_escape(self.stat_rt_prefix(kind)) + "*"
 
     def node(self, node_id: str) -> str:
         """Exq's node hash (info, busy, beat, quiet)."""
