@@ -114,6 +114,7 @@ class Exq:
         self.heartbeat = Heartbeat(
             self.redis, self.keys, self.config, on_error=self._redis_error,
             on_recovered=lambda node, queue, n: self._recovered(queue, "heartbeat", n))
+        self.heartbeat.on_poisoned = lambda queue, n: self._recovered(queue, "poison", n)
         self.stopped = threading.Event()
         self._started = False
         self._stop_lock = threading.Lock()

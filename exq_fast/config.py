@@ -148,6 +148,9 @@ class Config:
     dead_max_jobs: int = 10000
     dead_timeout_in_seconds: int = 15552000
     backoff: Callable[..., float] | None = None
+    # A job in flight on a node that died this many times (recovered from a
+    # backup list each time) goes to the dead set: a poison job. 0 = never.
+    max_recoveries: int = 3
     # Shutdown and stats. Exq flushes stats every 1000 ms; exq-fast acks through
     # the stats batch, so it flushes within a few milliseconds of work.
     shutdown_timeout: int = 5000
@@ -240,6 +243,7 @@ _MINIMUMS: dict[str, int] = {
     "scheduler_poll_timeout": 1,
     "scheduler_page_size": 1,
     "max_retries": 0,
+    "max_recoveries": 0,
     "dead_max_jobs": 0,
     "dead_timeout_in_seconds": 0,
     "shutdown_timeout": 0,
@@ -290,6 +294,7 @@ _ENV_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "scheduler_poll_timeout": _env_int,
     "scheduler_page_size": _env_int,
     "max_retries": _env_int,
+    "max_recoveries": _env_int,
     "dead_max_jobs": _env_int,
     "dead_timeout_in_seconds": _env_int,
     "shutdown_timeout": _env_int,

@@ -273,7 +273,11 @@ class Heartbeat(BackgroundLoop):
         self.node_id = config.node_id
         self.queue_names = config.queue_names
         self.missed_heartbeats_allowed = config.missed_heartbeats_allowed
+        self.config = config
+        self.policy = queue.RecoveryPolicy(config.max_recoveries)
         self.on_recovered = on_recovered
+        self.on_poisoned: Callable[[str, int], None] | None = None
+        """Called with (queue, count) when jobs recovered too often go to the dead set."""
 
     def steps(self) -> Sequence[Step]:
         """Two steps: ``"heartbeat"`` (beat) and ``"heartbeat_monitor"`` (monitor)."""
@@ -317,14 +321,24 @@ class Heartbeat(BackgroundLoop):
         workers hash and heartbeat, all only while its score is ``expected_score``."""
         moved = 0
         for name in self._queues(node):
-            count = queue.recover_dead_node_backup(
-                self.client, self.keys, node, name, expected_score
+            count, poisoned = queue.recover_dead_node_backup(
+                self.client, self.keys, node, name, expected_score, self.policy
             )
             if count:
                 self._recovered(node, name, count)
+            if poisoned:
+                self._poisoned(node, name, poisoned)
             moved += count
         self._forget(node, expected_score)
         return moved
+
+    def _poisoned(self, node: str, name: str, count: int) -> None:
+        logger.warning("heartbeat_monitor: %d job(s) of dead node %r recovered %d times go "
+                       "to the dead set", count, node, self.policy.max_recoveries)
+        queue.bury_poison(self.client, self.keys, self.policy, self.config.dead_max_jobs,
+                          self.config.dead_timeout_in_seconds)
+        if self.on_poisoned is not None:
+            self.on_poisoned(name, count)
 
     def _queues(self, node: str) -> list[str]:
         # Exq looks at the known and configured queues only; the node's own

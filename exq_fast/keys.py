@@ -23,6 +23,8 @@ P(<node>:workers)               HASH    pid string -> in-progress record (Exq)
 R(heartbeats)                   ZSET    node id scored by last heartbeat
 P(unique:<token>)               STRING  jid holding the unique lock; PX TTL
 P(<node>:stats-batch)           STRING  id of the last stats batch applied (exq-fast)
+P(recoveries:<sha1>)            STRING  times a job was recovered from a backup (exq-fast)
+P(poison)                       LIST    jobs recovered too often, on their way to dead
 P(processes), P(<id>),          Sidekiq's process registry; identical to the
 P(<id>:work)                    R() forms unless the namespace is empty
 ==============================  ======  ==========================================
@@ -146,6 +148,11 @@ class Keys:
     def sidekiq_work(self, identity: str) -> str:
         """Sidekiq >= 6.5's hash of the jobs a process is running."""
         return self.prefix + identity + ":work"
+
+    @property
+    def poison(self) -> str:
+        """Jobs recovered ``max_recoveries`` times, on their way to the dead set."""
+        return self.prefix + "poison"
 
     def batch_marker(self, node_id: str) -> str:
         """exq-fast's record of the last stats batch ``node_id`` applied (1 h TTL)."""

@@ -103,9 +103,20 @@ class Manager:
         return sum(self._recover(q, "startup") for q in self.config.queue_names)
 
     def _recover(self, queue: str, reason: str) -> int:
-        moved = jobqueue.recover_backup(self.client, self.keys, self.config.node_id, queue)
-        if moved and self.on_recovered is not None:
-            self.on_recovered(queue, reason, moved)
+        config = self.config
+        policy = jobqueue.RecoveryPolicy(config.max_recoveries)
+        moved, poisoned = jobqueue.recover_backup(self.client, self.keys, config.node_id, queue,
+                                                  policy)
+        if poisoned:
+            # In flight here when this node died max_recoveries times: dead, not re-run.
+            logger.warning("%d job(s) of %r recovered %d times go to the dead set", poisoned,
+                           queue, config.max_recoveries)
+            jobqueue.bury_poison(self.client, self.keys, policy, config.dead_max_jobs,
+                                 config.dead_timeout_in_seconds)
+        if self.on_recovered is not None:
+            for count, why in ((moved, reason), (poisoned, "poison")):
+                if count:
+                    self.on_recovered(queue, why, count)
         return moved
 
     def stop_fetching(self) -> None:

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import redis
 
 from . import scripts
+from .job import InvalidJob, decode, encode, new_jid, now_seconds
 from .keys import Keys
+from .retry import dead_payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,39 +108,88 @@ def fetch(client: redis.Redis, keys: Keys, node_id: str,
     return replies
 
 
-def recover_backup(client: redis.Redis, keys: Keys, node_id: str, queue: str) -> int:
+@dataclass(frozen=True, slots=True)
+class RecoveryPolicy:
+    """How recoveries are counted: ``max_recoveries`` 0 = never dead-letter."""
+
+    max_recoveries: int = 3
+    counter_ttl: int = 7 * 24 * 3600
+
+    def args(self, keys: Keys) -> list[str | int]:
+        """The script arguments ``max, prefix, ttl, poison_list``."""
+        return [self.max_recoveries, keys.prefix, self.counter_ttl, keys.poison]
+
+
+def recover_backup(client: redis.Redis, keys: Keys, node_id: str, queue: str,
+                   policy: RecoveryPolicy = RecoveryPolicy()) -> tuple[int, int]:
     """Move ``node_id``'s backup of ``queue`` back to the front of the queue.
 
     Order is kept: the oldest fetched job is popped first again (Exq 0.15+).
-    Returns the number of jobs moved.
+    A job recovered ``policy.max_recoveries`` times goes to the poison list
+    instead (see ``bury_poison``). Returns ``(moved, poisoned)``.
     """
-    moved = 0
+    moved = poisoned = 0
     while True:
-        remaining, count = scripts.mlpop_rpush(
-            client, [keys.backup(node_id, queue), keys.queue(queue)], [RECOVERY_BATCH]
+        remaining, count, bad = scripts.mlpop_rpush(
+            client, [keys.backup(node_id, queue), keys.queue(queue)],
+            [RECOVERY_BATCH, *policy.args(keys)],
         )
-        moved += int(count)
-        if int(remaining) == 0 or int(count) == 0:
-            return moved
+        moved, poisoned = moved + int(count), poisoned + int(bad)
+        if int(remaining) == 0 or int(count) + int(bad) == 0:
+            return moved, poisoned
 
 
 def recover_dead_node_backup(client: redis.Redis, keys: Keys, dead_node: str, queue: str,
-                             expected_score: str | float) -> int:
+                             expected_score: str | float,
+                             policy: RecoveryPolicy = RecoveryPolicy()) -> tuple[int, int]:
     """Re-enqueue a dead node's backup of ``queue``, only while its heartbeat is unchanged.
 
     The heartbeat score check (inside the script) keeps a node that came back,
-    or that another monitor already handled, from losing its jobs.
+    or that another monitor already handled, from losing its jobs. Returns
+    ``(moved, poisoned)`` as ``recover_backup``.
     """
-    moved = 0
+    moved = poisoned = 0
     while True:
-        remaining, count = scripts.heartbeat_re_enqueue_backup(
+        remaining, count, bad = scripts.heartbeat_re_enqueue_backup(
             client,
             [keys.backup(dead_node, queue), keys.queue(queue), keys.heartbeats],
-            [dead_node, expected_score, RECOVERY_BATCH],
+            [dead_node, expected_score, RECOVERY_BATCH, *policy.args(keys)],
         )
-        moved += int(count)
-        if int(remaining) == 0 or int(count) == 0:
-            return moved
+        moved, poisoned = moved + int(count), poisoned + int(bad)
+        if int(remaining) == 0 or int(count) + int(bad) == 0:
+            return moved, poisoned
+
+
+POISON_CLASS = "JobCrashedWorker"
+"""``error_class`` of a job moved to the dead set by ``bury_poison``."""
+
+
+def bury_poison(client: redis.Redis, keys: Keys, policy: RecoveryPolicy, dead_max_jobs: int,
+                dead_timeout_s: int) -> int:
+    """Move every job of the poison list to the dead set, with the reason. Returns how many.
+
+    Safe with several callers at once: each job is written to the dead set by
+    the one caller whose LREM removed it from the poison list.
+    """
+    buried = 0
+    for raw in client.lrange(keys.poison, 0, -1):
+        data = raw if isinstance(raw, bytes) else raw.encode("utf-8")
+        payload = _poison_payload(data, policy.max_recoveries)
+        at = now_seconds()
+        buried += int(scripts.bury(client, [keys.poison, keys.dead], [
+            data, payload, repr(at), repr(at - dead_timeout_s), dead_max_jobs]))
+    return buried
+
+
+def _poison_payload(raw: bytes, times: int) -> bytes:
+    message = (f"the job was in flight on a worker process that died {times} times; "
+               "it is probably killing its process (poison job)")
+    try:
+        return dead_payload(decode(raw), POISON_CLASS, message)
+    except InvalidJob as exc:
+        return encode({"args": [raw.decode("utf-8", "replace")], "class": "ExqFast.InvalidPayload",
+                       "error_class": POISON_CLASS, "error_message": f"{message}; {exc.reason}",
+                       "jid": new_jid(), "queue": None, "retry": 0, "retry_count": 0})
 
 
 def move_due(client: redis.Redis, keys: Keys, zset: str, now: float, page_size: int,

@@ -111,26 +111,58 @@ return moved
 """
 
 # LPOP from KEYS[1], RPUSH to KEYS[2], up to `limit` jobs: the moved jobs keep
-# their order and are popped next (front of the queue).
+# their order and are popped next (front of the queue). Each recovery of a job
+# is counted (a key per job digest, TTL `ttl`); a job recovered `max` times
+# has been in flight on a worker that died that often -- a poison job that
+# kills its process -- and goes to the `poison` list instead, from which the
+# caller moves it to the dead set with a reason. `max` 0 = never.
 _MOVE_FRONT = """
-local moved = 0
+local moved, poisoned = 0, 0
 for i = 1, limit do
   local job = redis.call('LPOP', KEYS[1])
   if not job then break end
-  redis.call('RPUSH', KEYS[2], job)
-  moved = moved + 1
+  local count = 0
+  if max > 0 then
+    local counter = prefix .. 'recoveries:' .. redis.sha1hex(job)
+    count = redis.call('INCR', counter)
+    redis.call('EXPIRE', counter, ttl)
+  end
+  if max > 0 and count >= max then
+    redis.call('RPUSH', poison, job)
+    poisoned = poisoned + 1
+  else
+    redis.call('RPUSH', KEYS[2], job)
+    moved = moved + 1
+  end
 end
-return {redis.call('LLEN', KEYS[1]), moved}
+return {redis.call('LLEN', KEYS[1]), moved, poisoned}
 """
 
-MLPOP_RPUSH = "local limit = tonumber(ARGV[1])" + _MOVE_FRONT
+# KEYS [backup, queue], ARGV [limit, max, prefix, ttl, poison_list]
+MLPOP_RPUSH = """
+local limit, max, prefix, ttl, poison = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3],
+  tonumber(ARGV[4]), ARGV[5]""" + _MOVE_FRONT
 
+# KEYS [backup, queue, heartbeats], ARGV [node, expected_score, limit, max, prefix,
+# ttl, poison_list]: moves only while the node's heartbeat is still expected_score.
 HEARTBEAT_RE_ENQUEUE_BACKUP = """
 local score = redis.call('ZSCORE', KEYS[3], ARGV[1])
 if not score or tonumber(score) ~= tonumber(ARGV[2]) then
-  return {0, 0}
+  return {0, 0, 0}
 end
-local limit = tonumber(ARGV[3])""" + _MOVE_FRONT
+local limit, max, prefix, ttl, poison = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5],
+  tonumber(ARGV[6]), ARGV[7]""" + _MOVE_FRONT
+
+# Move one job from the poison list to the dead set, once: only the caller
+# whose LREM removed it writes the dead entry.
+# KEYS [poison, dead], ARGV [raw, payload, now, cutoff, max_jobs]
+BURY = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[4])
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[5]) - 1)
+return 1
+"""
 
 # exq-fast's batched fetch: KEYS are (queue, backup) pairs, ARGV the number of
 # jobs to take from each. RPOP with a count takes the oldest first and LPUSH
@@ -202,6 +234,7 @@ mlpop_rpush = Script("mlpop_rpush", MLPOP_RPUSH)
 heartbeat_re_enqueue_backup = Script("heartbeat_re_enqueue_backup", HEARTBEAT_RE_ENQUEUE_BACKUP)
 fetch = Script("fetch", FETCH)
 apply_batch = Script("apply_batch", APPLY_BATCH)
+bury = Script("bury", BURY)
 
 ALL = (
     enqueue,
@@ -214,6 +247,7 @@ ALL = (
     heartbeat_re_enqueue_backup,
     fetch,
     apply_batch,
+    bury,
 )
 
 

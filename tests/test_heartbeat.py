@@ -517,7 +517,7 @@ def test_a_node_that_beat_again_after_the_read_is_untouched(
     redis_client.zadd(keys.heartbeats, {"back-node": fresh})
     # When the recovery runs with the stale score
     moved = hb.recover_node(node, stale_score)
-    direct = queue.recover_dead_node_backup(redis_client, keys, node, "q1", stale_score)
+    direct, _ = queue.recover_dead_node_backup(redis_client, keys, node, "q1", stale_score)
     # Then nothing moved and the node keeps its backup, workers hash and new beat
     assert moved == direct == 0
     assert redis_client.lrange(keys.backup("back-node", "q1"), 0, -1) == backups["q1"]

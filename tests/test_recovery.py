@@ -1,0 +1,100 @@
+"""Backup recovery: a job recovered max_recoveries times is a poison job and goes dead."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import redis
+
+from exq_fast import queue
+from exq_fast.app import Exq
+from exq_fast.config import Config
+from exq_fast.enqueuer import Enqueuer
+from exq_fast.keys import Keys
+from exq_fast.registry import Registry
+
+POLICY = queue.RecoveryPolicy(max_recoveries=3)
+
+
+def crash_with(client: redis.Redis, keys: Keys, node: str, raw: bytes) -> None:
+    """As if ``node`` fetched ``raw`` and died: the job sits in its backup list."""
+    client.lpush(keys.backup(node, "q"), raw)
+
+
+def test_the_third_recovery_sends_the_job_to_dead(
+    redis_client: redis.Redis, keys: Keys, enqueuer: Enqueuer
+) -> None:
+    # Given a job whose worker process dies every time it runs
+    jid = enqueuer.enqueue("q", "Poison.Job", [1])
+    raw = redis_client.rpop(keys.queue("q"))
+    assert isinstance(raw, bytes)
+    # When it is recovered after a first and a second crash, it goes back to the queue
+    for _ in range(2):
+        crash_with(redis_client, keys, "n1", raw)
+        assert queue.recover_backup(redis_client, keys, "n1", "q", POLICY) == (1, 0)
+        assert redis_client.rpop(keys.queue("q")) == raw
+    # And after the third it goes to the dead set, with the reason, not to the queue
+    crash_with(redis_client, keys, "n1", raw)
+    assert queue.recover_backup(redis_client, keys, "n1", "q", POLICY) == (0, 1)
+    assert redis_client.llen(keys.queue("q")) == 0
+    assert queue.bury_poison(redis_client, keys, POLICY, 100, 3600) == 1
+    [member] = redis_client.zrange(keys.dead, 0, -1)
+    entry = json.loads(member)
+    assert entry["jid"] == jid and entry["args"] == [1]
+    assert entry["error_class"] == "JobCrashedWorker"
+    assert "died 3 times" in entry["error_message"]
+    assert redis_client.llen(keys.poison) == 0
+
+
+def test_recoveries_are_counted_per_job_and_never_when_disabled(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    off = queue.RecoveryPolicy(max_recoveries=0)
+    for n in range(5):
+        crash_with(redis_client, keys, "n1", b'{"class":"W","args":[1],"jid":"a"}')
+        crash_with(redis_client, keys, "n1", b'{"class":"W","args":[%d],"jid":"b"}' % n)
+        assert queue.recover_backup(redis_client, keys, "n1", "q", off) == (2, 0)
+    assert redis_client.llen(keys.queue("q")) == 10
+    assert not redis_client.keys(keys.prefix + "recoveries:*")
+
+
+def test_a_dead_nodes_poison_job_is_buried_by_the_monitor(
+    redis_client: redis.Redis, keys: Keys, make_config: Callable[..., Config]
+) -> None:
+    # Given a job already recovered twice, in flight on a node that died again
+    raw = b'{"class":"W","args":[],"jid":"p","queue":"q","retry":25}'
+    for _ in range(2):
+        crash_with(redis_client, keys, "gone", raw)
+        queue.recover_backup(redis_client, keys, "gone", "q", POLICY)
+        redis_client.rpop(keys.queue("q"))
+    crash_with(redis_client, keys, "gone", raw)
+    redis_client.zadd(keys.heartbeats, {"gone": 100.0})
+    config = make_config(heartbeat_enable=True, heartbeat_interval=200, queues=["q"])
+    exq = Exq(config, workers=Registry({}))
+    # When another node's heartbeat monitor finds the dead node
+    exq.heartbeat.run_once()
+    # Then the job is dead with the reason, not re-enqueued, and counted
+    assert redis_client.llen(keys.queue("q")) == 0
+    [member] = redis_client.zrange(keys.dead, 0, -1)
+    assert json.loads(member)["error_class"] == "JobCrashedWorker"
+    assert exq.recovered == {("q", "poison"): 1}
+
+
+def test_a_node_restarting_with_a_poison_job_in_its_backup_buries_it(
+    redis_client: redis.Redis, keys: Keys, make_config: Callable[..., Config]
+) -> None:
+    # Given a node whose job crashed it twice before (recovered at two starts)
+    config = make_config(queues=["q"], max_recoveries=3)
+    raw = b'{"class":"Never.Runs","args":[],"jid":"p","queue":"q","retry":25}'
+    for _ in range(2):
+        crash_with(redis_client, keys, config.node_id, raw)
+        queue.recover_backup(redis_client, keys, config.node_id, "q", POLICY)
+        redis_client.rpop(keys.queue("q"))
+    crash_with(redis_client, keys, config.node_id, raw)
+    # When it starts a third time
+    with Exq(config, workers=Registry({})) as exq:
+        # Then the job is buried at start, never run again
+        assert exq.recovered == {("q", "poison"): 1}
+        assert redis_client.zcard(keys.dead) == 1
+        assert redis_client.llen(keys.backup(config.node_id, "q")) == 0
