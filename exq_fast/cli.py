@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -12,30 +13,24 @@ from typing import Any
 
 import redis
 
-from . import __version__
-from .config import Config, ConfigError
+from . import __version__, cli_admin
+from .cli_admin import CliError, UsageError, config_from, redis_location
+from .cli_output import one_line, scrub
+from .config import ConfigError
 from .demo import run_demo
 from .enqueuer import Enqueuer, to_timestamp
 from .queue import Conflict
 from .runner import run
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-class UsageError(Exception):
-    """A problem with what the user typed; printed as one line."""
+DESCRIPTION = ("Run Exq / Sidekiq compatible workers, enqueue jobs, and inspect and operate "
+               "the queues, the retry, scheduled and dead sets, and the nodes in Redis.")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL or 127.0.0.1:6379)")
     parser.add_argument("--namespace", help="key namespace (default: $EXQ_NAMESPACE or 'exq')")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-
-
-def config_from(args: argparse.Namespace, **extra: Any) -> Config:
-    """The Config of a command: env, then the flags given."""
-    overrides = {"redis_url": args.redis_url, "namespace": args.namespace, **extra}
-    return Config.from_env(**{k: v for k, v in overrides.items() if v is not None})
 
 
 def parse_args_json(text: str) -> list[Any]:
@@ -105,14 +100,33 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(jobs=args.jobs, redis_url=args.redis_url, namespace=args.namespace)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every verb."""
-    parser = argparse.ArgumentParser(prog="exq-fast", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"exq-fast {__version__}")
-    verbs = parser.add_subparsers(dest="verb", required=True)
+def _json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    enqueue = verbs.add_parser("enqueue", help="enqueue one job")
-    _common(enqueue)
+
+def _paging(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--offset", type=int, default=0, metavar="N",
+                        help="skip the first N entries (default 0)")
+    parser.add_argument("--size", type=int, default=100, metavar="N",
+                        help="show at most N entries (default 100)")
+
+
+def _yes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-y", "--yes", action="store_true",
+                        help="do not ask for confirmation (needed when stdin is not a terminal)")
+
+
+def _verb(verbs: Any, name: str, handler: Handler, summary: str,
+          description: str | None = None) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = verbs.add_parser(
+        name, help=summary, description=description or summary)
+    _common(parser)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _add_worker_verbs(verbs: Any) -> None:
+    enqueue = _verb(verbs, "enqueue", _enqueue, "enqueue one job")
     enqueue.add_argument("queue")
     enqueue.add_argument("job_class", metavar="CLASS")
     enqueue.add_argument("args_json", metavar="ARGS_JSON", nargs="?", default="[]")
@@ -125,10 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--count", type=int, default=1, metavar="N",
                          help="enqueue N copies in one round trip")
     enqueue.add_argument("--json", action="store_true", help="print the jids as JSON")
-    enqueue.set_defaults(handler=_enqueue)
 
-    run_verb = verbs.add_parser("run", help="run a worker node until SIGTERM / SIGINT")
-    _common(run_verb)
+    run_verb = _verb(verbs, "run", _run, "run a worker node until SIGTERM / SIGINT")
     run_verb.add_argument("--queue", action="append", metavar="NAME[:CONCURRENCY]",
                           help="a queue to consume (repeatable; default: $EXQ_QUEUES or default)")
     run_verb.add_argument("--workers", action="append", default=[], metavar="MODULE",
@@ -141,12 +153,86 @@ def build_parser() -> argparse.ArgumentParser:
                           help="serve Prometheus /metrics on this port (0 = any free port)")
     run_verb.add_argument("--metrics-addr", metavar="ADDR",
                           help="address for /metrics (default 127.0.0.1)")
-    run_verb.set_defaults(handler=_run)
 
-    demo = verbs.add_parser("demo", help="enqueue and process a batch of demo jobs")
-    _common(demo)
+    demo = _verb(verbs, "demo", _demo, "enqueue and process a batch of demo jobs")
     demo.add_argument("--jobs", type=int, default=10000, help="how many jobs (default 10000)")
-    demo.set_defaults(handler=_demo)
+
+
+def _add_read_verbs(verbs: Any) -> None:
+    stats = _verb(verbs, "stats", cli_admin.stats, "processed/failed counts, set sizes, "
+                  "enqueued, busy, processes, and per-day counts")
+    stats.add_argument("--days", type=int, default=7, metavar="N",
+                       help="per-day counts of the last N UTC days (default 7; 0: none)")
+    _json(stats)
+    _json(_verb(verbs, "queues", cli_admin.queues, "each queue's size and latency"))
+    jobs = _verb(verbs, "jobs", cli_admin.jobs, "a page of a queue's jobs, newest first")
+    jobs.add_argument("queue", metavar="QUEUE")
+    _paging(jobs)
+    _json(jobs)
+    for name, what in (("retries", "the retry set, soonest first"),
+                       ("scheduled", "the scheduled set, soonest first"),
+                       ("dead", "the dead set, newest first")):
+        listing = _verb(verbs, name, cli_admin.set_listing, f"a page of {what}")
+        listing.set_defaults(set_name={"retries": "retry"}.get(name, name))
+        _paging(listing)
+        _json(listing)
+    _json(_verb(verbs, "processes", cli_admin.processes,
+                "the live nodes and the jobs they are running"))
+
+
+_TARGETS = ("queue", "retry", "scheduled", "dead")
+_SETS = ("retry", "scheduled", "dead")
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", choices=_TARGETS, metavar="{queue QUEUE,retry,scheduled,dead}",
+                        help="a queue (with its name) or one of the sets")
+    parser.add_argument("queue", nargs="?", metavar="QUEUE", help=argparse.SUPPRESS)
+
+
+def _add_write_verbs(verbs: Any) -> None:
+    requeue = _verb(verbs, "requeue", cli_admin.requeue,
+                    "move jobs of the retry, scheduled or dead set to their queues now")
+    requeue.add_argument("target", choices=_SETS)
+    which = requeue.add_mutually_exclusive_group(required=True)
+    which.add_argument("--jid", action="append", metavar="JID",
+                       help="the job to move (repeatable)")
+    which.add_argument("--all", action="store_true", help="move every job of the set")
+    _yes(requeue)
+    remove = _verb(verbs, "remove", cli_admin.remove, "delete jobs by jid from a queue or set")
+    _add_target(remove)
+    remove.add_argument("--jid", action="append", required=True, metavar="JID",
+                        help="the job to delete (repeatable)")
+    remove.add_argument("--clear-unique", action="store_true",
+                        help="release the unique locks the deleted jobs hold")
+    _yes(remove)
+    clear = _verb(verbs, "clear", cli_admin.clear,
+                  "delete every job of a queue (its name is kept) or of a set")
+    _add_target(clear)
+    _yes(clear)
+    signal = _verb(verbs, "signal", cli_admin.signal, "send quiet, stop or cancel to a node",
+                   "Ask a live node to go quiet (stop fetching), to stop, or to cancel a "
+                   "running job. The node acts on it at its next ping (every 5 s).")
+    signal.add_argument("node", metavar="NODE", help="the node's identity (see 'processes')")
+    signal.add_argument("action", choices=("quiet", "stop", "cancel"),
+                        help="quiet: stop fetching jobs; stop: shut down (asks first); "
+                             "cancel JID: cancel that running job")
+    signal.add_argument("jid", nargs="?", metavar="JID", help="the running job to cancel")
+    _yes(signal)
+    _verb(verbs, "prune", cli_admin.prune, "unregister the nodes that have stopped")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every verb."""
+    parser = argparse.ArgumentParser(
+        prog="exq-fast", description=DESCRIPTION,
+        epilog="Every verb takes --redis-url (default $REDIS_URL) and --namespace (default "
+               "$EXQ_NAMESPACE); read verbs take --json. See 'exq-fast VERB --help'.")
+    parser.add_argument("--version", action="version", version=f"exq-fast {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    _add_worker_verbs(verbs)
+    _add_read_verbs(verbs)
+    _add_write_verbs(verbs)
     return parser
 
 
@@ -156,18 +242,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
-    except (UsageError, ConfigError, ValueError, TypeError) as exc:
+    except CliError as exc:
+        return _fail(args, exc, f"{exc.prefix}{exc}", exc.exit_code)
+    except (ConfigError, ValueError, TypeError) as exc:
         return _fail(args, exc, f"error: {exc}")
     except redis.exceptions.AuthenticationError as exc:
-        return _fail(args, exc, f"error: Redis refused the credentials ({exc}); check the password")
-    except redis.exceptions.ConnectionError as exc:
-        return _fail(args, exc, f"error: cannot reach Redis ({exc}); check --redis-url / REDIS_URL")
+        return _fail(args, exc, f"error: Redis refused the credentials at {redis_location(args)} "
+                                f"({exc}) — check the password in --redis-url / REDIS_URL")
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        return _fail(args, exc, f"error: cannot reach Redis at {redis_location(args)}: {exc} "
+                                "— check --redis-url / REDIS_URL")
+    except redis.exceptions.RedisError as exc:
+        return _fail(args, exc, f"error: Redis at {redis_location(args)} answered: {exc}")
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 1
     except KeyboardInterrupt:
         return 130
 
 
-def _fail(args: argparse.Namespace, exc: Exception, message: str) -> int:
+def _fail(args: argparse.Namespace, exc: Exception, message: str, code: int = 2) -> int:
+    """Re-raise with ``--debug``; else print ``message`` as one line, passwords masked."""
     if getattr(args, "debug", False):
         raise exc
-    print(message, file=sys.stderr)
-    return 2
+    print(one_line(scrub(message)), file=sys.stderr)
+    return code
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe (``exq-fast dead | head``): no second error at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

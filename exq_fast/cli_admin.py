@@ -1,0 +1,377 @@
+"""Handlers of the operator verbs of ``exq-fast`` (stats, queues, jobs, the retry /
+schedule / dead sets, processes, requeue, remove, clear, signal, prune).
+
+Each handler takes the parsed ``argparse.Namespace`` and returns the exit code;
+what it reads comes from ``Api`` and is rendered by ``cli_output``. Errors the
+user can act on are raised as ``CliError`` subclasses, one line each:
+``UsageError`` (exit 2), ``NotFound`` (exit 1: unknown queue, jid or node) and
+``Declined`` (exit 1: the operator answered no).
+
+Destructive actions ask ``… [y/N]`` when stdin is a terminal, unless ``--yes``;
+without a terminal they refuse (exit 2) rather than wait for an answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from . import cli_output as out
+from .api import Api, Entry
+from .config import Config
+
+PAGE = 1000
+"""Members read per round trip when a whole queue or set is searched for jids."""
+
+
+class CliError(Exception):
+    """An error the user can act on: printed as one line, then exit ``exit_code``."""
+
+    exit_code = 2
+    prefix = "error: "
+
+
+class UsageError(CliError):
+    """A problem with what the user typed (exit 2)."""
+
+
+class NotFound(CliError):
+    """A queue, jid or node that does not exist (exit 1)."""
+
+    exit_code = 1
+
+
+class Declined(CliError):
+    """The operator did not confirm a destructive action (exit 1)."""
+
+    exit_code = 1
+    prefix = ""
+
+
+# -- config and connection -------------------------------------------------------------
+
+
+def config_from(args: argparse.Namespace, **extra: Any) -> Config:
+    """The Config of a command: env, then the flags given."""
+    overrides = {"redis_url": args.redis_url, "namespace": args.namespace, **extra}
+    return Config.from_env(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def redis_location(args: argparse.Namespace) -> str:
+    """The Redis a command talks to, as a URL with its password masked."""
+    try:
+        config = config_from(args)
+    except ValueError:
+        return out.mask_url(getattr(args, "redis_url", None) or os.environ.get("REDIS_URL", "?"))
+    url = config.redis_url or f"redis://{config.redis_host}:{config.redis_port}/{config.redis_db}"
+    return out.mask_url(url)
+
+
+@contextmanager
+def open_api(args: argparse.Namespace) -> Iterator[Api]:
+    """An ``Api`` on the command's Redis and namespace, closed afterwards."""
+    with Api(config_from(args)) as api:
+        yield api
+
+
+def confirm(args: argparse.Namespace, question: str) -> None:
+    """Ask ``question? [y/N]`` on a terminal unless ``--yes``; raise unless answered yes."""
+    if args.yes:
+        return
+    stdin = sys.stdin
+    if stdin is None or not stdin.isatty():
+        raise UsageError(f"refusing to {question}: stdin is not a terminal, so confirm with --yes")
+    sys.stderr.write(f"{question}? [y/N] ")
+    sys.stderr.flush()
+    if stdin.readline().strip().lower() not in ("y", "yes"):
+        raise Declined("aborted: nothing was changed")
+
+
+# -- targets: a queue, or the retry / schedule / dead set -----------------------------
+
+
+Pager = Callable[[Api, int, int], list[Entry]]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What ``remove`` and ``clear`` act on: a queue or a sorted set."""
+
+    label: str
+    page: Pager
+    size: Callable[[Api], int]
+    remove: Callable[[Api, list[bytes], bool], int]
+    clear: Callable[[Api], int]
+
+
+@dataclass(frozen=True, slots=True)
+class SetTarget(Target):
+    """The retry, schedule or dead set: also listed with a time column and requeued."""
+
+    time_title: str
+    requeue: Callable[[Api, list[bytes]], int]
+    requeue_all: Callable[[Api], int]
+
+
+SETS: dict[str, SetTarget] = {
+    "retry": SetTarget(
+        "the retry set", lambda api, o, s: api.retries(offset=o, size=s), Api.retry_size,
+        lambda api, raws, unique: api.remove_retry(raws, clear_unique_tokens=unique),
+        Api.clear_retries, "RETRY AT", Api.requeue_retry, Api.requeue_all_retries),
+    "scheduled": SetTarget(
+        "the scheduled set", lambda api, o, s: api.scheduled(offset=o, size=s),
+        Api.scheduled_size,
+        lambda api, raws, unique: api.remove_scheduled(raws, clear_unique_tokens=unique),
+        Api.clear_scheduled, "RUN AT", Api.requeue_scheduled, Api.requeue_all_scheduled),
+    "dead": SetTarget(
+        "the dead set", lambda api, o, s: api.dead(offset=o, size=s), Api.dead_size,
+        lambda api, raws, unique: api.remove_dead(raws, clear_unique_tokens=unique),
+        Api.clear_dead, "DIED AT", Api.requeue_dead, Api.requeue_all_dead),
+}
+"""The sorted sets by the name the verbs take."""
+
+
+def queue_target(name: str) -> Target:
+    """The queue ``name`` as a target of ``remove`` / ``clear``."""
+    return Target(
+        f"queue {name!r}", lambda api, o, s: api.jobs(name, offset=o, size=s),
+        lambda api: api.queue_size(name),
+        lambda api, raws, unique: api.remove_jobs(name, raws, clear_unique_tokens=unique),
+        lambda api: api.clear_queue(name))
+
+
+def _target(args: argparse.Namespace) -> Target:
+    if args.target == "queue":
+        if not args.queue:
+            raise UsageError(f"'{args.verb} queue' needs the queue's name, "
+                             f"e.g. '{args.verb} queue default'")
+        return queue_target(args.queue)
+    if args.queue is not None:
+        raise UsageError(f"unexpected argument {args.queue!r}: only '{args.verb} queue' "
+                         "takes a queue name")
+    return SETS[args.target]
+
+
+def check_queue(api: Api, name: str) -> None:
+    """Raise ``NotFound`` for a queue that is neither known nor holds jobs."""
+    known = api.queues()
+    if name not in known and api.queue_size(name) == 0:
+        raise NotFound(f"no queue named {name!r} (known: {', '.join(known) or 'none'})")
+
+
+def _scan(api: Api, page: Pager) -> Iterator[Entry]:
+    offset = 0
+    while entries := page(api, offset, PAGE):
+        yield from entries
+        offset += len(entries)
+
+
+def find_jids(api: Api, target: Target, jids: Sequence[str]) -> list[Entry]:
+    """Every member of ``target`` whose jid is one of ``jids`` (the exact bytes stored);
+    ``NotFound`` naming the first jid that has none."""
+    wanted = set(jids)
+    found = [entry for entry in _scan(api, target.page) if entry.jid in wanted]
+    seen = {entry.jid for entry in found}
+    missing = [jid for jid in dict.fromkeys(jids) if jid not in seen]
+    if missing:
+        others = f" (nor {', '.join(missing[1:])})" if len(missing) > 1 else ""
+        raise NotFound(f"no job with jid {missing[0]} in {target.label}{others}")
+    return found
+
+
+def _jobs(count: int) -> str:
+    return f"{count} job" + ("" if count == 1 else "s")
+
+
+def _all_jobs(count: int) -> str:
+    return "the 1 job" if count == 1 else f"all {count} jobs"
+
+
+def _check_page(args: argparse.Namespace) -> None:
+    if args.offset < 0 or args.size < 0:
+        raise UsageError("--offset and --size must not be negative")
+
+
+def _page_note(offset: int, shown: int, total: int) -> str | None:
+    if offset == 0 and shown >= total:
+        return None
+    if shown == 0:
+        return f"nothing at offset {offset} (there are {total})"
+    more = f"; next page: --offset {offset + shown}" if offset + shown < total else ""
+    return f"showing {offset + 1}-{offset + shown} of {total}{more}"
+
+
+def _emit(args: argparse.Namespace, record: Callable[[], object], table: Callable[[], str],
+          note: str | None = None) -> int:
+    if args.json:
+        print(out.to_json(record()))
+    else:
+        print(table())
+        if note:
+            print(note)
+    return 0
+
+
+# -- read verbs ------------------------------------------------------------------------
+
+
+def stats(args: argparse.Namespace) -> int:
+    """``stats``: the dashboard numbers and the last ``--days`` days."""
+    if args.days < 0:
+        raise UsageError("--days must not be negative")
+    with open_api(args) as api:
+        numbers = api.stats()
+        processed = api.daily_stats("processed", args.days) if args.days else {}
+        failed = api.daily_stats("failed", args.days) if args.days else {}
+    return _emit(args, lambda: out.stats_record(numbers, processed, failed),
+                 lambda: out.stats_table(numbers, processed, failed))
+
+
+def queues(args: argparse.Namespace) -> int:
+    """``queues``: each known queue's size and latency."""
+    with open_api(args) as api:
+        rows = [(name, size, api.queue_latency(name))
+                for name, size in api.queue_sizes().items()]
+    return _emit(args, lambda: [{"name": n, "size": s, "latency": lat} for n, s, lat in rows],
+                 lambda: out.queues_table(rows))
+
+
+def jobs(args: argparse.Namespace) -> int:
+    """``jobs QUEUE``: a page of the queue, newest first."""
+    _check_page(args)
+    with open_api(args) as api:
+        check_queue(api, args.queue)
+        entries = api.jobs(args.queue, offset=args.offset, size=args.size)
+        total = api.queue_size(args.queue)
+    return _emit(args, lambda: [out.entry_record(e) for e in entries],
+                 lambda: out.jobs_table(entries), _page_note(args.offset, len(entries), total))
+
+
+def set_listing(args: argparse.Namespace) -> int:
+    """``retries`` / ``scheduled`` / ``dead``: a page of the set, with scores."""
+    _check_page(args)
+    target = SETS[args.set_name]
+    with open_api(args) as api:
+        entries = target.page(api, args.offset, args.size)
+        total = target.size(api)
+    return _emit(args, lambda: [out.entry_record(e) for e in entries],
+                 lambda: out.set_table(entries, target.time_title),
+                 _page_note(args.offset, len(entries), total))
+
+
+def processes(args: argparse.Namespace) -> int:
+    """``processes``: the live nodes and the jobs they are running."""
+    with open_api(args) as api:
+        nodes = api.nodes()
+        running = api.processes()
+    return _emit(args, lambda: {"nodes": [out.node_record(n) for n in nodes],
+                                "running": [out.process_record(p) for p in running]},
+                 lambda: f"nodes:\n{out.nodes_table(nodes)}\n\n"
+                         f"running jobs:\n{out.running_table(running)}")
+
+
+# -- write verbs -----------------------------------------------------------------------
+
+
+def requeue(args: argparse.Namespace) -> int:
+    """``requeue SET (--jid J... | --all)``: move members, byte for byte, to their queues."""
+    target = SETS[args.target]
+    with open_api(args) as api:
+        if args.all:
+            total = target.size(api)
+            if total == 0:
+                print(f"nothing to requeue: {target.label} is empty")
+                return 0
+            confirm(args, f"requeue {_all_jobs(total)} of {target.label}")
+            moved = target.requeue_all(api)
+        else:
+            found = find_jids(api, target, args.jid)
+            moved = target.requeue(api, [entry.raw for entry in found])
+    print(f"requeued {_jobs(moved)} from {target.label}")
+    return 0
+
+
+def remove(args: argparse.Namespace) -> int:
+    """``remove TARGET --jid J...``: delete the members with those jids."""
+    target = _target(args)
+    with open_api(args) as api:
+        if args.target == "queue":
+            check_queue(api, args.queue)
+        found = find_jids(api, target, args.jid)
+        confirm(args, f"remove {_jobs(len(found))} from {target.label}")
+        removed = target.remove(api, [entry.raw for entry in found], args.clear_unique)
+    unlocked = " (unique locks released)" if args.clear_unique else ""
+    print(f"removed {_jobs(removed)} from {target.label}{unlocked}")
+    return 0
+
+
+def clear(args: argparse.Namespace) -> int:
+    """``clear TARGET``: delete every job of a queue (its name kept) or of a set."""
+    target = _target(args)
+    with open_api(args) as api:
+        if args.target == "queue":
+            check_queue(api, args.queue)
+        total = target.size(api)
+        if total == 0:
+            print(f"nothing to delete: {target.label} is empty")
+            return 0
+        confirm(args, f"delete {_all_jobs(total)} of {target.label}")
+        deleted = target.clear(api)
+    print(f"deleted {_jobs(deleted)} from {target.label}")
+    return 0
+
+
+_SIGNALS = {"quiet": "TSTP (quiet: stop fetching jobs)", "stop": "TERM (stop)",
+            "cancel": "CANCEL"}
+
+
+def signal(args: argparse.Namespace) -> int:
+    """``signal NODE {quiet|stop|cancel JID}``: push a signal to a live node."""
+    if args.action == "cancel" and args.jid is None:
+        raise UsageError("'signal NODE cancel' needs the JID of the running job")
+    if args.action != "cancel" and args.jid is not None:
+        raise UsageError(f"unexpected argument {args.jid!r}: only 'cancel' takes a JID")
+    with open_api(args) as api:
+        check_node(api, args.node)
+        if args.action == "stop":
+            confirm(args, f"stop node {args.node!r}")
+        _send(api, args.node, args.action, args.jid)
+    what = _SIGNALS[args.action] + (f" of job {args.jid}" if args.jid else "")
+    print(f"sent {what} to node {args.node!r}; it acts on it at its next ping")
+    return 0
+
+
+def check_node(api: Api, node: str) -> None:
+    """Raise ``NotFound`` for a node that is not registered and alive."""
+    known = [info.identity for info in api.nodes()]
+    if node not in known:
+        raise NotFound(f"no live node named {node!r} (known: {', '.join(known) or 'none'})")
+
+
+def _send(api: Api, node: str, action: str, jid: str | None) -> None:
+    if action == "quiet":
+        api.quiet(node)
+    elif action == "stop":
+        api.stop(node)
+    else:
+        try:
+            api.cancel(node, jid or "")
+        except LookupError as exc:
+            raise NotFound(str(exc)) from None
+
+
+def prune(args: argparse.Namespace) -> int:
+    """``prune``: unregister the nodes that have stopped (their hash has expired)."""
+    with open_api(args) as api:
+        removed = api.prune_dead_nodes()
+    if not removed:
+        print("no dead nodes to prune")
+    else:
+        names = ", ".join(out.truncate(name, 60) for name in removed)
+        print(f"pruned {len(removed)} dead node{'' if len(removed) == 1 else 's'}: {names}")
+    return 0
