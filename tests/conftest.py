@@ -9,6 +9,7 @@ or FLUSHDB on a server it did not start.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +25,19 @@ from exq_fast.keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT.parent / "shared" / "fixtures"
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "",
+             interval: float = 0.01) -> Any:
+    """Poll ``condition`` until it returns something truthy; return it, or fail the test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+        time.sleep(interval)
 
 
 def fixture_lines(relpath: str) -> list[bytes]:

@@ -29,7 +29,7 @@ from exq_fast.embedded import RedisServer, delete_namespace
 from exq_fast.enqueuer import Enqueuer
 from exq_fast.job import Job
 from exq_fast.keys import Keys
-from tests.conftest import fixture_json, fixture_lines, fixture_members
+from tests.conftest import fixture_json, fixture_lines, fixture_members, wait_for
 
 EXQ23, EXQ13, SIDEKIQ = "exq-0.23.0", "exq-0.13.2", "sidekiq-6.4.1"
 VERSIONS = (EXQ23, EXQ13, SIDEKIQ)
@@ -39,14 +39,6 @@ FIXTURE_DAY = date(2026, 11, 28)
 
 # -- helpers ---------------------------------------------------------------------------
 
-
-def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
-    """Poll ``condition`` until it is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
-        time.sleep(0.01)
 
 
 def jid_of(raw: bytes) -> str:

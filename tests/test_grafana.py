@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import redis
 from exq_fast import Exq, Registry
 from exq_fast.config import Config
 from exq_fast.keys import Keys, StatKind
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAFANA = ROOT / "grafana"
@@ -134,17 +134,6 @@ def promtool(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProc
     return subprocess.run([binary, *args], input=stdin.decode() if stdin is not None else None,
                           capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
 
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``condition`` until it returns something truthy; return it, or fail."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def charge(n: int, mode: str) -> None:

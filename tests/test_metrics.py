@@ -31,6 +31,7 @@ from exq_fast.config import Config
 from exq_fast.embedded import RedisServer
 from exq_fast.enqueuer import Enqueuer
 from exq_fast.keys import Keys
+from tests.conftest import wait_for
 
 POLL_MS = 10
 DEADLINE = 8.0
@@ -38,17 +39,6 @@ DEADLINE = 8.0
 
 # -- helpers -------------------------------------------------------------------
 
-
-def wait_for(condition: Callable[[], Any], timeout: float = DEADLINE, what: str = "") -> Any:
-    """Poll ``condition`` until it returns something truthy; return it, or fail."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
-        time.sleep(0.01)
 
 
 class Scrape:

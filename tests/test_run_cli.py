@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import redis
 
 from exq_fast.enqueuer import Enqueuer
 from exq_fast.keys import Keys
+from tests.conftest import wait_for
 
 WORKER_MODULE = '''\
 import json
@@ -48,17 +49,6 @@ def slow(*args):
     _write({"event": "end", "jid": job.jid, "queue": job.queue, "t": time.monotonic()})
 '''
 
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
-    """Poll ``condition`` until it returns something truthy; return it, or fail."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
-        time.sleep(0.01)
 
 
 class Cli:

@@ -28,7 +28,7 @@ from exq_fast.config import Config
 from exq_fast.embedded import RedisServer
 from exq_fast.enqueuer import Enqueuer
 from exq_fast.keys import Keys
-from tests.conftest import fixture_json, fixture_lines, fixture_members
+from tests.conftest import fixture_json, fixture_lines, fixture_members, wait_for
 
 POLL_MS = 10
 EXQ_VERSIONS = ("exq-0.13.2", "exq-0.23.0")
@@ -49,17 +49,6 @@ FIXTURE_CLASSES = {
 
 # -- helpers -------------------------------------------------------------------
 
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
-    """Poll ``condition`` until it returns something truthy; return it, or fail."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
-        time.sleep(0.005)
 
 
 def compact(obj: object) -> bytes:

@@ -19,16 +19,7 @@ from exq_fast.config import Config
 from exq_fast.embedded import RedisServer, free_port
 from exq_fast.keys import Keys
 from exq_fast.scheduler import Scheduler
-from tests.conftest import fixture_members
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
-    """Poll ``condition`` until it is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
-        time.sleep(0.01)
+from tests.conftest import fixture_members, wait_for
 
 
 def job(queue_name: str, n: int) -> bytes:

@@ -26,7 +26,7 @@ from exq_fast.config import QueueInput
 from exq_fast.keys import Keys
 from exq_fast.middleware import default_chain
 from exq_fast.retry import REENCODED_FIELDS
-from tests.conftest import fixture_lines
+from tests.conftest import fixture_lines, wait_for
 
 QUEUE = "wq"
 ConfigFactory = Callable[..., Config]
@@ -47,18 +47,6 @@ NESTED_ARGS: list[Any] = [
 
 # -- helpers ---------------------------------------------------------------------------
 
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
-    """Poll ``condition`` every 10 ms until it is truthy and return its value;
-    fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
-        time.sleep(0.01)
 
 
 def node(make_config: ConfigFactory, workers: Mapping[str, object], *,
