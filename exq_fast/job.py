@@ -22,7 +22,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import simdjson
@@ -207,7 +207,11 @@ def decode(raw: bytes | str, *, with_args: bool = False) -> Job:
     Raises ``InvalidJob`` (never anything else) for bytes that are not UTF-8,
     not JSON, not an object, have no string ``class`` or no list ``args``.
     """
-    data = raw.encode("utf-8") if isinstance(raw, str) else bytes(raw)
+    try:
+        data = raw.encode("utf-8") if isinstance(raw, str) else bytes(raw)
+    except UnicodeEncodeError:  # a str holding a lone surrogate
+        data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else b""
+        raise InvalidJob("payload is not valid UTF-8", data) from None
     result = _extract(data, with_args)
     if isinstance(result, str):
         raise InvalidJob(result, data)
@@ -223,21 +227,30 @@ def _extract(raw: bytes, with_args: bool) -> Job | str:
         return _extract_fallback(raw, with_args, exc)
     if not isinstance(doc, simdjson.Object):
         return f"payload is not a JSON object (got {_kind(doc)})"
-    job = _fields(raw, doc, with_args)
+    keys = list(doc.keys())
+    if len(keys) != len(set(keys)):
+        # Duplicate keys: every JSON reader (Exq's, Sidekiq's, json, as_dict)
+        # keeps the last value, so the worker must read the same one.
+        del doc
+        return _extract_fallback(raw, with_args, ValueError("duplicate keys"))
+    job = _fields(raw, doc, keys, with_args)
     del doc  # release the parser before anything else can happen
     return job
 
 
 def _extract_fallback(raw: bytes, with_args: bool, exc: ValueError) -> Job | str:
     try:
-        data = json.loads(raw, parse_constant=_reject_constant)
+        # Decode as UTF-8 first: json.loads(bytes) would accept UTF-16/32 too.
+        data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        return "payload is not valid UTF-8"
     except RecursionError:
         return "payload is not valid JSON: nested too deeply"
     except ValueError:
         return f"payload is not valid JSON: {str(exc).split(':')[0]}"
     if not isinstance(data, dict):
         return f"payload is not a JSON object (got {_kind(data)})"
-    return _fields(raw, data, with_args)
+    return _fields(raw, data, data.keys(), with_args)
 
 
 def _kind(value: object) -> str:
@@ -256,15 +269,15 @@ _WANTED = frozenset(
 )
 
 
-def _wanted_fields(doc: Any) -> dict[str, Any]:
+def _wanted_fields(doc: Any, keys: Iterable[str]) -> dict[str, Any]:
     # pysimdjson's get() of a missing key costs microseconds (it raises
     # internally) and items() materialises every value; keys() then [] on the
     # present ones is cheap and leaves args a lazy proxy.
-    return {key: doc[key] for key in doc.keys() if key in _WANTED}  # noqa: SIM118
+    return {key: doc[key] for key in keys if key in _WANTED}
 
 
-def _fields(raw: bytes, doc: Any, with_args: bool) -> Job | str:
-    fields = _wanted_fields(doc)
+def _fields(raw: bytes, doc: Any, keys: Iterable[str], with_args: bool) -> Job | str:
+    fields = _wanted_fields(doc, keys)
     get = fields.get
     job_class = get("class")
     if not isinstance(job_class, str) or not job_class:

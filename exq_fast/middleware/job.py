@@ -60,6 +60,17 @@ class JobMiddleware(Middleware):
         pipeline.assigns["ack"] = True
 
     def after_failed_work(self, pipeline: Pipeline) -> None:
+        try:
+            self._retry_or_bury(pipeline)
+        except (ValueError, TypeError, RecursionError) as exc:
+            # The payload decoded but cannot be written back (a number that
+            # overflowed to infinity, nesting too deep to encode): keep its
+            # bytes verbatim in a dead wrapper rather than leave it unacked.
+            assigns = pipeline.assigns
+            message = f"{assigns['error_message']}; the job could not be re-encoded: {exc}"
+            _bury(pipeline, _wrap_invalid(assigns, assigns["error_class"], message))
+
+    def _retry_or_bury(self, pipeline: Pipeline) -> None:
         assigns = pipeline.assigns
         services: Services = assigns["services"]
         error_class, message = assigns["error_class"], assigns["error_message"]
@@ -67,20 +78,26 @@ class JobMiddleware(Middleware):
         config = services.config
         if job is None:
             payload = _wrap_invalid(assigns, error_class, message)
-            assigns["dead"] = True
         elif assigns.get("invalid") or assigns.get("job_canceled") or \
                 is_dead(job, config.max_retries):
             payload = dead_payload(job, error_class, message)
-            assigns["dead"] = True
         else:
             delay = services.backoff(job)
             pipeline.writes += retry_commands(services.keys, job, error_class, message, delay)
             assigns["ack"], assigns["fate"] = True, "retried"
             return
-        pipeline.writes += dead_commands(
-            services.keys, payload, config.dead_max_jobs, config.dead_timeout_in_seconds
-        )
-        assigns["ack"], assigns["fate"] = True, "dead"
+        _bury(pipeline, payload)
+
+
+def _bury(pipeline: Pipeline, payload: bytes) -> None:
+    """Send ``payload`` to the dead set, then ack the job."""
+    assigns = pipeline.assigns
+    services: Services = assigns["services"]
+    config = services.config
+    pipeline.writes += dead_commands(
+        services.keys, payload, config.dead_max_jobs, config.dead_timeout_in_seconds
+    )
+    assigns["ack"], assigns["fate"], assigns["dead"] = True, "dead", True
 
 
 def _refuse(assigns: dict[str, Any], error: Exception) -> None:
