@@ -119,8 +119,8 @@ class Exq:
         self._started = False
         self._stop_lock = threading.Lock()
 
-    def _run_job(self, raw: bytes, queue: str) -> None:
-        self.server.run(raw, queue)
+    def _run_job(self, raw: bytes, queue: str, suspect: bool) -> None:
+        self.server.run(raw, queue, suspect)
 
     def _redis_error(self, operation: str, exc: BaseException) -> None:
         with self._counts_lock:

@@ -24,6 +24,8 @@ R(heartbeats)                   ZSET    node id scored by last heartbeat
 P(unique:<token>)               STRING  jid holding the unique lock; PX TTL
 P(<node>:stats-batch)           STRING  id of the last stats batch applied (exq-fast)
 P(recoveries:<sha1>)            STRING  times a job was recovered from a backup (exq-fast)
+P(suspects)                     ZSET    digests of recovered jobs, by time (exq-fast)
+P(started:<sha1>)               STRING  a recovered job was seen starting (exq-fast)
 P(poison)                       LIST    jobs recovered too often, on their way to dead
 P(processes), P(<id>),          Sidekiq's process registry; identical to the
 P(<id>:work)                    R() forms unless the namespace is empty
@@ -148,6 +150,19 @@ class Keys:
     def sidekiq_work(self, identity: str) -> str:
         """Sidekiq >= 6.5's hash of the jobs a process is running."""
         return self.prefix + identity + ":work"
+
+    @property
+    def suspects(self) -> str:
+        """Digests of jobs recovered from backups, scored by time (poison detection)."""
+        return self.prefix + "suspects"
+
+    def started(self, digest: str) -> str:
+        """Set just before a recovered job runs again (poison detection)."""
+        return self.prefix + "started:" + digest
+
+    def recoveries(self, digest: str) -> str:
+        """How often the job with ``digest`` counted as recovered."""
+        return self.prefix + "recoveries:" + digest
 
     @property
     def poison(self) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 
@@ -38,7 +38,8 @@ logger = logging.getLogger("exq_fast")
 UNLIMITED_IN_FLIGHT = 1000
 """Most jobs of one queue in flight when its concurrency is unlimited."""
 
-RunJob = Callable[[bytes, str], None]
+RunJob = Callable[[bytes, str, bool], None]
+"""Runs one job: its bytes, its queue, and whether it is a suspect (recovered before)."""
 ErrorHook = Callable[[str, BaseException], None]
 
 
@@ -78,7 +79,11 @@ class Manager:
         # Fetched jobs not yet acked in Redis, per queue (see the module doc).
         self._tracked: dict[str, Counter[bytes]] = {}
         self._tracked_lock = threading.Lock()
-        self._suspect: set[str] = set()
+        self._unsure: set[str] = set()
+        self.policy = jobqueue.RecoveryPolicy(config.max_recoveries)
+        self._held: deque[tuple[bytes, str]] = deque()
+        self._quarantine_lock = threading.Lock()
+        self._quarantine_busy = False
         self._subscribed: list[str] = []
         self._cond = threading.Condition()
         self._stopping = False
@@ -103,8 +108,7 @@ class Manager:
         return sum(self._recover(q, "startup") for q in self.config.queue_names)
 
     def _recover(self, queue: str, reason: str) -> int:
-        config = self.config
-        policy = jobqueue.RecoveryPolicy(config.max_recoveries)
+        config, policy = self.config, self.policy
         moved, poisoned = jobqueue.recover_backup(self.client, self.keys, config.node_id, queue,
                                                   policy)
         if poisoned:
@@ -226,20 +230,21 @@ class Manager:
     def _fetch_and_dispatch(self, wanted: list[tuple[str, int]]) -> float:
         """One fetch; returns how long to wait before the next (0 = at once)."""
         try:
-            if self._suspect:
+            if self._unsure:
                 self._reconcile()
-            replies = jobqueue.fetch(self.client, self.keys, self.config.node_id, wanted)
+            replies = jobqueue.fetch(self.client, self.keys, self.config.node_id, wanted,
+                                     self.policy)
         except (redis.exceptions.RedisError, OSError) as exc:
             # The script may have run and only its reply been lost.
-            self._suspect.update(name for name, _ in wanted)
+            self._unsure.update(name for name, _ in wanted)
             self._fetch_failed(exc)
             return self.poll_timeout * 10
         if self.errors and self._failing:
             logger.warning("fetching recovered")
         self._failing = False
         dispatched = 0
-        for (name, _), jobs in zip(wanted, replies, strict=True):
-            dispatched += self._dispatch(name, jobs)
+        for (name, _), fetched in zip(wanted, replies, strict=True):
+            dispatched += self._dispatch(name, fetched)
         return 0.0 if dispatched else self.poll_timeout
 
     _failing = False
@@ -254,7 +259,7 @@ class Manager:
 
     def _reconcile(self) -> None:
         """Run the jobs a lost fetch moved into our backup lists (see the module doc)."""
-        for queue in sorted(self._suspect):
+        for queue in sorted(self._unsure):
             backup = self.keys.backup(self.config.node_id, queue)
             # The lock keeps acks from being forgotten between the LRANGE and
             # the comparison: a job acked meanwhile is either still listed and
@@ -267,8 +272,8 @@ class Manager:
             if orphans:
                 logger.warning("running %d jobs of %r fetched by a call whose reply was lost",
                                len(orphans), queue)
-                self._dispatch(queue, orphans)
-            self._suspect.discard(queue)
+                self._dispatch(queue, jobqueue.Fetched(orphans))
+            self._unsure.discard(queue)
 
     def batch_applied(self, done: Sequence[Done], seconds: float) -> None:
         """Forget the jobs whose ack reached Redis (the stats writer calls this)."""
@@ -281,7 +286,8 @@ class Manager:
                         if tracked[item.flight.raw] <= 0:
                             del tracked[item.flight.raw]
 
-    def _dispatch(self, queue: str, jobs: list[bytes]) -> int:
+    def _dispatch(self, queue: str, fetched: jobqueue.Fetched) -> int:
+        jobs = fetched.jobs
         if not jobs:
             return 0
         with self._tracked_lock:
@@ -289,7 +295,38 @@ class Manager:
         with self._cond:
             self._states[queue].running += len(jobs)
         submit, run_job = self.executor.submit, self.run_job
-        for raw in jobs:
-            submit(run_job, raw, queue)
+        for index, raw in enumerate(jobs):
+            if index in fetched.quarantined:
+                self._quarantine(raw, queue)
+            else:
+                submit(run_job, raw, queue, index in fetched.suspects)
         self.fetched[queue] = self.fetched.get(queue, 0) + len(jobs)
         return len(jobs)
+
+    # -- quarantine: suspects one crash from the dead set run one at a time ------
+
+    def _quarantine(self, raw: bytes, queue: str) -> None:
+        # A job that crashed its node on every recent run is run alone among
+        # the quarantined, so if this node dies now, the next recovery counts
+        # only the job that was actually running -- not the ones that merely
+        # shared a fetch with it. Waiting ones sit fetched, in the backup list.
+        with self._quarantine_lock:
+            self._held.append((raw, queue))
+            if self._quarantine_busy:
+                return
+            self._quarantine_busy = True
+        self._run_next_quarantined()
+
+    def _run_next_quarantined(self) -> None:
+        with self._quarantine_lock:
+            if not self._held:
+                self._quarantine_busy = False
+                return
+            raw, queue = self._held.popleft()
+        self.executor.submit(self._run_quarantined, raw, queue)
+
+    def _run_quarantined(self, raw: bytes, queue: str) -> None:
+        try:
+            self.run_job(raw, queue, True)
+        finally:
+            self._run_next_quarantined()

@@ -7,6 +7,8 @@ this module with the runtime.
 
 from __future__ import annotations
 
+import hashlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -91,21 +93,8 @@ RECOVERY_BATCH = 100
 """Jobs moved per script call when re-enqueueing a backup list."""
 
 
-def fetch(client: redis.Redis, keys: Keys, node_id: str,
-          wanted: Sequence[tuple[str, int]]) -> list[list[bytes]]:
-    """Move up to ``n`` jobs of each ``(queue, n)`` into this node's backup lists.
-
-    One round trip for every queue. Returns the raw jobs of each queue, oldest
-    first, in the order of ``wanted``. The bytes are kept exactly as fetched:
-    the ack removes those bytes from the backup list.
-    """
-    job_keys: list[str] = []
-    counts: list[int] = []
-    for queue, count in wanted:
-        job_keys += [keys.queue(queue), keys.backup(node_id, queue)]
-        counts.append(min(count, scripts.FETCH_BATCH_LIMIT))
-    replies: list[list[bytes]] = scripts.fetch(client, job_keys, counts)
-    return replies
+RECOVERY_TTL = 7 * 24 * 3600
+"""Seconds a job's recovery count and suspect mark are kept."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,11 +102,58 @@ class RecoveryPolicy:
     """How recoveries are counted: ``max_recoveries`` 0 = never dead-letter."""
 
     max_recoveries: int = 3
-    counter_ttl: int = 7 * 24 * 3600
+    counter_ttl: int = RECOVERY_TTL
 
-    def args(self, keys: Keys) -> list[str | int]:
-        """The script arguments ``max, prefix, ttl, poison_list``."""
-        return [self.max_recoveries, keys.prefix, self.counter_ttl, keys.poison]
+    @property
+    def quarantine_at(self) -> int:
+        """A suspect with this many counted recoveries runs alone: one more crash buries it."""
+        return max(self.max_recoveries - 1, 1) if self.max_recoveries else 1 << 30
+
+    def args(self, keys: Keys) -> list[str | int | float]:
+        """The recovery scripts' arguments ``max, prefix, ttl, poison_list, now``."""
+        return [self.max_recoveries, keys.prefix, self.counter_ttl, keys.poison, time.time()]
+
+    @staticmethod
+    def started_commands(keys: Keys, raw: bytes) -> list[tuple[str, ...]]:
+        """What a suspect job's ack clears: it is a suspect no more."""
+        digest = hashlib.sha1(raw).hexdigest()
+        return [("ZREM", keys.suspects, digest),
+                ("DEL", keys.started(digest), keys.recoveries(digest))]
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A queue's fetched jobs (oldest first), and which of them were recovered before.
+
+    ``suspects``: positions of jobs recovered from a backup before (their
+    start is marked in Redis, see ``RecoveryPolicy``); ``quarantined``: the
+    suspects one counted crash from the dead set, to be run one at a time.
+    """
+
+    jobs: list[bytes]
+    suspects: frozenset[int] = frozenset()
+    quarantined: frozenset[int] = frozenset()
+
+
+def fetch(client: redis.Redis, keys: Keys, node_id: str, wanted: Sequence[tuple[str, int]],
+          policy: RecoveryPolicy | None = None) -> list[Fetched]:
+    """Move up to ``n`` jobs of each ``(queue, n)`` into this node's backup lists.
+
+    One round trip for every queue. Returns each queue's jobs in the order of
+    ``wanted``. The bytes are kept exactly as fetched: the ack removes those
+    bytes from the backup list.
+    """
+    job_keys: list[str] = [keys.suspects]
+    args: list[str | int] = [keys.prefix, (policy or RecoveryPolicy()).quarantine_at]
+    for queue, count in wanted:
+        job_keys += [keys.queue(queue), keys.backup(node_id, queue)]
+        args.append(min(count, scripts.FETCH_BATCH_LIMIT))
+    return [Fetched(jobs, _positions(suspects), _positions(quarantined))
+            for jobs, suspects, quarantined in scripts.fetch(client, job_keys, args)]
+
+
+def _positions(lua_indexes: Sequence[int]) -> frozenset[int]:
+    return frozenset(int(n) - 1 for n in lua_indexes)
 
 
 def recover_backup(client: redis.Redis, keys: Keys, node_id: str, queue: str,

@@ -111,23 +111,35 @@ return moved
 """
 
 # LPOP from KEYS[1], RPUSH to KEYS[2], up to `limit` jobs: the moved jobs keep
-# their order and are popped next (front of the queue). Each recovery of a job
-# is counted (a key per job digest, TTL `ttl`); a job recovered `max` times
-# has been in flight on a worker that died that often -- a poison job that
-# kills its process -- and goes to the `poison` list instead, from which the
-# caller moves it to the dead set with a reason. `max` 0 = never.
+# their order and are popped next (front of the queue).
+#
+# Poison jobs (`max` > 0): each recovery of a job may count against it (a key
+# per job digest, TTL `ttl`); at `max` the job goes to the `poison` list, from
+# which the caller moves it to the dead set with a reason. A job's first
+# recovery always counts (nothing tells whether it had started). It then
+# becomes a suspect (zset `prefix..suspects`): the fetch flags it, the worker
+# marks it started just before running it, and a later recovery counts only
+# if that mark is there -- so jobs that merely waited beside a job that kills
+# its process at once are not buried with it.
 _MOVE_FRONT = """
 local moved, poisoned = 0, 0
+local suspects = prefix .. 'suspects'
+if max > 0 then redis.call('ZREMRANGEBYSCORE', suspects, '-inf', now - ttl) end
 for i = 1, limit do
   local job = redis.call('LPOP', KEYS[1])
   if not job then break end
-  local count = 0
+  local bury = false
   if max > 0 then
-    local counter = prefix .. 'recoveries:' .. redis.sha1hex(job)
-    count = redis.call('INCR', counter)
-    redis.call('EXPIRE', counter, ttl)
+    local digest = redis.sha1hex(job)
+    local seen = redis.call('ZSCORE', suspects, digest)
+    if (not seen) or redis.call('DEL', prefix .. 'started:' .. digest) == 1 then
+      local counter = prefix .. 'recoveries:' .. digest
+      bury = redis.call('INCR', counter) >= max
+      redis.call('EXPIRE', counter, ttl)
+    end
+    redis.call('ZADD', suspects, now, digest)
   end
-  if max > 0 and count >= max then
+  if bury then
     redis.call('RPUSH', poison, job)
     poisoned = poisoned + 1
   else
@@ -138,20 +150,20 @@ end
 return {redis.call('LLEN', KEYS[1]), moved, poisoned}
 """
 
-# KEYS [backup, queue], ARGV [limit, max, prefix, ttl, poison_list]
+# KEYS [backup, queue], ARGV [limit, max, prefix, ttl, poison_list, now]
 MLPOP_RPUSH = """
-local limit, max, prefix, ttl, poison = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3],
-  tonumber(ARGV[4]), ARGV[5]""" + _MOVE_FRONT
+local limit, max, prefix, ttl, poison, now = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3],
+  tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])""" + _MOVE_FRONT
 
 # KEYS [backup, queue, heartbeats], ARGV [node, expected_score, limit, max, prefix,
-# ttl, poison_list]: moves only while the node's heartbeat is still expected_score.
+# ttl, poison_list, now]: moves only while the node's heartbeat is expected_score.
 HEARTBEAT_RE_ENQUEUE_BACKUP = """
 local score = redis.call('ZSCORE', KEYS[3], ARGV[1])
 if not score or tonumber(score) ~= tonumber(ARGV[2]) then
   return {0, 0, 0}
 end
-local limit, max, prefix, ttl, poison = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5],
-  tonumber(ARGV[6]), ARGV[7]""" + _MOVE_FRONT
+local limit, max, prefix, ttl, poison, now = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5],
+  tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])""" + _MOVE_FRONT
 
 # Move one job from the poison list to the dead set, once: only the caller
 # whose LREM removed it writes the dead entry.
@@ -164,21 +176,40 @@ redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[5]) - 1)
 return 1
 """
 
-# exq-fast's batched fetch: KEYS are (queue, backup) pairs, ARGV the number of
-# jobs to take from each. RPOP with a count takes the oldest first and LPUSH
-# of the batch leaves the backup list as N single RPOPLPUSHes would.
+# exq-fast's batched fetch: KEYS[1] is the suspects zset, then (queue, backup)
+# pairs; ARGV = [prefix, quarantine_at, then the number of jobs to take from
+# each queue]. RPOP with a count takes the oldest first and LPUSH of the batch
+# leaves the backup list as N single RPOPLPUSHes would. Each queue's reply is
+# {jobs, positions of the suspects, positions of the quarantined} (suspects:
+# recovered before; quarantined: their recovery count reached quarantine_at,
+# one counted crash from the dead set). Suspects are looked for only while
+# there are any, so the common case costs one ZCARD per call.
 FETCH = """
 local out = {}
-for i = 1, #ARGV do
+local look = redis.call('ZCARD', KEYS[1]) > 0
+local prefix, quarantine_at = ARGV[1], tonumber(ARGV[2])
+for i = 3, #ARGV do
+  local q = i - 2
   local n = tonumber(ARGV[i])
   local jobs = false
-  if n > 0 then jobs = redis.call('RPOP', KEYS[2*i-1], n) end
+  if n > 0 then jobs = redis.call('RPOP', KEYS[2*q], n) end
+  local suspects, quarantined = {}, {}
   if jobs then
-    redis.call('LPUSH', KEYS[2*i], unpack(jobs))
+    redis.call('LPUSH', KEYS[2*q+1], unpack(jobs))
+    if look then
+      for j, job in ipairs(jobs) do
+        local digest = redis.sha1hex(job)
+        if redis.call('ZSCORE', KEYS[1], digest) then
+          table.insert(suspects, j)
+          local count = tonumber(redis.call('GET', prefix .. 'recoveries:' .. digest) or '0')
+          if count >= quarantine_at then table.insert(quarantined, j) end
+        end
+      end
+    end
   else
     jobs = {}
   end
-  out[i] = jobs
+  out[q] = {jobs, suspects, quarantined}
 end
 return out
 """
@@ -187,15 +218,26 @@ return out
 # stat increment of a batch, applied atomically and at most once. KEYS[1] holds
 # the id of the last batch applied for this node: a batch retried after a lost
 # reply is recognised and skipped, so counts converge exactly after an outage.
-# ARGV = [batch_id, n, cmd, arg..., n, cmd, arg..., ...]. A command that
-# fails (e.g. WRONGTYPE on a key a user broke) is skipped, never blocks the rest.
+# ARGV = [batch_id, n, cmd, arg..., n, cmd, arg..., ...].
+# A transient error (OOM at maxmemory, READONLY after a failover, LOADING...)
+# aborts the batch: a job's ack must not land when its retry/dead write did
+# not. What ran before the abort stays applied, and the whole batch is sent
+# again: that is safe because each job's writes are idempotent (ZADD of the
+# same member and score, LREM, HSET, HDEL) and the counters come last, after
+# every job. Any other error (WRONGTYPE on a key a user broke) skips that one
+# command and is counted in the reply, so it cannot block every later ack.
 APPLY_BATCH = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return -1 end
+local transient = {OOM = true, READONLY = true, LOADING = true, MASTERDOWN = true,
+                   NOREPLICAS = true, BUSY = true, TRYAGAIN = true}
 local i, failed = 2, 0
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   local reply = redis.pcall(unpack(ARGV, i + 1, i + n))
-  if type(reply) == 'table' and reply.err then failed = failed + 1 end
+  if type(reply) == 'table' and reply.err then
+    if transient[string.match(reply.err, '^(%u+)')] then return reply end
+    failed = failed + 1
+  end
   i = i + n + 1
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', 3600)

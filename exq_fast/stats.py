@@ -214,10 +214,13 @@ class StatsWriter:
             return True
         started = time.perf_counter()
         try:
-            scripts.apply_batch(self.client, [self.marker_key], batch.args)
+            skipped = scripts.apply_batch(self.client, [self.marker_key], batch.args)
         except Exception as exc:  # any failure: keep the batch, retry
             self._failed(batch, exc)
             return False
+        if isinstance(skipped, int) and skipped > 0:
+            logger.warning("stats batch: %d command(s) refused by Redis and skipped "
+                           "(a key of the wrong type?)", skipped)
         self._applied(batch, time.perf_counter() - started)
         return True
 

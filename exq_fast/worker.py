@@ -16,6 +16,7 @@ exception from a middleware hook is logged and, before dispatch, fails the job.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import threading
@@ -23,10 +24,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import redis
+
 from .job import Job, now_seconds
 from .middleware import Middleware, Pipeline, Services
 from .middleware.job import error_text
 from .middleware.manager import release
+from .queue import RECOVERY_TTL, RecoveryPolicy
 from .stats import Done, InFlight
 
 logger = logging.getLogger("exq_fast")
@@ -68,10 +72,17 @@ class WorkerServer:
         self.running: dict[str, Running] = {}
         self._ids = itertools.count(1)
 
-    def run(self, raw: bytes, queue: str) -> None:
-        """Run one fetched job to its end. Never raises."""
+    def run(self, raw: bytes, queue: str, suspect: bool = False) -> None:
+        """Run one fetched job to its end. Never raises.
+
+        ``suspect``: the job was recovered from a backup before; it is marked
+        started in Redis first, so that if it kills this process the next
+        recovery counts it (poison detection, see ``queue.RecoveryPolicy``).
+        """
         flight = InFlight(f"#PID<0.{next(self._ids)}.0>", queue,
                           self.services.keys.backup(self.node_id, queue), raw, now_seconds())
+        if suspect:
+            self._mark_started(raw)
         running = self.running[flight.field] = Running(flight)
         self.services.stats.job_started(flight)
         pipeline = Pipeline({"job_serialized": raw, "queue": queue, "host": self.node_id,
@@ -82,7 +93,16 @@ class WorkerServer:
             logger.exception("internal error while running a job; it stays in the backup list")
             pipeline.assigns["ack"] = False
         finally:
-            self._finish(pipeline, running)
+            self._finish(pipeline, running, suspect)
+
+    def _mark_started(self, raw: bytes) -> None:
+        services = self.services
+        digest = hashlib.sha1(raw).hexdigest()
+        try:
+            services.redis.set(services.keys.started(digest), 1, ex=RECOVERY_TTL)
+        except redis.exceptions.RedisError as exc:
+            # Only poison detection loses a count: the job itself runs.
+            logger.warning("could not mark a recovered job as started: %s", exc)
 
     def cancel(self, jid: str) -> bool:
         """Ask the running job ``jid`` to stop (cooperative). True if it runs here."""
@@ -140,10 +160,12 @@ class WorkerServer:
         except Exception:  # the other hooks (and the ack) still run
             logger.exception("middleware %s failed", type(middleware).__name__)
 
-    def _finish(self, pipeline: Pipeline, running: Running) -> None:
+    def _finish(self, pipeline: Pipeline, running: Running, suspect: bool) -> None:
         assigns = pipeline.assigns
         flight = running.flight
         job: Job | None = assigns.get("job")
+        if suspect and assigns.get("ack"):
+            pipeline.writes += RecoveryPolicy.started_commands(self.services.keys, flight.raw)
         self.services.stats.job_done(Done(
             flight, pipeline.writes, bool(assigns.get("ack")), assigns.get("stat"),
             job_class=job.worker_name if job is not None and "worker" in assigns else "unknown",
