@@ -131,8 +131,7 @@ Produced by `FAULT_RESULTS=1 .venv/bin/python -m pytest tests/faults` (see
 fault*: jobs in the faulty node's backup lists right before the fault (or the
 jobs the fault interrupted). *Duplicates*: executions minus distinct jobs
 executed. *Lost*: jobs enqueued that never completed (or are stuck), jobs sent
-to the dead set on purpose excepted. A row whose bound says XFAIL is a strict
-`xfail` test: a known bug, described in its `reason`.
+to the dead set on purpose excepted.
 
 Run: {when} on {cpus} CPUs, {redis}.
 

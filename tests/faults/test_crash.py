@@ -137,7 +137,7 @@ def test_poison_job_that_dies_at_once_spares_the_jobs_fetched_with_it(fleet: Fle
     deaths, in_flight, _ = supervise(fleet, "poisoned-at-once", poison, max_restarts=6)
     # Then only the poison job is dead; every job fetched beside it still runs
     figures = fleet.account("poison job (dies at once), supervisor restarts", [*tags, poison],
-                            in_flight, "others lost 0 (XFAIL: bug, see report)",
+                            in_flight, "only the poison job dead; others lost 0",
                             dead_ok=[poison])
     assert deaths == 3
     assert figures.lost == 0, {t: fleet.dead().get(t, {}).get("error_class")

@@ -105,7 +105,7 @@ def test_job_failing_under_out_of_memory_is_retried_not_lost(make_fleet: MakeFle
     retry = fleet.client.zrange(fleet.keys.retry, 0, -1)
     backup = fleet.backup_len("oom-fail")
     figures = fleet.account("job failing while Redis is at maxmemory", [tag], 1,
-                            "in retry, not lost (XFAIL: bug, see report)", retry_ok=[tag])
+                            "in the retry set, not lost", retry_ok=[tag])
     print(f"[fault]   flushed under OOM: {under_oom}; retry set {len(retry)}, backup {backup}, "
           f"lost {figures.lost_tags}")
     assert node.alive
