@@ -8,35 +8,43 @@ or FLUSHDB on a server it did not start.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import pytest
 import redis
 
+from exq_fast.app import Exq
 from exq_fast.config import Config
 from exq_fast.embedded import RedisServer, delete_namespace, find_redis
 from exq_fast.enqueuer import Enqueuer
 from exq_fast.keys import Keys
 
+T = TypeVar("T")
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "",
-             interval: float = 0.01) -> Any:
-    """Poll ``condition`` until it returns something truthy; return it, or fail the test."""
+def wait_for(condition: Callable[[], T], timeout: float = 10.0, what: str = "",
+             interval: float = 0.01, detail: Callable[[], str] | None = None) -> T:
+    """Poll ``condition`` until it returns something truthy; return it, or fail the test
+    (with ``detail()``, e.g. the logs of the processes involved, in the message)."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+            more = "" if detail is None else "\n" + detail()
+            raise AssertionError(
+                f"timed out after {timeout:.1f} s waiting for {what or condition}{more}")
         time.sleep(interval)
 
 
@@ -125,3 +133,56 @@ def make_config(redis_url: str, namespace: str, node_id: str) -> Callable[..., C
         return Config(**values)
 
     return make
+
+
+class NodeFactory:
+    """Starts in-process nodes and makes gates; ``close`` opens every gate, then stops
+    every node (a node that never started is released too)."""
+
+    default_workers: ClassVar[Mapping[str, object]] = {}
+
+    def __init__(self, make_config: Callable[..., Config]) -> None:
+        self.make_config = make_config
+        self.nodes: list[Exq] = []
+        self.gates: list[threading.Event] = []
+
+    def config(self, **overrides: Any) -> Config:
+        """A Config with a 10 ms poll and a 50 ms scheduler poll, unless overridden."""
+        overrides.setdefault("poll_timeout", 10)
+        overrides.setdefault("scheduler_poll_timeout", 50)
+        return self.make_config(**overrides)
+
+    def new(self, config: Config, workers: Mapping[str, object] | None = None,
+            **kwargs: Any) -> Exq:
+        exq = Exq(config, workers=workers if workers is not None else self.default_workers,
+                  **kwargs)
+        self.nodes.append(exq)
+        return exq
+
+    def start(self, config: Config, workers: Mapping[str, object] | None = None,
+              **kwargs: Any) -> Exq:
+        return self.new(config, workers, **kwargs).start()
+
+    def gate(self) -> threading.Event:
+        event = threading.Event()
+        self.gates.append(event)
+        return event
+
+    def gated(self, gate: threading.Event) -> Callable[[], None]:
+        """A worker that blocks until ``gate`` opens (10 s at most)."""
+        def perform() -> None:
+            gate.wait(10)
+
+        return perform
+
+    def close(self) -> None:
+        for gate in self.gates:
+            gate.set()
+        for exq in self.nodes:
+            with contextlib.suppress(redis.exceptions.RedisError):
+                exq.stop(timeout=5)
+            if not exq.stopped.is_set():  # never started (or its start failed)
+                if exq.metrics_server is not None:
+                    exq.metrics_server.stop()
+                exq.executor.shutdown(wait=False)
+                exq.redis.close()

@@ -38,6 +38,7 @@ from exq_fast import Config, Exq
 from exq_fast.job import InvalidJob, Job, decode, normalize_class
 from exq_fast.keys import Keys, StatKind
 from exq_fast.middleware.job import INVALID_CLASS
+from tests.conftest import wait_for
 
 QUEUE = "fuzz"
 RECORD = "Fuzz.Record"
@@ -78,17 +79,6 @@ BOM_UTF8 = b"\xef\xbb\xbf"
 
 # -- helpers ---------------------------------------------------------------------------
 
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``condition`` every 20 ms until truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def dumps(obj: object) -> bytes:

@@ -9,15 +9,13 @@ every node, whatever the outcome.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
-import threading
 import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import redis
@@ -31,7 +29,7 @@ from exq_fast.config import Config
 from exq_fast.embedded import RedisServer
 from exq_fast.enqueuer import Enqueuer
 from exq_fast.keys import Keys
-from tests.conftest import wait_for
+from tests.conftest import NodeFactory, wait_for
 
 POLL_MS = 10
 DEADLINE = 8.0
@@ -117,51 +115,10 @@ def slow() -> None:
     time.sleep(0.05)
 
 
-class Nodes:
-    """Starts nodes and makes gates; ``close`` opens every gate, then stops every node."""
+class Nodes(NodeFactory):
+    """Nodes whose default worker is ``T.Ok``."""
 
-    def __init__(self, make_config: Callable[..., Config]) -> None:
-        self.make_config = make_config
-        self.nodes: list[Exq] = []
-        self.gates: list[threading.Event] = []
-
-    def config(self, **overrides: Any) -> Config:
-        overrides.setdefault("poll_timeout", POLL_MS)
-        overrides.setdefault("scheduler_poll_timeout", 50)
-        return self.make_config(**overrides)
-
-    def new(self, config: Config, workers: Mapping[str, object] | None = None,
-            **kwargs: Any) -> Exq:
-        exq = Exq(config, workers=workers if workers is not None else {"T.Ok": ok}, **kwargs)
-        self.nodes.append(exq)
-        return exq
-
-    def start(self, config: Config, workers: Mapping[str, object] | None = None,
-              **kwargs: Any) -> Exq:
-        return self.new(config, workers, **kwargs).start()
-
-    def gate(self) -> threading.Event:
-        event = threading.Event()
-        self.gates.append(event)
-        return event
-
-    def gated(self, gate: threading.Event) -> Callable[[], None]:
-        def perform() -> None:
-            gate.wait(10)
-
-        return perform
-
-    def close(self) -> None:
-        for gate in self.gates:
-            gate.set()
-        for exq in self.nodes:
-            with contextlib.suppress(redis.exceptions.RedisError):
-                exq.stop(timeout=5)
-            if not exq.stopped.is_set():  # never started (or start failed)
-                if exq.metrics_server is not None:
-                    exq.metrics_server.stop()
-                exq.executor.shutdown(wait=False)
-                exq.redis.close()
+    default_workers: ClassVar[Mapping[str, object]] = {"T.Ok": ok}
 
 
 @pytest.fixture

@@ -23,12 +23,12 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from exq_fast import Exq, current_job, scripts
+from exq_fast import current_job, scripts
 from exq_fast.config import Config
 from exq_fast.embedded import RedisServer
 from exq_fast.enqueuer import Enqueuer
 from exq_fast.keys import Keys
-from tests.conftest import fixture_json, fixture_lines, fixture_members, wait_for
+from tests.conftest import NodeFactory, fixture_json, fixture_lines, fixture_members, wait_for
 
 POLL_MS = 10
 EXQ_VERSIONS = ("exq-0.13.2", "exq-0.23.0")
@@ -134,38 +134,9 @@ class Recorder:
         return [r.jid for r in self.snapshot()]
 
 
-class Runtime:
-    """Starts nodes and creates gates; ``close`` opens every gate, then stops every node."""
-
-    def __init__(self, make_config: Callable[..., Config]) -> None:
-        self.make_config = make_config
-        self.nodes: list[Exq] = []
-        self.gates: list[threading.Event] = []
-
-    def config(self, **overrides: Any) -> Config:
-        overrides.setdefault("poll_timeout", POLL_MS)
-        return self.make_config(**overrides)
-
-    def start(self, config: Config, workers: dict[str, object]) -> Exq:
-        exq = Exq(config, workers=workers)
-        self.nodes.append(exq)
-        return exq.start()
-
-    def gate(self) -> threading.Event:
-        event = threading.Event()
-        self.gates.append(event)
-        return event
-
-    def close(self) -> None:
-        for gate in self.gates:
-            gate.set()
-        for exq in self.nodes:
-            exq.stop(timeout=5)
-
-
 @pytest.fixture
-def runtime(make_config: Callable[..., Config]) -> Iterator[Runtime]:
-    rt = Runtime(make_config)
+def runtime(make_config: Callable[..., Config]) -> Iterator[NodeFactory]:
+    rt = NodeFactory(make_config)
     yield rt
     rt.close()
 
@@ -186,7 +157,7 @@ def fixture_payloads() -> list[bytes]:
 
 
 def test_every_fixture_payload_runs_once_with_its_exact_args(
-    runtime: Runtime, redis_client: redis.Redis, keys: Keys, node_id: str
+    runtime: NodeFactory, redis_client: redis.Redis, keys: Keys, node_id: str
 ) -> None:
     # Given every raw payload Exq 0.13.2 / 0.23.0 and Sidekiq 6.4.1 wrote, LPUSHed
     # unchanged into the queue its own "queue" field names
@@ -225,7 +196,7 @@ def test_every_fixture_payload_runs_once_with_its_exact_args(
 
 
 def test_sidekiq_extra_fields_survive_retry_and_death(
-    runtime: Runtime, redis_client: redis.Redis, keys: Keys
+    runtime: NodeFactory, redis_client: redis.Redis, keys: Keys
 ) -> None:
     # Given Sidekiq jobs carrying tags/bid/custom and backtrace (lines 8 and 9), whose
     # worker always fails, on a node allowing one retry
@@ -272,7 +243,7 @@ def test_sidekiq_extra_fields_survive_retry_and_death(
 
 
 def test_stat_keys_have_the_shapes_and_values_of_exq(
-    runtime: Runtime, redis_client: redis.Redis, namespace: str, node_id: str
+    runtime: NodeFactory, redis_client: redis.Redis, namespace: str, node_id: str
 ) -> None:
     # Given 5 succeeding and 3 failing jobs (max_retries 0), as in the stats fixture
     fixture = fixture_json("exq-0.23.0/stats.json")
@@ -314,7 +285,7 @@ def test_stat_keys_have_the_shapes_and_values_of_exq(
 
 
 def test_retry_and_dead_entries_have_the_fields_of_exq(
-    runtime: Runtime, redis_client: redis.Redis, keys: Keys
+    runtime: NodeFactory, redis_client: redis.Redis, keys: Keys
 ) -> None:
     # Given Exq's retry and dead entries for the same kind of failing job
     fixture_retry = [json.loads(m) for m, _ in fixture_members("exq-0.23.0/retry.jsonl")]
@@ -359,7 +330,7 @@ def test_retry_and_dead_entries_have_the_fields_of_exq(
 
 
 def test_in_flight_keys_have_the_shapes_of_exq(
-    runtime: Runtime, redis_client: redis.Redis, enqueuer: Enqueuer, keys: Keys,
+    runtime: NodeFactory, redis_client: redis.Redis, enqueuer: Enqueuer, keys: Keys,
     namespace: str, node_id: str
 ) -> None:
     # Given two slow jobs, as in Exq's inflight fixture (concurrency 2)
@@ -423,7 +394,7 @@ def test_in_flight_keys_have_the_shapes_of_exq(
 
 
 def test_per_queue_concurrency_is_reached_and_never_exceeded(
-    runtime: Runtime, enqueuer: Enqueuer
+    runtime: NodeFactory, enqueuer: Enqueuer
 ) -> None:
     # Given two queues limited to 2 and 3, with 40 jobs of ~20 ms each
     limits = {"two": 2, "three": 3}
@@ -455,7 +426,7 @@ def test_per_queue_concurrency_is_reached_and_never_exceeded(
 
 
 def test_backup_jobs_run_first_and_in_order_at_start(
-    runtime: Runtime, redis_client: redis.Redis, keys: Keys, node_id: str
+    runtime: NodeFactory, redis_client: redis.Redis, keys: Keys, node_id: str
 ) -> None:
     # Given 30 jobs an earlier process with this node id fetched (RPOPLPUSH order:
     # the first fetched is at the tail) and 5 jobs still queued
@@ -483,7 +454,7 @@ def test_backup_jobs_run_first_and_in_order_at_start(
 
 
 def test_job_outliving_shutdown_timeout_stays_in_backup_and_runs_at_next_start(
-    runtime: Runtime, redis_client: redis.Redis, enqueuer: Enqueuer, keys: Keys, node_id: str
+    runtime: NodeFactory, redis_client: redis.Redis, enqueuer: Enqueuer, keys: Keys, node_id: str
 ) -> None:
     # Given a job that blocks longer than the shutdown timeout (300 ms)
     release = runtime.gate()
@@ -518,7 +489,7 @@ def test_job_outliving_shutdown_timeout_stays_in_backup_and_runs_at_next_start(
 
 
 def test_stop_with_short_jobs_returns_true_and_unregisters_the_node(
-    runtime: Runtime, redis_client: redis.Redis, enqueuer: Enqueuer, keys: Keys, node_id: str
+    runtime: NodeFactory, redis_client: redis.Redis, enqueuer: Enqueuer, keys: Keys, node_id: str
 ) -> None:
     # Given a running node that processed short jobs and is registered
     recorder = Recorder()
@@ -540,7 +511,7 @@ def test_stop_with_short_jobs_returns_true_and_unregisters_the_node(
 
 
 def test_stop_while_redis_is_down_does_not_raise(
-    private_redis: RedisServer, runtime: Runtime  # in this order: the node stops first
+    private_redis: RedisServer, runtime: NodeFactory  # in this order: the node stops first
 ) -> None:
     # Given a running node whose Redis then crashes
     config = runtime.config(redis_url=private_redis.url, queues=["q"], redis_timeout=500)
@@ -561,7 +532,7 @@ def test_stop_while_redis_is_down_does_not_raise(
 
 
 def test_subscribe_and_unsubscribe_at_run_time(
-    runtime: Runtime, redis_client: redis.Redis, enqueuer: Enqueuer, keys: Keys
+    runtime: NodeFactory, redis_client: redis.Redis, enqueuer: Enqueuer, keys: Keys
 ) -> None:
     # Given a node consuming only "a", and jobs waiting in "b"
     recorder = Recorder()
@@ -596,7 +567,7 @@ def test_subscribe_and_unsubscribe_at_run_time(
 
 
 def test_queue_subscribed_at_run_time_gets_its_own_concurrency(
-    runtime: Runtime, enqueuer: Enqueuer
+    runtime: NodeFactory, enqueuer: Enqueuer
 ) -> None:
     # Given a node consuming "a" with concurrency 1, busy with a long job
     release = runtime.gate()
@@ -618,7 +589,7 @@ def test_queue_subscribed_at_run_time_gets_its_own_concurrency(
 
 
 def test_heartbeat_monitor_recovers_dead_nodes_and_spares_live_ones(
-    runtime: Runtime, redis_client: redis.Redis, keys: Keys, node_id: str
+    runtime: NodeFactory, redis_client: redis.Redis, keys: Keys, node_id: str
 ) -> None:
     # Given a dead node D (last beat an hour ago) with 10 jobs in its backup of a queue
     # A consumes and 10 in a queue A does not consume, and a live node L that beats
@@ -674,7 +645,7 @@ def test_heartbeat_monitor_recovers_dead_nodes_and_spares_live_ones(
 
 
 def test_redis_restart_mid_run_loses_nothing_and_counts_converge(
-    runtime: Runtime
+    runtime: NodeFactory
 ) -> None:
     # Given a persistent private Redis (AOF, fsync always) with 3000 no-op jobs, whose
     # worker records every execution; after a third of them, the jobs that start hold
@@ -815,7 +786,7 @@ def _shut(sock: socket.socket) -> None:
 
 
 def test_jobs_of_a_fetch_whose_reply_was_lost_still_run(
-    runtime: Runtime, redis_url: str, redis_client: redis.Redis, enqueuer: Enqueuer,
+    runtime: NodeFactory, redis_url: str, redis_client: redis.Redis, enqueuer: Enqueuer,
     keys: Keys, node_id: str
 ) -> None:
     # Given 10 queued jobs and a connection that loses the reply to the first fetch
@@ -859,7 +830,7 @@ def malformed(i: int) -> bytes:
 
 
 def test_poison_payloads_go_to_dead_and_valid_jobs_run_once(
-    runtime: Runtime, redis_client: redis.Redis, enqueuer: Enqueuer, keys: Keys, node_id: str
+    runtime: NodeFactory, redis_client: redis.Redis, enqueuer: Enqueuer, keys: Keys, node_id: str
 ) -> None:
     # Given 200 malformed payloads interleaved with 200 valid jobs
     bad = [malformed(i) for i in range(200)]

@@ -45,6 +45,7 @@ from exq_fast.embedded import RedisServer, delete_namespace, free_port, server_b
 from exq_fast.job import encode, normalize_class
 from exq_fast.keys import Keys
 from exq_fast.registry import Registry
+from tests.conftest import wait_for
 
 QUEUE = "secq"
 ConfigFactory = Callable[..., Config]
@@ -55,17 +56,6 @@ DEADLINE = 15.0
 
 # -- helpers ---------------------------------------------------------------------------
 
-
-def wait_for(condition: Callable[[], Any], timeout: float = DEADLINE, what: str = "") -> Any:
-    """Poll ``condition`` every 10 ms until truthy and return it; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
-        time.sleep(0.01)
 
 
 def stat(client: redis.Redis, keys: Keys, kind: str) -> int:

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar, cast
@@ -45,6 +45,7 @@ from exq_fast.config import Config
 from exq_fast.embedded import RedisServer, free_port, server_binary
 from exq_fast.enqueuer import Enqueuer
 from exq_fast.keys import Keys
+from tests.conftest import wait_for as wait_until
 
 from .faultworkers import ENDS, STARTS
 from .proxy import TcpProxy
@@ -75,19 +76,6 @@ def require_redis_server() -> None:
     pytest.skip(message)
 
 
-def wait_until(condition: Callable[[], T], timeout: float, what: str,
-               interval: float = 0.02, detail: Callable[[], str] | None = None) -> T:
-    """Poll ``condition`` until it returns something truthy and return that, or fail
-    (with ``detail()``, e.g. the nodes' logs, in the message)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            more = "" if detail is None else "\n" + detail()
-            raise AssertionError(f"timed out after {timeout:.1f} s waiting until {what}{more}")
-        time.sleep(interval)
 
 
 def _jid(raw: bytes | str) -> str | None:
