@@ -273,8 +273,7 @@ class Heartbeat(BackgroundLoop):
         self.node_id = config.node_id
         self.queue_names = config.queue_names
         self.missed_heartbeats_allowed = config.missed_heartbeats_allowed
-        self.config = config
-        self.policy = queue.RecoveryPolicy(config.max_recoveries)
+        self.policy = queue.RecoveryPolicy.of(config)
         self.on_recovered = on_recovered
         self.on_poisoned: Callable[[str, int], None] | None = None
         """Called with (queue, count) when jobs recovered too often go to the dead set."""
@@ -335,8 +334,7 @@ class Heartbeat(BackgroundLoop):
     def _poisoned(self, node: str, name: str, count: int) -> None:
         logger.warning("heartbeat_monitor: %d job(s) of dead node %r recovered %d times go "
                        "to the dead set", count, node, self.policy.max_recoveries)
-        queue.bury_poison(self.client, self.keys, self.policy, self.config.dead_max_jobs,
-                          self.config.dead_timeout_in_seconds)
+        queue.bury_poison(self.client, self.keys, self.policy)
         if self.on_poisoned is not None:
             self.on_poisoned(name, count)
 

@@ -80,7 +80,7 @@ class Manager:
         self._tracked: dict[str, Counter[bytes]] = {}
         self._tracked_lock = threading.Lock()
         self._unsure: set[str] = set()
-        self.policy = jobqueue.RecoveryPolicy(config.max_recoveries)
+        self.policy = jobqueue.RecoveryPolicy.of(config)
         self._held: deque[tuple[bytes, str]] = deque()
         self._quarantine_lock = threading.Lock()
         self._quarantine_busy = False
@@ -115,8 +115,7 @@ class Manager:
             # In flight here when this node died max_recoveries times: dead, not re-run.
             logger.warning("%d job(s) of %r recovered %d times go to the dead set", poisoned,
                            queue, config.max_recoveries)
-            jobqueue.bury_poison(self.client, self.keys, policy, config.dead_max_jobs,
-                                 config.dead_timeout_in_seconds)
+            jobqueue.bury_poison(self.client, self.keys, policy)
         if self.on_recovered is not None:
             for count, why in ((moved, reason), (poisoned, "poison")):
                 if count:

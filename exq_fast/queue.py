@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import redis
 
 from . import scripts
+from .config import Config
 from .job import InvalidJob, decode, encode, new_jid, now_seconds
 from .keys import Keys
 from .retry import dead_payload
@@ -97,12 +98,26 @@ RECOVERY_TTL = 7 * 24 * 3600
 """Seconds a job's recovery count and suspect mark are kept."""
 
 
+def job_digest(raw: bytes) -> str:
+    """The SHA1 hex digest naming a job's recovery marks (as Lua's redis.sha1hex)."""
+    return hashlib.sha1(raw).hexdigest()
+
+
 @dataclass(frozen=True, slots=True)
 class RecoveryPolicy:
-    """How recoveries are counted: ``max_recoveries`` 0 = never dead-letter."""
+    """How recoveries are counted (``max_recoveries`` 0 = never dead-letter), and the
+    dead-set limits a poison job is buried under."""
 
     max_recoveries: int = 3
     counter_ttl: int = RECOVERY_TTL
+    dead_max_jobs: int = 10000
+    dead_timeout_s: int = 15552000
+
+    @classmethod
+    def of(cls, config: Config) -> RecoveryPolicy:
+        """The policy a node's configuration asks for."""
+        return cls(config.max_recoveries, dead_max_jobs=config.dead_max_jobs,
+                   dead_timeout_s=config.dead_timeout_in_seconds)
 
     @property
     def quarantine_at(self) -> int:
@@ -116,7 +131,7 @@ class RecoveryPolicy:
     @staticmethod
     def started_commands(keys: Keys, raw: bytes) -> list[tuple[str, ...]]:
         """What a suspect job's ack clears: it is a suspect no more."""
-        digest = hashlib.sha1(raw).hexdigest()
+        digest = job_digest(raw)
         return [("ZREM", keys.suspects, digest),
                 ("DEL", keys.started(digest), keys.recoveries(digest))]
 
@@ -164,15 +179,10 @@ def recover_backup(client: redis.Redis, keys: Keys, node_id: str, queue: str,
     A job recovered ``policy.max_recoveries`` times goes to the poison list
     instead (see ``bury_poison``). Returns ``(moved, poisoned)``.
     """
-    moved = poisoned = 0
-    while True:
-        remaining, count, bad = scripts.mlpop_rpush(
-            client, [keys.backup(node_id, queue), keys.queue(queue)],
-            [RECOVERY_BATCH, *policy.args(keys)],
-        )
-        moved, poisoned = moved + int(count), poisoned + int(bad)
-        if int(remaining) == 0 or int(count) + int(bad) == 0:
-            return moved, poisoned
+    return _drain(lambda: scripts.mlpop_rpush(
+        client, [keys.backup(node_id, queue), keys.queue(queue)],
+        [RECOVERY_BATCH, *policy.args(keys)],
+    ))
 
 
 def recover_dead_node_backup(client: redis.Redis, keys: Keys, dead_node: str, queue: str,
@@ -184,15 +194,20 @@ def recover_dead_node_backup(client: redis.Redis, keys: Keys, dead_node: str, qu
     or that another monitor already handled, from losing its jobs. Returns
     ``(moved, poisoned)`` as ``recover_backup``.
     """
+    return _drain(lambda: scripts.heartbeat_re_enqueue_backup(
+        client,
+        [keys.backup(dead_node, queue), keys.queue(queue), keys.heartbeats],
+        [dead_node, expected_score, RECOVERY_BATCH, *policy.args(keys)],
+    ))
+
+
+def _drain(move_batch: Callable[[], Sequence[int]]) -> tuple[int, int]:
+    """Call a recovery script until the backup list is empty (or it moves nothing)."""
     moved = poisoned = 0
     while True:
-        remaining, count, bad = scripts.heartbeat_re_enqueue_backup(
-            client,
-            [keys.backup(dead_node, queue), keys.queue(queue), keys.heartbeats],
-            [dead_node, expected_score, RECOVERY_BATCH, *policy.args(keys)],
-        )
-        moved, poisoned = moved + int(count), poisoned + int(bad)
-        if int(remaining) == 0 or int(count) + int(bad) == 0:
+        remaining, count, bad = (int(n) for n in move_batch())
+        moved, poisoned = moved + count, poisoned + bad
+        if remaining == 0 or count + bad == 0:
             return moved, poisoned
 
 
@@ -200,8 +215,7 @@ POISON_CLASS = "JobCrashedWorker"
 """``error_class`` of a job moved to the dead set by ``bury_poison``."""
 
 
-def bury_poison(client: redis.Redis, keys: Keys, policy: RecoveryPolicy, dead_max_jobs: int,
-                dead_timeout_s: int) -> int:
+def bury_poison(client: redis.Redis, keys: Keys, policy: RecoveryPolicy) -> int:
     """Move every job of the poison list to the dead set, with the reason. Returns how many.
 
     Safe with several callers at once: each job is written to the dead set by
@@ -213,7 +227,7 @@ def bury_poison(client: redis.Redis, keys: Keys, policy: RecoveryPolicy, dead_ma
         payload = _poison_payload(data, policy.max_recoveries)
         at = now_seconds()
         buried += int(scripts.bury(client, [keys.poison, keys.dead], [
-            data, payload, repr(at), repr(at - dead_timeout_s), dead_max_jobs]))
+            data, payload, repr(at), repr(at - policy.dead_timeout_s), policy.dead_max_jobs]))
     return buried
 
 

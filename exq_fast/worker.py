@@ -16,7 +16,6 @@ exception from a middleware hook is logged and, before dispatch, fails the job.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import threading
@@ -30,7 +29,7 @@ from .job import Job, now_seconds
 from .middleware import Middleware, Pipeline, Services
 from .middleware.job import error_text
 from .middleware.manager import release
-from .queue import RECOVERY_TTL, RecoveryPolicy
+from .queue import RECOVERY_TTL, RecoveryPolicy, job_digest
 from .stats import Done, InFlight
 
 logger = logging.getLogger("exq_fast")
@@ -97,9 +96,8 @@ class WorkerServer:
 
     def _mark_started(self, raw: bytes) -> None:
         services = self.services
-        digest = hashlib.sha1(raw).hexdigest()
         try:
-            services.redis.set(services.keys.started(digest), 1, ex=RECOVERY_TTL)
+            services.redis.set(services.keys.started(job_digest(raw)), 1, ex=RECOVERY_TTL)
         except redis.exceptions.RedisError as exc:
             # Only poison detection loses a count: the job itself runs.
             logger.warning("could not mark a recovered job as started: %s", exc)

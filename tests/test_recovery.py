@@ -18,7 +18,7 @@ from exq_fast.keys import Keys
 from exq_fast.registry import Registry
 from tests.conftest import wait_for
 
-POLICY = queue.RecoveryPolicy(max_recoveries=3)
+POLICY = queue.RecoveryPolicy(max_recoveries=3, dead_max_jobs=100, dead_timeout_s=3600)
 
 
 def crash_with(client: redis.Redis, keys: Keys, node: str, raw: bytes,
@@ -48,7 +48,7 @@ def test_the_third_recovery_sends_the_job_to_dead(
     crash_with(redis_client, keys, "n1", raw)
     assert queue.recover_backup(redis_client, keys, "n1", "q", POLICY) == (0, 1)
     assert redis_client.llen(keys.queue("q")) == 0
-    assert queue.bury_poison(redis_client, keys, POLICY, 100, 3600) == 1
+    assert queue.bury_poison(redis_client, keys, POLICY) == 1
     [member] = redis_client.zrange(keys.dead, 0, -1)
     entry = json.loads(member)
     assert entry["jid"] == jid and entry["args"] == [1]
