@@ -79,33 +79,33 @@ return 0
 # rather than left to block every later page: the
 # worker then sends it to the dead set with its reason (bad input is never
 # dropped and never stops the scheduler).
-SCHEDULER_DEQUEUE = """
+# Move one member of a zset to the front of its own queue, only if this call's
+# ZREM removed it (so concurrent movers push each member once); returns 1 or 0.
+_MOVE_MEMBER = """
+local function move(zset, prefix, fallback, member)
+  if redis.call('ZREM', zset, member) == 0 then return 0 end
+  local ok, job = pcall(cjson.decode, member)
+  local queue = fallback
+  if ok and type(job) == 'table' and type(job['queue']) == 'string' then queue = job['queue'] end
+  redis.call('SADD', prefix .. 'queues', queue)
+  redis.call('LPUSH', prefix .. 'queue:' .. queue, member)
+  return 1
+end
+"""
+
+SCHEDULER_DEQUEUE = _MOVE_MEMBER + """
 local members = redis.call('ZRANGEBYSCORE', KEYS[1], 0, ARGV[2], 'LIMIT', 0, tonumber(ARGV[1]))
 local moved = 0
 for _, member in ipairs(members) do
-  local ok, job = pcall(cjson.decode, member)
-  local queue = ARGV[4]
-  if ok and type(job) == 'table' and type(job['queue']) == 'string' then queue = job['queue'] end
-  if redis.call('ZREM', KEYS[1], member) == 1 then
-    redis.call('SADD', ARGV[3] .. 'queues', queue)
-    redis.call('LPUSH', ARGV[3] .. 'queue:' .. queue, member)
-    moved = moved + 1
-  end
+  moved = moved + move(KEYS[1], ARGV[3], ARGV[4], member)
 end
 return {#members, moved}
 """
 
-SCHEDULER_DEQUEUE_JOBS = """
+SCHEDULER_DEQUEUE_JOBS = _MOVE_MEMBER + """
 local moved = 0
 for _, member in ipairs(ARGV) do
-  if redis.call('ZREM', KEYS[1], member) == 1 then
-    local ok, job = pcall(cjson.decode, member)
-    local queue = KEYS[3]
-    if ok and type(job) == 'table' and type(job['queue']) == 'string' then queue = job['queue'] end
-    redis.call('SADD', KEYS[2] .. 'queues', queue)
-    redis.call('LPUSH', KEYS[2] .. 'queue:' .. queue, member)
-    moved = moved + 1
-  end
+  moved = moved + move(KEYS[1], KEYS[2], KEYS[3], member)
 end
 return moved
 """
