@@ -71,6 +71,7 @@ class Manager:
         self.on_error = on_error
         self.poll_timeout = config.poll_timeout / 1000
         self.errors = 0
+        self._failing = False  # a fetch failed and none has succeeded since
         self.fetched: dict[str, int] = {}
         """Jobs fetched since start, per queue."""
         self.on_recovered: Callable[[str, str, int], None] | None = None
@@ -238,15 +239,13 @@ class Manager:
             self._unsure.update(name for name, _ in wanted)
             self._fetch_failed(exc)
             return self.poll_timeout * 10
-        if self.errors and self._failing:
+        if self._failing:
             logger.warning("fetching recovered")
         self._failing = False
         dispatched = 0
         for (name, _), fetched in zip(wanted, replies, strict=True):
             dispatched += self._dispatch(name, fetched)
         return 0.0 if dispatched else self.poll_timeout
-
-    _failing = False
 
     def _fetch_failed(self, exc: BaseException) -> None:
         self.errors += 1
