@@ -38,7 +38,7 @@ from redis.client import Pipeline
 
 from . import scripts
 from .config import Config
-from .connection import connect
+from .connection import connect, text
 from .job import InvalidJob, Job, decode, encode, loads, to_seconds
 from .keys import Keys, StatKind
 
@@ -178,7 +178,7 @@ class Api:
 
     def queues(self) -> list[str]:
         """The known queue names, sorted."""
-        return sorted(_text(m) for m in self._smembers(self.keys.queues))
+        return sorted(text(m) for m in self._smembers(self.keys.queues))
 
     def queue_sizes(self) -> dict[str, int]:
         """Jobs waiting in each known queue, by name (sorted)."""
@@ -600,7 +600,7 @@ class Api:
             return []
         values = cast(list[bytes | None], self.redis.mget(found))
         head = self.keys.stat_rt_prefix(kind).encode("utf-8")
-        pairs = [(_text(k[len(head):]), _int(v)) for k, v in zip(found, values, strict=True)
+        pairs = [(text(k[len(head):]), _int(v)) for k, v in zip(found, values, strict=True)
                  if v is not None and k.startswith(head)]
         return sorted(pairs)
 
@@ -619,7 +619,7 @@ class Api:
         for registry in self._registries():
             members = self._smembers(registry.key)
             legacy.update((m, None) for m in members if _legacy_record(m) is not None)
-            per_registry.append((registry, [_text(m) for m in members if m not in legacy]))
+            per_registry.append((registry, [text(m) for m in members if m not in legacy]))
         return per_registry, list(legacy)
 
     def _node_ids(self) -> tuple[list[str], list[bytes]]:
@@ -645,7 +645,7 @@ class Api:
         out: list[ProcessInfo] = []
         for index, node in enumerate(ids):
             merged = {**replies[2 * index + 1], **replies[2 * index]}  # :workers wins
-            out += [_process_info(node, _text(f), _bytes(v)) for f, v in merged.items()]
+            out += [_process_info(node, text(f), _bytes(v)) for f, v in merged.items()]
         return out
 
     def _dead_ids(self, ids: list[str]) -> list[str]:
@@ -667,7 +667,7 @@ class Api:
         for registry in self._registries():
             pipe.srem(registry.key, *legacy)
         pipe.execute()
-        return [_text(member) for member in legacy]
+        return [text(member) for member in legacy]
 
     def _node_keys(self, node: str) -> list[str]:
         return list(dict.fromkeys(r.node_key(node) for r in self._registries()))
@@ -704,10 +704,6 @@ def _lrem_one(pipe: Pipeline, key: str, raw: bytes) -> object:
 
 def _bytes(value: bytes | str) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else bytes(value)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def _int(value: object) -> int:
@@ -829,7 +825,7 @@ def _float(value: object) -> float | None:
 
 def _quiet(stored: bytes | None, info: dict[str, Any]) -> bool:
     if stored is not None:
-        return _text(stored) == "true"
+        return text(stored) == "true"
     return info.get("quiet") is True
 
 

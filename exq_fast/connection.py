@@ -52,3 +52,8 @@ def connect(config: Config, *, max_connections: int | None = None) -> redis.Redi
     return redis.Redis(
         host=config.redis_host, port=config.redis_port, db=config.redis_db, **kwargs
     )
+
+
+def text(value: bytes | str) -> str:
+    """A Redis reply as text (the client returns bytes; undecodable bytes replaced)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value

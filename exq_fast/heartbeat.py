@@ -25,6 +25,7 @@ from . import queue
 from ._version import __version__
 from .api import Api
 from .config import Config
+from .connection import text
 from .keys import Keys
 from .scheduler import BackgroundLoop, ErrorHook, Step
 
@@ -96,13 +97,9 @@ def rss_kb() -> int:
     return 0
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-
-
 def _score_text(value: bytes | str | float) -> str:
     """A score as Redis sent it (RESP2 bytes); a float (RESP3) as its exact repr."""
-    return repr(value) if isinstance(value, float) else _text(value)
+    return repr(value) if isinstance(value, float) else text(value)
 
 
 def _compact(value: object) -> str:
@@ -180,7 +177,7 @@ class NodePinger(BackgroundLoop):
         replies = pipe.execute()
         lists = replies[-2 * len(self._signal_keys)::2]
         # Senders LPUSH, so each LRANGE is newest first: reverse it.
-        return [_text(s) for signals in lists for s in reversed(signals)]
+        return [text(s) for signals in lists for s in reversed(signals)]
 
     def node_fields(self) -> dict[FieldT, EncodableT]:
         """The node hash: Exq's info/busy/beat/quiet plus Sidekiq's rss/rtt_us."""
@@ -308,7 +305,7 @@ class Heartbeat(BackgroundLoop):
         pairs = cast(list[tuple[bytes, str]], self.client.zrangebyscore(
             self.keys.heartbeats, 0, cutoff, withscores=True, score_cast_func=_score_text
         ))
-        nodes = [(_text(member), score) for member, score in pairs]
+        nodes = [(text(member), score) for member, score in pairs]
         return [(node, score) for node, score in nodes if node != self.node_id]
 
     def monitor(self) -> int:
@@ -341,9 +338,9 @@ class Heartbeat(BackgroundLoop):
     def _queues(self, node: str) -> list[str]:
         # Exq looks at the known and configured queues only; the node's own
         # backup lists are scanned too, so a queue nobody lists is not missed.
-        known = {_text(q) for q in self.client.smembers(self.keys.queues)}
+        known = {text(q) for q in self.client.smembers(self.keys.queues)}
         for key in self.client.scan_iter(match=self.keys.backup_pattern(node), count=1000):
-            name = self.keys.backup_queue(node, _text(key))
+            name = self.keys.backup_queue(node, text(key))
             if name:
                 known.add(name)
         return sorted(known | set(self.queue_names))

@@ -42,6 +42,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from .connection import text
 from .keys import Keys
 from .scripts import Script
 from .stats import Done
@@ -196,8 +197,8 @@ class _JobCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         p, labels = self.metrics.prefix, ["queue", "job_class"]
-        counters = {name: CounterMetricFamily(f"{p}jobs_{name}", text, labels=labels)
-                    for name, text in _COUNTER_HELP.items()}
+        counters = {name: CounterMetricFamily(f"{p}jobs_{name}", help_text, labels=labels)
+                    for name, help_text in _COUNTER_HELP.items()}
         duration = HistogramMetricFamily(f"{p}job_duration_seconds", "Time a job ran",
                                          labels=labels)
         latency = HistogramMetricFamily(f"{p}job_queue_latency_seconds",
@@ -320,7 +321,7 @@ class ClusterCollector(Collector):
         latency = GaugeMetricFamily(f"{p}queue_latency_seconds", "Age of the oldest waiting job",
                                     labels=["queue"])
         for name, length, at in sorted(queues):
-            queue = _text(name)
+            queue = text(name)
             size.add_metric([queue], int(length))
             latency.add_metric([queue], max(now - _seconds(at), 0.0) if at else 0.0)
         yield size
@@ -335,12 +336,8 @@ class ClusterCollector(Collector):
         yield GaugeMetricFamily(f"{p}busy_workers", "Jobs running, all nodes", value=int(busy))
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-
-
 def _seconds(value: bytes | str) -> float:
-    number = float(_text(value))
+    number = float(text(value))
     return number / 1000 if number > 1e11 else number  # Sidekiq 8 millis
 
 
