@@ -28,8 +28,9 @@ from exq_fast.keys import Keys
 
 T = TypeVar("T")
 
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT.parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+"""Payloads and Redis layouts written by real Exq 0.13.2, Exq 0.23.0 and Sidekiq 6.4.1
+processes, kept byte for byte (see fixtures/README.md)."""
 
 
 def wait_for(condition: Callable[[], T], timeout: float = 10.0, what: str = "",
