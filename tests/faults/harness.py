@@ -187,10 +187,21 @@ class Node:
         self.send(signal.SIGKILL)
         return self.process.wait(10)
 
-    def freeze(self) -> None:
-        """SIGSTOP, then a moment for any command already sent to reach Redis."""
+    def freeze(self, client: redis.Redis) -> None:
+        """SIGSTOP; return once the process is stopped and Redis has read what it sent.
+
+        The kernel reports the stop in ``/proc/<pid>/stat``; every byte the
+        process wrote before it is then in Redis's socket buffer, and two round
+        trips of ``client`` let Redis's event loop read and run those commands.
+        """
         self.send(signal.SIGSTOP)
-        time.sleep(0.05)
+        wait_until(self._stopped, 10, f"node {self.node_id} is stopped")
+        client.ping()
+        client.ping()
+
+    def _stopped(self) -> bool:
+        stat = Path(f"/proc/{self.pid}/stat").read_text(encoding="ascii", errors="replace")
+        return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
 
     def thaw(self) -> None:
         """SIGCONT."""
@@ -359,6 +370,22 @@ class Fleet:
         for payload in payloads:
             pipe.lpush(self.keys.queue(queue), payload)
         pipe.execute()
+
+    def freeze_busy(self, node: Node, timeout: float = 20.0) -> int:
+        """Freeze ``node`` at a moment when its backup lists hold jobs; return how many.
+
+        A node caught between two fetches has none in flight, which would make a
+        crash scenario test nothing: it is thawed and frozen again until it has.
+        """
+        def frozen_with_jobs() -> int:
+            node.freeze(self.client)
+            in_flight = self.backup_len(node.node_id)
+            if not in_flight:
+                node.thaw()
+            return in_flight
+
+        return wait_until(frozen_with_jobs, timeout, f"{node.node_id} frozen with jobs in flight",
+                          interval=0.005, detail=self.logs)
 
     def backup_len(self, node_id: str) -> int:
         """Jobs in every backup list of ``node_id`` (fetched, not acked)."""

@@ -21,8 +21,7 @@ def test_sigkill_mid_run_then_restart_with_same_node_id(fleet: Fleet) -> None:
     tags = fleet.enqueue(1500, sleep=0.01, prefix="kill")
     wait_until(lambda: len(fleet.ended()) >= 300, 20, "300 jobs ended")
     # When it is killed mid-run
-    node.freeze()
-    in_flight = fleet.backup_len("kill")
+    in_flight = fleet.freeze_busy(node)
     assert node.kill() == -9
     # Then a restart with the same node id re-runs what it had fetched, and the rest
     fleet.start_node("kill", queues=("q:20",))
@@ -35,7 +34,7 @@ def test_sigkill_mid_run_then_restart_with_same_node_id(fleet: Fleet) -> None:
 
 def test_heartbeat_monitor_recovers_a_dead_node_and_spares_a_live_one(fleet: Fleet) -> None:
     # Given a live node running 4 jobs of 5 s on its own queue
-    live = fleet.start_node("hb-live", queues=("long:4",), env=HEARTBEAT)
+    live = fleet.start_node("hb-live", queues=("long:4",), env=HEARTBEAT, metrics=True)
     live_tags = fleet.enqueue(4, queue="long", sleep=5.0, prefix="live")
     wait_until(lambda: fleet.recorder.llen(STARTS) >= 4, 15, "the live node's jobs started")
     # And a victim and a monitor sharing 1500 jobs of 10 ms, all three beating every 500 ms
@@ -44,15 +43,20 @@ def test_heartbeat_monitor_recovers_a_dead_node_and_spares_a_live_one(fleet: Fle
     tags = fleet.enqueue(1500, sleep=0.01, prefix="hb")
     wait_until(lambda: len(fleet.ended()) >= 200, 20, "200 jobs ended")
     # When the victim is killed and never restarted
-    victim.freeze()
-    in_flight = fleet.backup_len("hb-dead")
+    in_flight = fleet.freeze_busy(victim)
     victim.kill()
-    # Then the monitor re-enqueues its jobs while the live node's jobs still run
-    if in_flight:
-        wait_until(lambda: monitor.metric_sum("exq_jobs_recovered_total", reason="heartbeat"),
-                   15, "the monitor recovered the dead node's backup", detail=fleet.logs)
-        assert fleet.backup_len("hb-live") == 4
-        assert not (fleet.ended() & set(live_tags)), "the live jobs were still running"
+    # Then a surviving node (either one: both run the monitor) re-enqueues exactly the
+    # victim's backup while the live node's jobs still run
+    def recovered() -> float:
+        return sum(node.metric_sum("exq_jobs_recovered_total", reason="heartbeat")
+                   for node in (live, monitor))
+
+    wait_until(recovered, 15, "a surviving node recovered the dead node's backup",
+               detail=fleet.logs)
+    assert recovered() == in_flight
+    assert fleet.backup_len("hb-dead") == 0
+    assert fleet.backup_len("hb-live") == 4
+    assert not (fleet.ended() & set(live_tags)), "the live jobs were still running"
     fleet.wait_done(tags, 40)
     figures = fleet.account("SIGKILL, no restart: heartbeat monitor recovers", tags, in_flight,
                             "lost 0, dup <= in flight")
@@ -64,7 +68,8 @@ def test_heartbeat_monitor_recovers_a_dead_node_and_spares_a_live_one(fleet: Fle
                                  "never recovered: dup 0")
     assert (live_figures.lost, live_figures.duplicates) == (0, 0)
     assert {r["node"] for r in fleet.records() if r["tag"] in live_tags} == {"hb-live"}
-    assert "hb-live" not in monitor.stderr_text()
+    for survivor in (live, monitor):
+        assert "dead node 'hb-live'" not in survivor.stderr_text()
     assert live.alive
 
 

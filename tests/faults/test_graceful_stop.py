@@ -40,8 +40,7 @@ def test_sigterm_while_running_short_jobs_finishes_them(fleet: Fleet) -> None:
     tags = fleet.enqueue(1000, sleep=0.02, prefix="short")
     wait_until(lambda: len(fleet.ended()) >= 200, 20, "200 jobs ended")
     # When it gets SIGTERM mid-run (frozen first so the in-flight count is exact)
-    node.freeze()
-    in_flight = fleet.backup_len("short")
+    in_flight = fleet.freeze_busy(node)
     node.send(signal.SIGTERM)
     node.thaw()
     # Then it exits 0 with every job it had fetched finished and acked
@@ -63,7 +62,7 @@ def test_sigterm_with_jobs_longer_than_shutdown_timeout(fleet: Fleet) -> None:
     node = fleet.start_node("long", queues=("q:4",), shutdown_timeout=300)
     tags = fleet.enqueue(8, sleep=1.5, prefix="long")
     wait_until(lambda: fleet.recorder.llen(STARTS) >= 4, 15, "4 jobs started")
-    node.freeze()
+    node.freeze(fleet.client)
     interrupted = fleet.backup_len("long")
     started = {r["tag"] for r in fleet.records()}
     # When it gets SIGTERM

@@ -6,15 +6,12 @@ writes on purpose.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import pytest
 import redis
 
 from .conftest import MakeFleet
 from .faultworkers import ENDS
-from .harness import Fleet, wait_until
+from .harness import Fleet, Node, wait_until
 
 pytestmark = pytest.mark.fault
 
@@ -70,6 +67,8 @@ def test_out_of_memory_is_counted_and_drops_nothing(make_fleet: MakeFleet) -> No
     # And the node counts the failed writes in exq_redis_errors_total
     wait_until(lambda: node.metric_sum("exq_redis_errors_total") > 0, 15,
                "the node counted Redis errors", detail=fleet.logs)
+    wait_until(lambda: flush_errors(node) > 0, 15, "an ack batch was refused",
+               detail=fleet.logs)
     errors = {labels: value for (name, labels), value in node.metrics().items()
               if name == "exq_redis_errors_total"}
     print(f"[fault]   redis errors under OOM: {errors}")
@@ -90,7 +89,7 @@ def test_job_failing_under_out_of_memory_is_retried_not_lost(make_fleet: MakeFle
     fleet = make_fleet(extra_args=NOEVICTION, separate_recorder=True)
     # Given a node running a job that will fail after 1 s (3 retries allowed), its
     # in-progress record already written
-    node = fleet.start_node("oom-fail", queues=("q:5",))
+    node = fleet.start_node("oom-fail", queues=("q:5",), metrics=True)
     [tag] = fleet.enqueue(1, sleep=1.0, mode="fail", prefix="oom-fail",
                           options={"max_retries": 3})
     wait_until(lambda: fleet.client.hlen(fleet.keys.workers("oom-fail")) == 1, 15,
@@ -98,29 +97,26 @@ def test_job_failing_under_out_of_memory_is_retried_not_lost(make_fleet: MakeFle
     # When Redis runs out of memory before the job fails
     fill_memory(fleet)
     wait_until(lambda: tag in fleet.ended(), 15, "the job ended")
-    under_oom = poll(lambda: fleet.stat("failed") > 0, 3.0)
+    # Then the batch holding its failure is refused: nothing of it reaches Redis
+    wait_until(lambda: flush_errors(node) > 0, 15, "the failure's batch was refused",
+               detail=fleet.logs)
+    assert fleet.stat("failed") == 0
+    assert fleet.client.zcard(fleet.keys.retry) == 0
+    assert fleet.backup_len("oom-fail") == 1, "unacked while Redis refuses the batch"
+    # And once memory is freed the same batch lands whole: retry entry, ack and count
     free_memory(fleet)
     wait_until(lambda: fleet.stat("failed") == 1, 15, "the failure was flushed")
-    # Then the job is in the retry set (or, unacked, in the backup list to run again)
-    retry = fleet.client.zrange(fleet.keys.retry, 0, -1)
-    backup = fleet.backup_len("oom-fail")
     figures = fleet.account("job failing while Redis is at maxmemory", [tag], 1,
                             "in the retry set, not lost", retry_ok=[tag])
-    print(f"[fault]   flushed under OOM: {under_oom}; retry set {len(retry)}, backup {backup}, "
-          f"lost {figures.lost_tags}")
     assert node.alive
-    assert len(retry) == 1 or backup == 1, "the failed job is nowhere: acked, not retried"
+    assert fleet.client.zcard(fleet.keys.retry) == 1
+    assert fleet.backup_len("oom-fail") == 0
     assert figures.lost == 0
 
 
-def poll(condition: Callable[[], bool], seconds: float) -> bool:
-    """Poll ``condition`` for up to ``seconds``; its last value (no failure on timeout)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+def flush_errors(node: Node) -> float:
+    """Stats batches (acks and counts) the node's Redis refused."""
+    return node.metric_sum("exq_redis_errors_total", operation="stats_flush")
 
 
 def test_evicting_policy_logs_a_warning(make_fleet: MakeFleet) -> None:

@@ -48,6 +48,7 @@ def test_redis_restart_while_idle(durable_fleet: Fleet) -> None:
     assert fleet.stat("processed") == len(fleet.records(ENDS))
     errors = node.metric_sum("exq_redis_errors_total")
     print(f"[fault]   redis errors counted by the idle node during the outage: {errors:.0f}")
+    assert errors > 0, "the outage was seen and counted"
 
 
 def test_redis_restart_while_fully_busy(durable_fleet: Fleet) -> None:
@@ -57,8 +58,7 @@ def test_redis_restart_while_fully_busy(durable_fleet: Fleet) -> None:
     tags = fleet.enqueue(2000, sleep=0.01, prefix="busy")
     wait_until(lambda: len(fleet.ended()) >= 300, 20, "300 jobs ended")
     # When Redis crashes mid-run and comes back
-    node.freeze()
-    in_flight = fleet.backup_len("rr-busy")
+    in_flight = fleet.freeze_busy(node)
     fleet.server.kill()
     node.thaw()
     time.sleep(OUTAGE)
