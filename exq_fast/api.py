@@ -1,8 +1,8 @@
 """``Api``: Exq.Api for Python -- queues, retry/scheduled/dead sets, stats, nodes.
 
-Reads and writes only the keys of WIRE.md 1 (through ``Keys``), so it works on
-data written by exq-fast, Exq 0.13/0.23 or Sidekiq alike, in a named namespace
-or in the empty one (Sidekiq 7's layout, with Exq's ``:processes`` quirk).
+Reads and writes only the keys of docs/wire-format.md §2 (through ``Keys``),
+so it works on data written by exq-fast, Exq 0.13/0.23 or Sidekiq alike, in a
+named namespace or in the empty one (Sidekiq 7's layout, with Exq's ``:processes`` quirk).
 
 Tolerant: a member whose bytes are not a job is still listed (``Entry.job`` is
 None); an unknown queue lists nothing; a missing jid finds None and moves or

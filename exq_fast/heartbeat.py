@@ -1,10 +1,11 @@
 """Node registration (``NodePinger``) and Exq's dead-node monitor (``Heartbeat``).
 
-``NodePinger`` makes this process visible to Exq's Api / exq_ui (WIRE 3.6) and
-to the Sidekiq Web UI (WIRE 9.3) and delivers the signals they send.
-``Heartbeat`` is Exq's opt-in ``heartbeat_enable`` feature (WIRE 4.4): it
-beats into the heartbeats zset and re-enqueues the backups of nodes that
-stopped beating. Both run as ``BackgroundLoop`` threads (see ``scheduler``).
+``NodePinger`` makes this process visible to Exq's Api / exq_ui and to the
+Sidekiq Web UI (docs/wire-format.md §8.1-§8.3) and delivers the signals they
+send (§8.4). ``Heartbeat`` is Exq's opt-in ``heartbeat_enable`` feature
+(docs/wire-format.md §8.6): it beats into the heartbeats zset and
+re-enqueues the backups of nodes that stopped beating. Both run as
+``BackgroundLoop`` threads (see ``scheduler``).
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ def strip_elixir(name: str) -> str:
 
 
 def normalize_class(name: str) -> str:
-    """The name a worker is resolved by, as Exq resolves it (WIRE.md 2.4)."""
+    """The name a worker is resolved by, as Exq resolves it (docs/wire-format.md §3.4)."""
     name = strip_elixir(name).replace("::", ".")
     slash = name.find("/")
     return name if slash < 0 else name[:slash]

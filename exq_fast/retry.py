@@ -28,7 +28,7 @@ REENCODED_FIELDS = (
 
 
 def is_dead(job: Job, max_retries: int) -> bool:
-    """Exq's rule: is a job that just failed out of retries? (WIRE.md 5.1)."""
+    """Exq's rule: is a job that just failed out of retries? (docs/wire-format.md §6.2)."""
     attempt = job.retry_count + 1
     retry = job.retry
     if retry is True:
@@ -82,7 +82,7 @@ def snooze_commands(keys: Keys, job: Job, seconds: float,
 
 def dead_commands(keys: Keys, payload: bytes, max_jobs: int, timeout_s: int,
                   now: float | None = None) -> list[Command]:
-    """Add ``payload`` to the dead set, then trim it by age and size (WIRE.md 5.3)."""
+    """Add ``payload`` to the dead set, then trim it by age and size (docs/wire-format.md §6.4)."""
     at = now_seconds() if now is None else now
     return [
         ("ZADD", keys.dead, repr(at), payload),

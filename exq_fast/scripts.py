@@ -1,8 +1,9 @@
 """The Lua scripts exq-fast runs, each called by EVALSHA with an EVAL fallback.
 
-The scripts follow Exq's (WIRE.md 4.3) where Exq has one, so the keys touched
-and the bytes written are the same; ``fetch`` is exq-fast's own: it moves up to
-N jobs of every queue into this node's backup lists in one round trip.
+The scripts follow Exq's (docs/wire-format.md §10) where Exq has one, so the
+keys touched and the bytes written are the same; ``fetch`` is exq-fast's own:
+it moves up to N jobs of every queue into this node's backup lists in one
+round trip.
 
 ``load_all`` registers every script once at start; ``Script.__call__`` falls
 back to EVAL when Redis answers NOSCRIPT (after a restart or SCRIPT FLUSH),

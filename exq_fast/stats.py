@@ -63,7 +63,7 @@ class InFlight:
         self.written = False
 
     def record(self, host: str) -> bytes:
-        """Exq's in-progress JSON (WIRE.md 2.6); ``payload`` is the job as fetched."""
+        """Exq's in-progress JSON (docs/wire-format.md §8.3); ``payload`` is the job as fetched."""
         return encode({
             "host": host,
             "payload": self.raw.decode("utf-8", "replace"),
