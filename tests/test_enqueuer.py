@@ -15,7 +15,7 @@ import redis
 from exq_fast import Config, Conflict, Enqueuer
 from exq_fast.embedded import RedisServer
 from exq_fast.keys import Keys
-from tests.conftest import fixture_json, fixture_lines
+from tests.conftest import fixture_json, fixture_lines, wait_for
 
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 EXQ_JOB = json.loads(fixture_lines("exq-0.23.0/enqueued.jsonl")[0])
@@ -129,9 +129,7 @@ def test_unique_lock_expires(enqueuer: Enqueuer, redis_client: redis.Redis, keys
     first = enqueuer.enqueue("q", "W", [1], unique_for=0.3, unique_token="tok")
     assert isinstance(enqueuer.enqueue("q", "W", [1], unique_for=0.3, unique_token="tok"),
                       Conflict)
-    deadline = time.monotonic() + 5
-    while redis_client.exists(keys.unique("tok")) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: not redis_client.exists(keys.unique("tok")), what="the lock expired")
     third = enqueuer.enqueue("q", "W", [1], unique_for=0.3, unique_token="tok")
     assert isinstance(third, str) and third != first
     assert len(queued(redis_client, keys, "q")) == 2
