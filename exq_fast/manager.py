@@ -142,7 +142,8 @@ class Manager:
         """Start fetching ``queue`` (concurrency: int, None = unlimited, or the default).
 
         The queue's backup list is recovered only when none of its jobs runs
-        here, so a re-subscribe never duplicates running jobs (Exq #310).
+        here or waits for its ack, so a re-subscribe never duplicates a running
+        or finished job (Exq #310).
         """
         limit = self.config.concurrency if concurrency == "default" else concurrency
         if limit is not None and (not isinstance(limit, int) or limit < 1):
@@ -150,7 +151,8 @@ class Manager:
         with self._cond:
             state = self._states.setdefault(queue, QueueState(limit))
             state.limit = limit
-            idle = state.running == 0
+            with self._tracked_lock:
+                idle = state.running == 0 and not self._tracked.get(queue)
             if queue not in self._subscribed:
                 self._subscribed.insert(0, queue)  # Exq prepends new subscriptions
         if idle:

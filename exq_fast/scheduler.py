@@ -147,7 +147,7 @@ class BackgroundLoop:
 
 class Scheduler(BackgroundLoop):
     """Every ``scheduler_poll_timeout`` ms, moves the due members of ``schedule`` and
-    ``retry`` to the front of the line of their queues (LPUSH, as Exq).
+    ``retry`` to the back of the line of their queues (LPUSH, as Exq; fetch pops from the right).
 
     Any number of schedulers may run at once, in this process or others: a
     member is pushed only by the caller whose ZREM removed it. A member that is
