@@ -9,17 +9,23 @@
         exq.enqueue("default", "MyApp.Worker", [1, "welcome"])
         ...
 
-Start order: connect and load the scripts; delete this node's stale
+Start order: connect and load the scripts; claim the node id (refused while
+another live process holds it, see ``nodes``); delete this node's stale
 in-progress records; move this node's backup lists back to the front of their
 queues (jobs an earlier process with this node id fetched and never acked);
-then start the stats writer, the executor, the fetcher, the scheduler, the
-node pinger and (opt-in) the heartbeat.
+recover the backup lists of dead nodes (on this host: any whose process is
+gone, so a restart under a new id still re-runs its predecessor's jobs at
+once); then start the stats writer, the executor, the fetcher, the scheduler,
+the node pinger and the heartbeat with its dead-node monitor.
 
 Stop order (``stop()``, SIGTERM under ``exq-fast run``): stop fetching; wait up
 to ``shutdown_timeout`` for running jobs; stop the scheduler and heartbeat;
-flush the stats (the acks of every finished job); remove this node's registry
-entry and in-progress records. Jobs still running then stay in the backup
-list and run again at the next start: their late completion is not acked.
+flush the stats (the acks of every finished job); put the jobs still
+unfinished back at the front of their queues, uncounted (a graceful stop is
+not a crash: no job moves towards the poison limit); remove this node's
+records. The late completion of a job still running then is not acked. When
+Redis cannot be reached at the stop, the unfinished jobs stay in the backup
+list and are recovered by a restart or a live node's monitor.
 """
 
 from __future__ import annotations
@@ -36,10 +42,11 @@ from typing import Any
 import redis
 from prometheus_client import CollectorRegistry
 
-from . import scripts
+from . import nodes, scripts
+from . import queue as jobqueue
 from ._version import __version__
 from .config import Config
-from .connection import connect
+from .connection import connect, text
 from .enqueuer import Enqueuer, WorkerRef
 from .heartbeat import Heartbeat, NodePinger, RunningJob
 from .keys import Keys
@@ -78,6 +85,7 @@ class Exq:
                  metrics_registry: CollectorRegistry | None = None) -> None:
         self.config = config if config is not None else Config.from_env()
         self.keys = Keys(self.config.namespace)
+        self.identity = nodes.ProcessIdentity.current()
         self.registry = _registry(workers, allowed_modules)
         self.redis = client if client is not None else connect(self.config)
         self.enqueuer = Enqueuer(self.config, client=self.redis)
@@ -110,10 +118,11 @@ class Exq:
         self.server = WorkerServer(services, chain)
         self.scheduler = Scheduler(self.redis, self.keys, self.config, on_error=self._redis_error)
         self.pinger = NodePinger(self.redis, self.keys, self.config, _NodeState(self),
-                                 on_error=self._redis_error)
+                                 on_error=self._redis_error, identity=self.identity)
         self.heartbeat = Heartbeat(
             self.redis, self.keys, self.config, on_error=self._redis_error,
-            on_recovered=lambda node, queue, n: self._recovered(queue, "heartbeat", n))
+            on_recovered=lambda node, queue, n: self._recovered(queue, "heartbeat", n),
+            identity=self.identity)
         self.heartbeat.on_poisoned = lambda queue, n: self._recovered(queue, "poison", n)
         self.stopped = threading.Event()
         self._started = False
@@ -158,10 +167,14 @@ class Exq:
     def _start_node(self) -> None:
         scripts.load_all(self.redis)
         self._warn_eviction_policy()
+        nodes.claim(self.redis, self.keys, self.config.node_id, self.identity,
+                    self.heartbeat.window())
         self.redis.delete(self.keys.workers(self.config.node_id))
         recovered = self.manager.recover_backups()
         if recovered:
             logger.info("re-enqueued %d jobs from this node's backup lists", recovered)
+        # Dead nodes' jobs run again now, not at the monitor's first tick.
+        self.heartbeat.monitor()
         self.stats.start()
         self.manager.start()
         if self.config.scheduler_enable:
@@ -183,22 +196,70 @@ class Exq:
             self.heartbeat.stop()
             flushed = self.stats.stop()
             self.pinger.stop()
-            self._remove_node()
-            # Jobs not yet started are cancelled: they are in the backup list.
-            self.executor.shutdown(wait=False, cancel_futures=True)
-            if self.metrics_server is not None:
-                self.metrics_server.stop()
-            self.metrics.close()
-            self.redis.close()
-            self.stopped.set()
-            if not idle:
-                logger.warning("%d jobs still running after the shutdown timeout stay in the "
-                               "backup list", self.manager.busy())
+            running = len(self.server.running)
+            requeued = self._requeue_unfinished() if flushed else None
+            self._remove_node(forget=requeued is not None)
+            self._close()
+            self._log_unfinished(idle, running, requeued)
             return idle and flushed
 
-    def _remove_node(self) -> None:
+    def abort(self, budget: float = 0.8) -> tuple[int, int | None]:
+        """Forced stop (a second SIGTERM/SIGINT): within ``budget`` seconds, stop
+        fetching, flush the acks of finished jobs and put the unfinished ones back
+        at the front of their queues, uncounted. Returns (jobs running, jobs put
+        back, or None when that could not be done in time: they stay in the backup
+        list for a restart or a monitor). The caller then exits the process."""
+        done: list[int | None] = []
+
+        def work() -> None:
+            self.manager.unsubscribe_all()
+            self.stats.stop(timeout=budget / 2)
+            done.append(self._requeue_unfinished())
+
+        thread = threading.Thread(target=work, name="exq-abort", daemon=True)
+        thread.start()
+        thread.join(budget)
+        return len(self.server.running), (done[0] if done else None)
+
+    def _close(self) -> None:
+        # Jobs not yet started are cancelled: they were put back (or stay in the backup).
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        self.metrics.close()
+        self.redis.close()
+        self.stopped.set()
+
+    def _requeue_unfinished(self) -> int | None:
+        """Put every job left in this node's backup lists back at the front of its queue,
+        uncounted (see the module doc). None when Redis could not be reached."""
+        node = self.config.node_id
+        try:
+            backups = self.redis.scan_iter(match=self.keys.backup_pattern(node), count=1000)
+            names = {self.keys.backup_queue(node, text(key)) for key in backups}
+            return sum(jobqueue.requeue_backup(self.redis, self.keys, node, name)
+                       for name in names if name)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            # The jobs stay in the backup list: a restart or a monitor re-runs them.
+            logger.warning("could not put the unfinished jobs back at stop: %s", exc)
+            return None
+
+    @staticmethod
+    def _log_unfinished(idle: bool, running: int, requeued: int | None) -> None:
+        if not idle:
+            logger.warning("%d job(s) still running after the shutdown timeout", running)
+        if requeued:
+            logger.warning("%d unfinished job(s) put back at the front of their queues",
+                           requeued)
+        elif requeued is None:
+            logger.warning("unfinished jobs stay in this node's backup lists: a restart or "
+                           "another node's monitor runs them again")
+
+    def _remove_node(self, forget: bool) -> None:
         try:
             self.pinger.remove()
+            if forget:  # nothing of this node's is left: no monitor needs to know it
+                nodes.forget(self.redis, self.keys, self.config.node_id, self.identity.to_json())
         except (redis.exceptions.RedisError, OSError) as exc:
             # Redis is down: the node hash expires by itself (60 s TTL) and the
             # next start cleans this node's in-progress records.

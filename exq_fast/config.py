@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -114,8 +115,14 @@ def parse_queues(value: str | Sequence[QueueInput], default: int | None) -> tupl
 
 
 def default_node_id() -> str:
-    """The hostname, Exq's default node identifier."""
-    return socket.gethostname()
+    """An id no other process has: ``<hostname>:<pid>:<6 hex digits>`` (Sidekiq's form).
+
+    Exq uses the bare hostname, which two processes on one host would share
+    (and with it their backup lists). A restart gets a new id; the node it
+    replaces is known dead at once on the same host (see ``nodes``), so its
+    jobs are recovered at start-up all the same.
+    """
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,9 +163,10 @@ class Config:
     shutdown_timeout: int = 5000
     stats_flush_interval: int = 5
     stats_batch_size: int = 2000
-    # Heartbeats (Exq's opt-in dead-node monitor).
-    heartbeat_enable: bool = False
-    heartbeat_interval: int = 60000
+    # Heartbeats and the dead-node monitor (opt-in in Exq, with 60000 ms): on, so
+    # the jobs of a node that died elsewhere run again within about a minute.
+    heartbeat_enable: bool = True
+    heartbeat_interval: int = 5000
     missed_heartbeats_allowed: int = 5
     # Prometheus: /metrics on metrics_addr:metrics_port (None = no endpoint;
     # 0 = a free port); the cluster collector reads Redis-wide figures.

@@ -16,13 +16,13 @@ import os
 import socket
 import time
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, Protocol, cast
+from typing import NamedTuple, Protocol
 
 import redis
 from redis.client import Pipeline
 from redis.typing import EncodableT, FieldT
 
-from . import queue
+from . import nodes, queue
 from ._version import __version__
 from .api import Api
 from .config import Config
@@ -44,6 +44,9 @@ HEARTBEAT_RETRY_CAP = 5.0
 """After a failed heartbeat tick, retry after min(interval, this) seconds."""
 FORGET_ATTEMPTS = 5
 """Tries to drop a dead node's heartbeat when other nodes' beats keep racing us."""
+MIN_DEAD_WINDOW = 3 * PING_INTERVAL
+"""A node elsewhere is dead only after this long without any sign of life, whatever the
+heartbeat settings: its process record beats only every ``PING_INTERVAL``."""
 
 RecoveredHook = Callable[[str, str, int], None]
 """Called with ``(dead node, queue, jobs moved)`` after a dead node's backup is recovered."""
@@ -98,11 +101,6 @@ def rss_kb() -> int:
     return 0
 
 
-def _score_text(value: bytes | str | float) -> str:
-    """A score as Redis sent it (RESP2 bytes); a float (RESP3) as its exact repr."""
-    return repr(value) if isinstance(value, float) else text(value)
-
-
 def _compact(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
@@ -121,8 +119,10 @@ class NodePinger(BackgroundLoop):
     thread_name = "exq-node-pinger"
 
     def __init__(self, client: redis.Redis, keys: Keys, config: Config, state: NodeState,
-                 on_error: ErrorHook | None = None, *, interval: float = PING_INTERVAL) -> None:
+                 on_error: ErrorHook | None = None, *, interval: float = PING_INTERVAL,
+                 identity: nodes.ProcessIdentity | None = None) -> None:
         super().__init__(interval, on_error)
+        self.identity = identity or nodes.ProcessIdentity.current()
         self.client = client
         self.keys = keys
         self.state = state
@@ -167,6 +167,9 @@ class NodePinger(BackgroundLoop):
         """Write this node's registration in one MULTI/EXEC; return the signals read."""
         fields = self.node_fields()
         pipe = self.client.pipeline(transaction=True)
+        # Re-registered at every ping: a node a monitor took for dead (cut off
+        # from Redis for too long) is known again once it is back.
+        pipe.hset(self.keys.nodes, self.node_id, self.identity.to_json())
         for processes, node_key in self._registries:
             pipe.sadd(processes, self.node_id)
             pipe.hset(node_key(self.node_id), mapping=fields)
@@ -251,24 +254,31 @@ def _work_json(job: RunningJob) -> str:
 
 
 class Heartbeat(BackgroundLoop):
-    """Exq's heartbeat (``heartbeat_enable``): beats into ``R(heartbeats)`` and
-    re-enqueues the backups of nodes that missed ``missed_heartbeats_allowed``
-    beats, every ``heartbeat_interval`` ms.
+    """Beats into ``R(heartbeats)`` (Exq's ``heartbeat_enable``) and recovers dead nodes,
+    every ``heartbeat_interval`` ms.
 
-    Safe with any number of monitors: the recovery script moves jobs only while
-    the dead node's score is the one read, and each job is moved by one LPOP.
-    The application starts it only when ``config.heartbeat_enable`` is set.
+    A node is dead as ``nodes.judge`` says: on this machine as soon as its
+    process is gone; elsewhere after ``window()`` seconds without a heartbeat
+    or a process-record beat. Candidates are the nodes of exq-fast's registry
+    (whatever their own settings were) and the nodes with a heartbeat (Exq's).
+    Recovery moves a dead node's backup lists to the front of their queues.
+
+    Safe with any number of monitors: each batch of a recovery moves jobs only
+    while the dead node's registry entry (or, for an Exq node, its heartbeat
+    score) is the one judged, and each job is moved by one LPOP.
     """
 
     thread_name = "exq-heartbeat"
 
     def __init__(self, client: redis.Redis, keys: Keys, config: Config,
                  on_error: ErrorHook | None = None,
-                 on_recovered: RecoveredHook | None = None) -> None:
+                 on_recovered: RecoveredHook | None = None,
+                 identity: nodes.ProcessIdentity | None = None) -> None:
         super().__init__(config.heartbeat_interval / 1000.0, on_error)
         self.client = client
         self.keys = keys
         self.node_id = config.node_id
+        self.identity = identity or nodes.ProcessIdentity.current()
         self.queue_names = config.queue_names
         self.missed_heartbeats_allowed = config.missed_heartbeats_allowed
         self.policy = queue.RecoveryPolicy.of(config)
@@ -285,6 +295,10 @@ class Heartbeat(BackgroundLoop):
         the node beats again as soon as Redis is back and is not taken for dead."""
         return min(self.interval, HEARTBEAT_RETRY_CAP)
 
+    def window(self) -> float:
+        """Seconds without a sign of life after which a node elsewhere is dead."""
+        return max(self.interval * (self.missed_heartbeats_allowed + 1), MIN_DEAD_WINDOW)
+
     def run_once(self) -> int:
         """Beat, then recover dead nodes; return the number of jobs re-enqueued."""
         self.beat()
@@ -299,35 +313,38 @@ class Heartbeat(BackgroundLoop):
         pipe.execute()
         return score
 
-    def dead_nodes(self, now: float | None = None) -> list[tuple[str, str]]:
-        """``(node, score string)`` of the other nodes whose last beat is too old."""
-        now = time.time() if now is None else now
-        cutoff = max(0.0, now - self.interval * (self.missed_heartbeats_allowed + 1))
-        pairs = cast(list[tuple[bytes, str]], self.client.zrangebyscore(
-            self.keys.heartbeats, 0, cutoff, withscores=True, score_cast_func=_score_text
-        ))
-        nodes = [(text(member), score) for member, score in pairs]
-        return [(node, score) for node, score in nodes if node != self.node_id]
+    def dead_nodes(self, now: float | None = None) -> list[nodes.NodeRecord]:
+        """The other nodes that are dead now (see the class doc)."""
+        records = nodes.read_records(self.client, self.keys)
+        window = self.window()
+        return [record for name, record in records.items() if name != self.node_id
+                and nodes.judge(record.identity, record.last_beat, me=self.identity,
+                                window=window, now=now) is nodes.Liveness.DEAD]
 
     def monitor(self) -> int:
         """Recover every dead node; return the number of jobs re-enqueued."""
-        return sum(self.recover_node(node, score) for node, score in self.dead_nodes())
+        return sum(self.recover_node(record) for record in self.dead_nodes())
 
-    def recover_node(self, node: str, expected_score: str) -> int:
-        """Move ``node``'s backups to the front of their queues, then drop its
-        workers hash and heartbeat, all only while its score is ``expected_score``."""
+    def recover_node(self, record: nodes.NodeRecord) -> int:
+        """Move a dead node's backups to the front of their queues, then forget it, all
+        only while its registry entry (or heartbeat score) is the one judged."""
         moved = 0
-        for name in self._queues(node):
-            count, poisoned = queue.recover_dead_node_backup(
-                self.client, self.keys, node, name, expected_score, self.policy
-            )
+        for name in self._queues(record.node_id):
+            count, poisoned = self._recover_queue(record, name)
             if count:
-                self._recovered(node, name, count)
+                self._recovered(record.node_id, name, count)
             if poisoned:
-                self._poisoned(node, name, poisoned)
+                self._poisoned(record.node_id, name, poisoned)
             moved += count
-        self._forget(node, expected_score)
+        self._forget(record)
         return moved
+
+    def _recover_queue(self, record: nodes.NodeRecord, name: str) -> tuple[int, int]:
+        if record.entry is not None:
+            return queue.recover_registered_backup(self.client, self.keys, record.node_id,
+                                                   name, record.entry, self.policy)
+        return queue.recover_dead_node_backup(self.client, self.keys, record.node_id, name,
+                                              repr(record.heartbeat), self.policy)
 
     def _poisoned(self, node: str, name: str, count: int) -> None:
         logger.warning("heartbeat_monitor: %d job(s) of dead node %r recovered %d times go "
@@ -357,20 +374,22 @@ class Heartbeat(BackgroundLoop):
             # The jobs are already back in their queue; a broken hook changes nothing.
             logger.exception("heartbeat_monitor: on_recovered hook failed")
 
-    def _forget(self, node: str, expected_score: str) -> bool:
-        # WATCH/MULTI rather than Exq's bare ZREM: if the node beat again since
-        # its score was read, it is alive and keeps its heartbeat and workers
-        # hash. Any beat of any node aborts the EXEC (WatchError): try again.
+    def _forget(self, record: nodes.NodeRecord) -> bool:
+        if record.entry is not None:
+            return nodes.forget(self.client, self.keys, record.node_id, record.entry)
+        # An Exq node: WATCH/MULTI rather than Exq's bare ZREM: if the node beat
+        # again since its score was read, it is alive and keeps its heartbeat and
+        # workers hash. Any beat of any node aborts the EXEC (WatchError): retry.
         for _ in range(FORGET_ATTEMPTS):
             with self.client.pipeline(transaction=True) as pipe:
                 try:
-                    return self._forget_watched(pipe, node, float(expected_score))
+                    return self._forget_watched(pipe, record.node_id, record.heartbeat)
                 except redis.WatchError:
                     continue
         # Still racing: the member stays and the next monitor tick retries.
         return False
 
-    def _forget_watched(self, pipe: Pipeline, node: str, expected: float) -> bool:
+    def _forget_watched(self, pipe: Pipeline, node: str, expected: float | None) -> bool:
         pipe.watch(self.keys.heartbeats)  # type: ignore[no-untyped-call]
         if pipe.zscore(self.keys.heartbeats, node) != expected:
             return False  # beat again (alive), or another monitor already forgot it
@@ -379,3 +398,4 @@ class Heartbeat(BackgroundLoop):
         pipe.zrem(self.keys.heartbeats, node)
         pipe.execute()
         return True
+

@@ -27,6 +27,7 @@ P(recoveries:<sha1>)            STRING  times a job was recovered from a backup 
 P(suspects)                     ZSET    digests of recovered jobs, by time (exq-fast)
 P(started:<sha1>)               STRING  a recovered job was seen starting (exq-fast)
 P(poison)                       LIST    jobs recovered too often, on their way to dead
+P(nodes)                        HASH    node id -> process identity JSON (exq-fast)
 P(processes), P(<id>),          Sidekiq's process registry; identical to the
 P(<id>:work)                    R() forms unless the namespace is empty
 ==============================  ======  ==========================================
@@ -168,6 +169,11 @@ class Keys:
     def poison(self) -> str:
         """Jobs recovered ``max_recoveries`` times, on their way to the dead set."""
         return self.prefix + "poison"
+
+    @property
+    def nodes(self) -> str:
+        """exq-fast's registry of nodes that may own backup lists (see ``nodes``)."""
+        return self.prefix + "nodes"
 
     def batch_marker(self, node_id: str) -> str:
         """exq-fast's record of the last stats batch ``node_id`` applied (1 h TTL)."""

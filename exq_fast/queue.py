@@ -201,6 +201,26 @@ def recover_dead_node_backup(client: redis.Redis, keys: Keys, dead_node: str, qu
     ))
 
 
+def requeue_backup(client: redis.Redis, keys: Keys, node_id: str, queue: str) -> int:
+    """Put this node's unfinished jobs of ``queue`` back at the front, at a stop.
+
+    Unlike ``recover_backup`` nothing is counted: a job interrupted by a
+    graceful stop never moves towards the poison limit. Returns how many moved.
+    """
+    return recover_backup(client, keys, node_id, queue, RecoveryPolicy(max_recoveries=0))[0]
+
+
+def recover_registered_backup(client: redis.Redis, keys: Keys, dead_node: str, queue: str,
+                              entry: bytes, policy: RecoveryPolicy) -> tuple[int, int]:
+    """Re-enqueue a dead node's backup of ``queue``, only while its registry entry is
+    ``entry`` (a process that claimed the id since keeps its jobs); as ``recover_backup``."""
+    return _drain(lambda: scripts.registered_re_enqueue_backup(
+        client,
+        [keys.backup(dead_node, queue), keys.queue(queue), keys.nodes],
+        [dead_node, entry, RECOVERY_BATCH, *policy.args(keys)],
+    ))
+
+
 def _drain(move_batch: Callable[[], Sequence[int]]) -> tuple[int, int]:
     """Call a recovery script until the backup list is empty (or it moves nothing)."""
     moved = poisoned = 0

@@ -48,18 +48,50 @@ class _Status:
         sys.stderr.flush()
 
 
+FORCED_STOP_BUDGET = 0.8
+"""Seconds a forced stop spends putting unfinished jobs back before the process exits."""
+
+
+def _force_stop(exq: Exq, name: str) -> None:
+    """The second SIGTERM/SIGINT: exit at once (see ``Exq.abort``); never returns."""
+    logger.warning("received %s again: stopping at once", name)
+    running, requeued = exq.abort(FORCED_STOP_BUDGET)
+    if requeued is not None:
+        logger.warning("forced stop: %d job(s) were running; %d unfinished job(s) put back at "
+                       "the front of their queues", running, requeued)
+    else:
+        logger.warning("forced stop: %d job(s) were running; the unfinished jobs stay in this "
+                       "node's backup lists, to run again at a restart or by another node",
+                       running)
+    logging.shutdown()
+    os._exit(1)
+
+
 def run(config: Config, worker_modules: Sequence[str]) -> int:
-    """Run a node until SIGTERM/SIGINT (or a TERM signal through Redis); 0 on a clean stop."""
+    """Run a node until SIGTERM/SIGINT (or a TERM signal through Redis); 0 on a clean stop.
+
+    A second SIGTERM/SIGINT during the graceful stop stops at once; SIGTSTP
+    quiets the node (no more fetching), as Sidekiq's TSTP.
+    """
     import_worker_modules(worker_modules)
     stop = threading.Event()
+    exq = Exq(config)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        logger.info("received %s: stopping", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            _force_stop(exq, name)
+        logger.info("received %s: stopping gracefully (send it again to stop at once)", name)
         stop.set()
+
+    def on_quiet(signum: int, frame: FrameType | None) -> None:
+        logger.info("received SIGTSTP: quiet (no more fetching)")
+        exq.unsubscribe_all()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    exq = Exq(config).start()
+    signal.signal(signal.SIGTSTP, on_quiet)
+    exq.start()
     logger.info("exq-fast node %s consuming %s (namespace %r)", config.node_id,
                 ", ".join(exq.subscriptions()), config.namespace)
     status = _Status(exq) if sys.stderr.isatty() else None

@@ -166,6 +166,37 @@ end
 local limit, max, prefix, ttl, poison, now = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5],
   tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])""" + _MOVE_FRONT
 
+# KEYS [backup, queue, nodes], ARGV [node, expected_entry, limit, max, prefix, ttl,
+# poison_list, now]: moves only while the node's registry entry is expected_entry,
+# so a process that claimed the id again (a restart) keeps what it fetches.
+REGISTERED_RE_ENQUEUE_BACKUP = """
+if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then
+  return {0, 0, 0}
+end
+local limit, max, prefix, ttl, poison, now = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5],
+  tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])""" + _MOVE_FRONT
+
+# Claim a node id: KEYS [nodes], ARGV [node, expected ('' = no entry), entry].
+# Replaces the entry only if it is still the one the caller judged stale.
+CLAIM_NODE = """
+if (redis.call('HGET', KEYS[1], ARGV[1]) or '') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+
+# Forget a node: KEYS [nodes, heartbeats, processes, sidekiq processes, then keys
+# to delete], ARGV [node, entry]; only while its registry entry is ``entry``
+# (this process's own at a stop, or the dead node's as judged by a monitor).
+RELEASE_NODE = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('SREM', KEYS[4], ARGV[1])
+for i = 5, #KEYS do redis.call('DEL', KEYS[i]) end
+return 1
+"""
+
 # Move one job from the poison list to the dead set, once: only the caller
 # whose LREM removed it writes the dead entry.
 # KEYS [poison, dead], ARGV [raw, payload, now, cutoff, max_jobs]
@@ -275,6 +306,10 @@ scheduler_dequeue = Script("scheduler_dequeue", SCHEDULER_DEQUEUE)
 scheduler_dequeue_jobs = Script("scheduler_dequeue_jobs", SCHEDULER_DEQUEUE_JOBS)
 mlpop_rpush = Script("mlpop_rpush", MLPOP_RPUSH)
 heartbeat_re_enqueue_backup = Script("heartbeat_re_enqueue_backup", HEARTBEAT_RE_ENQUEUE_BACKUP)
+registered_re_enqueue_backup = Script("registered_re_enqueue_backup",
+                                      REGISTERED_RE_ENQUEUE_BACKUP)
+claim_node = Script("claim_node", CLAIM_NODE)
+release_node = Script("release_node", RELEASE_NODE)
 fetch = Script("fetch", FETCH)
 apply_batch = Script("apply_batch", APPLY_BATCH)
 bury = Script("bury", BURY)
@@ -288,6 +323,9 @@ ALL = (
     scheduler_dequeue_jobs,
     mlpop_rpush,
     heartbeat_re_enqueue_backup,
+    registered_re_enqueue_backup,
+    claim_node,
+    release_node,
     fetch,
     apply_batch,
     bury,

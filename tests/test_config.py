@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -20,9 +21,14 @@ def test_defaults_are_exqs() -> None:
     assert (config.dead_max_jobs, config.dead_timeout_in_seconds) == (10000, 180 * 24 * 3600)
     assert config.shutdown_timeout == 5000
     assert config.stats_batch_size == 2000
-    assert (config.heartbeat_enable, config.heartbeat_interval) == (False, 60000)
+    # Not Exq's: the dead-node monitor is on, so a dead node's jobs run again within a
+    # minute, and the node id is unique per process (Exq's hostname is shared by every
+    # process of a host, and with it the backup lists)
+    assert (config.heartbeat_enable, config.heartbeat_interval) == (True, 5000)
     assert config.missed_heartbeats_allowed == 5
-    assert config.node_id == socket.gethostname()
+    host, pid, token = config.node_id.rsplit(":", 2)
+    assert (host, int(pid), len(token)) == (socket.gethostname(), os.getpid(), 6)
+    assert Config().node_id != config.node_id
     assert config.redis_url is None and config.redis_port == 6379
 
 

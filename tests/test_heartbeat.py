@@ -22,7 +22,7 @@ from exq_fast import queue
 from exq_fast.api import Api
 from exq_fast.config import Config
 from exq_fast.embedded import RedisServer, free_port
-from exq_fast.heartbeat import Heartbeat, NodePinger, RunningJob
+from exq_fast.heartbeat import MIN_DEAD_WINDOW, Heartbeat, NodePinger, RunningJob
 from exq_fast.keys import Keys
 from tests.conftest import fixture_json, wait_for
 
@@ -126,7 +126,9 @@ def test_a_ping_writes_the_node_keys_exq_writes(
     node_keys = {keys.processes, keys.node(node_id)}
     assert node_keys <= exq_names
     # ... the workers hash and backups are the worker's; the pinger adds Sidekiq's work hash
-    assert ours == node_keys | {keys.sidekiq_work(node_id)}
+    # and exq-fast's registry entry (which lets any node recover this one's jobs if it dies)
+    assert ours == node_keys | {keys.sidekiq_work(node_id), keys.nodes}
+    assert redis_client.hkeys(keys.nodes) == [node_id.encode()]
     assert redis_client.smembers(keys.processes) == {node_id.encode()}
     # ... with Exq's hash fields (plus Sidekiq's rss / rtt_us) and TTL
     node = {text(k): text(v) for k, v in redis_client.hgetall(keys.node(node_id)).items()}
@@ -212,7 +214,7 @@ def test_empty_namespace_writes_both_the_exq_and_the_sidekiq_keys(
     pinger.run_once()
     # Then both registries, both hashes and the work hash exist
     assert all_keys(private_client) == {
-        ":processes", "processes", f":{node_id}", node_id, f"{node_id}:work"}
+        ":processes", "processes", f":{node_id}", node_id, f"{node_id}:work", "nodes"}
     for registry in (":processes", "processes"):
         assert private_client.smembers(registry) == {node_id.encode()}
     exq_hash = private_client.hgetall(f":{node_id}")
@@ -239,8 +241,9 @@ def test_empty_namespace_reads_both_signal_lists_and_remove_clears_both_forms(
     # When the node stops gracefully (its workers hash written by the worker meanwhile)
     private_client.hset(keys.workers(node_id), "#PID<0.1.0>", "{}")
     pinger.remove()
-    # Then none of its keys remain
-    assert all_keys(private_client) == set()
+    # Then none of its keys remain but its registry entry, which the node drops once its
+    # unfinished jobs are back in their queues
+    assert all_keys(private_client) == {keys.nodes}
 
 
 def test_signals_reach_the_node_oldest_first_and_are_trimmed(
@@ -353,9 +356,10 @@ def test_remove_deletes_this_nodes_keys_only(
     redis_client.sadd(keys.processes, "other-node")
     # When it stops gracefully
     pinger.remove()
-    # Then its registration, hashes and work are gone; the other node stays
+    # Then its registration, hashes and work are gone; the other node stays (and the
+    # registry entry, the node's to drop once its unfinished jobs are back)
     assert redis_client.smembers(keys.processes) == {b"other-node"}
-    assert namespace_keys(redis_client, keys) == {keys.processes}
+    assert namespace_keys(redis_client, keys) == {keys.processes, keys.nodes}
 
 
 def test_the_pinger_thread_pings_at_once(
@@ -502,14 +506,16 @@ def test_a_node_that_beat_again_after_the_read_is_untouched(
     # Given a node seen dead at score 100 ...
     backups = kill_node(redis_client, keys, "back-node", {"q1": 5})
     hb = Heartbeat(redis_client, keys, hb_config)
-    [(node, stale_score)] = hb.dead_nodes()
-    assert (node, float(stale_score)) == ("back-node", 100.0)
+    [record] = hb.dead_nodes()
+    node, stale_score = record.node_id, record.heartbeat
+    assert (node, stale_score) == ("back-node", 100.0)
     # ... that beats again before the monitor acts on what it read
     fresh = time.time()
     redis_client.zadd(keys.heartbeats, {"back-node": fresh})
     # When the recovery runs with the stale score
-    moved = hb.recover_node(node, stale_score)
-    direct, _ = queue.recover_dead_node_backup(redis_client, keys, node, "q1", stale_score)
+    moved = hb.recover_node(record)
+    direct, _ = queue.recover_dead_node_backup(redis_client, keys, node, "q1",
+                                               repr(stale_score))
     # Then nothing moved and the node keeps its backup, workers hash and new beat
     assert moved == direct == 0
     assert redis_client.lrange(keys.backup("back-node", "q1"), 0, -1) == backups["q1"]
@@ -520,17 +526,18 @@ def test_a_node_that_beat_again_after_the_read_is_untouched(
 def test_the_monitor_never_recovers_its_own_node_and_honours_the_allowance(
     redis_client: redis.Redis, keys: Keys, hb_config: Config, node_id: str
 ) -> None:
-    # Given our own node with an old score, one just inside the allowance, one outside
-    now = time.time()
-    redis_client.zadd(keys.heartbeats, {node_id: 100.0, "late-node": now - 1.5,
-                                        "gone-node": now - 2.5})
+    # Given our own node with an old score, one just inside the window, one outside; the
+    # window is interval x (missed + 1) = 2 s, but never under 3 process pings (15 s)
     hb = Heartbeat(redis_client, keys, hb_config)
-    # Then only the node past interval x (missed + 1) = 2 s counts as dead
-    assert [node for node, _ in hb.dead_nodes(now)] == ["gone-node"]
-    # And its score is the text Redis returned, usable as the script's expected score
-    [(_, score)] = hb.dead_nodes(now)
-    assert isinstance(score, str) and float(score) == redis_client.zscore(keys.heartbeats,
-                                                                          "gone-node")
+    assert hb.window() == MIN_DEAD_WINDOW == 15.0
+    now = time.time()
+    redis_client.zadd(keys.heartbeats, {node_id: 100.0, "late-node": now - 14.5,
+                                        "gone-node": now - 15.5})
+    # Then only the node past the window counts as dead
+    assert [record.node_id for record in hb.dead_nodes(now)] == ["gone-node"]
+    # And its score is the one Redis holds, usable as the script's expected score
+    [record] = hb.dead_nodes(now)
+    assert record.heartbeat == redis_client.zscore(keys.heartbeats, "gone-node")
 
 
 def test_two_monitors_at_once_recover_each_job_exactly_once(

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.fault
 HEARTBEAT = {"EXQ_HEARTBEAT_ENABLE": "true", "EXQ_HEARTBEAT_INTERVAL": "500",
              "EXQ_MISSED_HEARTBEATS_ALLOWED": "3"}
 HEARTBEAT_TIMEOUT = 2.0
-"""Seconds without a beat after which the monitor may take a node for dead."""
+"""Seconds without a heartbeat after which Exq's monitor would take a node for dead."""
 
 
 def start_pair(fleet: Fleet, concurrency: int) -> tuple[TcpProxy, Node, Node]:
@@ -80,24 +80,22 @@ def test_short_cut_recovers_nothing(fleet: Fleet) -> None:
     assert node.metric_sum("exq_redis_errors_total") > 0, "the cut was seen and counted"
 
 
-@pytest.mark.slow  # a fixed 4 s fault: near 10 s on a loaded 2-core machine
-def test_long_cut_lets_the_monitor_recover(fleet: Fleet) -> None:
+def test_long_silent_cut_is_not_taken_for_death(fleet: Fleet) -> None:
     # Given a node behind a proxy running 600 jobs of 50 ms, 10 at a time
     proxy, node, monitor = start_pair(fleet, 10)
     tags = fleet.enqueue(600, sleep=0.05, prefix="long-cut")
     wait_until(lambda: len(fleet.ended()) >= 100, 20, "100 jobs ended")
-    # When its link goes silent for 4 s (longer than the 2 s heartbeat timeout)
+    # When its link goes silent for 4 s (twice its 2 s heartbeat allowance)
     in_flight = cut_for(fleet, proxy, "net", 4.0, blackhole=True)
-    # Then the monitor re-enqueued the node's in-flight jobs, and nothing is lost
     assert in_flight > 0, "the cut caught no job in flight: nothing was tested"
+    # Then the monitor took nothing from it (its process runs on this host, so it is alive
+    # whatever its heartbeat says), and every job ran exactly once
     fleet.wait_done(tags, 60)
-    recovered = recovered_by(monitor)
-    print(f"[fault]   the monitor recovered {recovered:.0f} of {in_flight} in-flight jobs")
-    assert 0 < recovered <= in_flight
-    figures = fleet.account("connection cut 4 s, silent (> heartbeat timeout)", tags,
-                            in_flight, "lost 0, dup <= in flight")
+    assert recovered_by(monitor) == 0, monitor.stderr_text()
+    figures = fleet.account("connection cut 4 s, silent (> heartbeat allowance)", tags,
+                            in_flight, "lost 0, dup 0: a live node is never recovered")
     assert figures.lost == 0, figures.lost_tags
-    assert figures.duplicates <= in_flight, figures.duplicated_tags
+    assert figures.duplicates == 0, figures.duplicated_tags
     assert node.alive and monitor.alive
 
 
