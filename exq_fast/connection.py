@@ -6,8 +6,15 @@ import ssl
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .config import Config
+
+
+def no_retry() -> Retry:
+    """The retry policy of every client exq-fast builds: none (see ``connection_kwargs``)."""
+    return Retry(NoBackoff(), 0)
 
 
 def connection_kwargs(config: Config) -> dict[str, Any]:
@@ -16,7 +23,19 @@ def connection_kwargs(config: Config) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
+        # A failed health-check PING raises before the command is written: the
+        # command is never sent, so it is never sent twice.
         "health_check_interval": 30,
+        # redis-py must never re-send a command after a timeout or a dropped
+        # connection: Redis may already have run the first copy. The fetch
+        # script is not idempotent; a re-sent fetch moves a second batch while
+        # the jobs of the first, whose reply is never read, are stranded in the
+        # backup list until the node restarts (issue 11). redis-py gives a client
+        # built from host and port 10 retries by default (and one from a URL with
+        # ?retry_on_timeout 1), so the policy is explicit on every path. Retrying
+        # is exq-fast's decision: the manager's fetch backoff and reconciliation,
+        # the stats writer's idempotent batches. No retry_on_error/retry_on_timeout.
+        "retry": no_retry(),
     }
     if config.redis_username is not None:
         kwargs["username"] = config.redis_username
@@ -46,7 +65,11 @@ def connect(config: Config, *, max_connections: int | None = None) -> redis.Redi
         url = config.redis_url
         if config.redis_tls and url.startswith("redis://"):
             url = "rediss://" + url[len("redis://"):]
-        return redis.Redis.from_url(url, **kwargs)
+        client = redis.Redis.from_url(url, **kwargs)
+        # A URL's query string wins over keyword arguments in redis-py (?retry=...):
+        # set the policy again on the pool, for every connection it makes.
+        client.set_retry(no_retry())
+        return client
     if config.redis_tls:
         kwargs["ssl"] = True
     return redis.Redis(

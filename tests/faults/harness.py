@@ -36,6 +36,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar, cast
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -290,19 +291,30 @@ class Fleet:
     def start_node(self, node_id: str, queues: Sequence[str] = ("q:20",), *,
                    redis_url: str | None = None, env: dict[str, str] | None = None,
                    shutdown_timeout: int = 5000, metrics: bool = False,
-                   wait: bool = True) -> Node:
-        """Start ``exq-fast run`` for ``node_id``; by default wait until it is registered."""
+                   wait: bool = True, host_port: bool = False) -> Node:
+        """Start ``exq-fast run`` for ``node_id``; by default wait until it is registered.
+
+        ``host_port``: address Redis as a bare ``exq-fast run`` does, by
+        ``EXQ_REDIS_HOST``/``EXQ_REDIS_PORT``/``EXQ_REDIS_DB`` (taken from the
+        URL) and no ``--redis-url``.
+        """
         self._starts += 1
         run_env = {k: v for k, v in os.environ.items()
                    if not k.startswith(("EXQ_", "FAULT_")) and k != "REDIS_URL"}
         run_env.update(BASE_ENV)
+        url = urlsplit(redis_url or self.url)
+        if host_port:
+            run_env.update(EXQ_REDIS_HOST=url.hostname or "127.0.0.1",
+                           EXQ_REDIS_PORT=str(url.port or 6379),
+                           EXQ_REDIS_DB=url.path.strip("/") or "0")
         run_env.update(env or {})
         python_path = [str(FAULTS_DIR), run_env.get("PYTHONPATH", "")]
         run_env.update(PYTHONPATH=os.pathsep.join(p for p in python_path if p),
                        PYTHONUNBUFFERED="1", FAULT_RECORD_URL=self.record_url,
                        FAULT_NODE=node_id)
         metrics_port = free_port() if metrics else None
-        args = [sys.executable, "-m", "exq_fast", "run", "--redis-url", redis_url or self.url,
+        address = [] if host_port else ["--redis-url", redis_url or self.url]
+        args = [sys.executable, "-m", "exq_fast", "run", *address,
                 "--namespace", self.namespace, "--workers", "faultworkers",
                 "--node-id", node_id, "--shutdown-timeout", str(shutdown_timeout)]
         for queue in queues:

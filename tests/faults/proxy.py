@@ -6,9 +6,13 @@
         proxy.cut()            # close every connection; new ones are refused
         proxy.restore()        # accept and forward again (same port)
         proxy.delay(0.05)      # 50 ms before every chunk is forwarded, both ways
+        proxy.swallow_replies()  # forward requests, drop every reply, until restore()
 
 ``cut(blackhole=True)`` accepts new connections but never forwards a byte on
-them (a silent network) until ``restore()`` closes them. The proxy stops by
+them (a silent network) until ``restore()`` closes them. ``swallow_replies()``
+forwards client->server bytes but drops server->client ones (the commands run,
+their replies are lost), on open and new connections; ``restore()`` closes the
+connections that lost a reply (their stream is out of step). The proxy stops by
 itself after ``max_lifetime`` seconds, so a test that forgets it cannot leave
 threads or ports behind; ``stop()`` is idempotent.
 """
@@ -70,6 +74,8 @@ class TcpProxy:
         self._delay = 0.0
         self._cut = False
         self._blackhole = False
+        self._swallow = False
+        self._swallowed: set[_Link] = set()
         self._stopped = threading.Event()
         self._listener: socket.socket | None = self._listen(0)
         self.port: int = self._listener.getsockname()[1]
@@ -101,15 +107,24 @@ class TcpProxy:
         for link in links:
             link.shutdown()
 
+    def swallow_replies(self) -> None:
+        """Forward client->server bytes, drop server->client ones, until ``restore()``."""
+        with self._lock:
+            self._swallow = True
+
     def restore(self) -> None:
-        """Forward again on the same port; blackholed connections are closed."""
+        """Forward again on the same port; blackholed and reply-swallowed links are closed."""
         with self._lock:
             self._cut = False
+            self._swallow = False
             held, self._held = self._held, []
+            swallowed, self._swallowed = list(self._swallowed), set()
             if self._listener is None and not self._stopped.is_set():
                 self._listener = self._listen(self.port)
         for sock in held:
             sock.close()
+        for link in swallowed:
+            link.shutdown()
 
     def delay(self, seconds: float) -> None:
         """Wait ``seconds`` before forwarding each chunk, in both directions (0 = off)."""
@@ -202,6 +217,11 @@ class TcpProxy:
                     continue
                 if not data:
                     return
+                if self._swallow and source is link.upstream:
+                    with self._lock:
+                        if self._swallow:  # re-checked: restore() may have just run
+                            self._swallowed.add(link)
+                            continue
                 if self._delay:
                     time.sleep(self._delay)
                 target.sendall(data)
