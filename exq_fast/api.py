@@ -36,6 +36,8 @@ from typing import Any, Literal, cast
 import redis
 from redis.client import Pipeline
 
+from . import nodes as node_registry
+from . import queue as jobqueue
 from . import scripts
 from .config import Config
 from .connection import connect, text
@@ -141,6 +143,8 @@ class Stats:
     """Jobs running, summed over the nodes."""
     processes: int
     """Live nodes (Exq and Sidekiq processes, Exq 0.13 hosts)."""
+    in_flight: int = 0
+    """Jobs in every node's backup list: running, or left by a node that is gone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +158,10 @@ class _Registry:
 # -- the Api ---------------------------------------------------------------------------
 
 
+class NodeAlive(Exception):
+    """Refused: the node is alive (its backup lists hold running jobs)."""
+
+
 class Api:
     """Exq.Api over Redis; thread-safe (one connection pool). See the module doc."""
 
@@ -162,6 +170,9 @@ class Api:
         self.keys = Keys(self.config.namespace)
         self.redis = client if client is not None else connect(self.config)
         self._owns_client = client is None
+        self._me = node_registry.ProcessIdentity.current()
+        self._window = node_registry.dead_window(self.config.heartbeat_interval,
+                                                 self.config.missed_heartbeats_allowed)
 
     def close(self) -> None:
         """Release the connection pool (a client passed in is left open)."""
@@ -371,7 +382,30 @@ class Api:
         processed, failed, retry, scheduled, dead = pipe.execute()
         nodes = self.nodes()
         return Stats(_int(processed), _int(failed), int(retry), int(scheduled), int(dead),
-                     sum(self.queue_sizes().values()), sum(n.busy for n in nodes), len(nodes))
+                     sum(self.queue_sizes().values()), sum(n.busy for n in nodes), len(nodes),
+                     sum(b.size for b in self.backups()))
+
+    # -- backup lists (jobs in flight) ----------------------------------------------------
+
+    def backups(self) -> list[node_registry.Backup]:
+        """Every non-empty backup list, with its node's state (alive, dead, unknown)."""
+        return node_registry.backups(self.redis, self.keys, self._me, self._window)
+
+    def requeue_backups(self, node_id: str) -> int:
+        """Put the jobs of a node that is not alive back at the front of their queues
+        (uncounted) and forget the node. Raises ``NodeAlive`` for a live node: its jobs
+        are running. Returns how many jobs moved."""
+        lists = [b for b in self.backups() if b.node_id == node_id]
+        alive = [b for b in lists if b.state == node_registry.Liveness.ALIVE.value]
+        if alive:
+            raise NodeAlive(f"node {node_id!r} is alive: its {sum(b.size for b in alive)} "
+                            "job(s) in flight are running; stop it first")
+        moved = sum(jobqueue.requeue_backup(self.redis, self.keys, node_id, b.queue)
+                    for b in lists)
+        entry = self.redis.hget(self.keys.nodes, node_id)
+        if entry is not None:
+            node_registry.forget(self.redis, self.keys, node_id, entry)
+        return moved
 
     def stat(self, kind: str) -> int:
         """The all-time counter ``"processed"`` or ``"failed"`` (0 if never written)."""

@@ -19,8 +19,10 @@ from .cli_output import one_line, scrub
 from .config import ConfigError
 from .demo import run_demo
 from .enqueuer import Enqueuer, to_timestamp
+from .nodes import NodeIdInUse
 from .queue import Conflict
 from .runner import run
+from .supervisor import processes_value, supervise
 
 Handler = Callable[[argparse.Namespace], int]
 DESCRIPTION = ("Run Exq / Sidekiq compatible workers, enqueue jobs, and inspect and operate "
@@ -90,10 +92,38 @@ def _run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     extra: dict[str, Any] = {"node_id": args.node_id, "shutdown_timeout": args.shutdown_timeout,
                              "concurrency": args.concurrency, "metrics_port": args.metrics_port,
-                             "metrics_addr": args.metrics_addr}
+                             "metrics_addr": args.metrics_addr,
+                             "heartbeat_enable": args.heartbeat,
+                             "heartbeat_interval": args.heartbeat_interval,
+                             "missed_heartbeats_allowed": args.missed_heartbeats}
     if args.queue:
         extra["queues"] = args.queue
-    return run(config_from(args, **extra), args.workers)
+    config = config_from(args, **extra)
+    count = processes_value(args.processes)
+    if count > 1:
+        return supervise(config, count, _child_args(args))
+    return run(config, args.workers, args.supervisor_pid)
+
+
+def _child_args(args: argparse.Namespace) -> list[str]:
+    """The ``run`` flags a supervised child gets: the supervisor's own, less the ones
+    the supervisor sets per child (node id, metrics port and address, process count)."""
+    out: list[str] = []
+    for flag, value in (("--redis-url", args.redis_url), ("--namespace", args.namespace),
+                        ("--concurrency", args.concurrency),
+                        ("--shutdown-timeout", args.shutdown_timeout),
+                        ("--heartbeat-interval", args.heartbeat_interval),
+                        ("--missed-heartbeats", args.missed_heartbeats)):
+        if value is not None:
+            out += [flag, str(value)]
+    for flag, values in (("--queue", args.queue or []), ("--workers", args.workers)):
+        for value in values:
+            out += [flag, value]
+    if args.heartbeat is not None:
+        out.append("--heartbeat" if args.heartbeat else "--no-heartbeat")
+    if args.debug:
+        out.append("--debug")
+    return out
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -145,7 +175,14 @@ def _add_worker_verbs(verbs: Any) -> None:
                           help="a queue to consume (repeatable; default: $EXQ_QUEUES or default)")
     run_verb.add_argument("--workers", action="append", default=[], metavar="MODULE",
                           help="a module to import for its @worker registrations (repeatable)")
-    run_verb.add_argument("--node-id", help="this node's id (default: $EXQ_NODE_ID or hostname)")
+    run_verb.add_argument("--node-id",
+                          help="this node's id (default: $EXQ_NODE_ID, else <hostname>:<pid>:"
+                               "<random>, unique per process); refused while a live process "
+                               "holds it")
+    run_verb.add_argument("--processes", default="1", metavar="N",
+                          help="run N worker nodes under one supervisor ('auto': one per CPU; "
+                               "default 1); their ids are <node id>.1 .. .N, and --queue "
+                               "concurrency applies to each of them")
     run_verb.add_argument("--concurrency", help="default per-queue concurrency (or infinity)")
     run_verb.add_argument("--shutdown-timeout", type=int, metavar="MS",
                           help="how long running jobs may finish at stop (default 5000)")
@@ -153,6 +190,14 @@ def _add_worker_verbs(verbs: Any) -> None:
                           help="serve Prometheus /metrics on this port (0 = any free port)")
     run_verb.add_argument("--metrics-addr", metavar="ADDR",
                           help="address for /metrics (default 127.0.0.1)")
+    run_verb.add_argument("--heartbeat", action=argparse.BooleanOptionalAction, default=None,
+                          help="beat, and re-run the jobs of nodes that died (default: on)")
+    run_verb.add_argument("--heartbeat-interval", type=int, metavar="MS",
+                          help="time between two beats and monitor passes (default 5000)")
+    run_verb.add_argument("--missed-heartbeats", type=int, metavar="N",
+                          help="beats a node elsewhere may miss before it is taken for dead "
+                               "(default 5; never under 15 s in all)")
+    run_verb.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
 
     demo = _verb(verbs, "demo", _demo, "enqueue and process a batch of demo jobs")
     demo.add_argument("--jobs", type=int, default=10000, help="how many jobs (default 10000)")
@@ -177,7 +222,17 @@ def _add_read_verbs(verbs: Any) -> None:
         _paging(listing)
         _json(listing)
     _json(_verb(verbs, "processes", cli_admin.processes,
-                "the live nodes and the jobs they are running"))
+                "the live nodes, the jobs they are running, and every node's jobs in flight"))
+    backups = _verb(verbs, "backups", cli_admin.backups,
+                    "every node's jobs in flight (its backup lists), gone nodes included",
+                    "List the backup lists: the jobs each node fetched and has not acked, "
+                    "with the node's state (alive; dead: the monitor re-runs them within a "
+                    "minute; unknown: no exq-fast node and no heartbeat). --requeue NODE puts "
+                    "a node's jobs back at the front of their queues; a live node is refused.")
+    backups.add_argument("--requeue", metavar="NODE",
+                         help="put this node's jobs back in their queues (not a live node)")
+    _json(backups)
+    _yes(backups)
 
 
 _TARGETS = ("queue", "retry", "scheduled", "dead")
@@ -244,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except CliError as exc:
         return _fail(args, exc, f"{exc.prefix}{exc}", exc.exit_code)
-    except (ConfigError, ValueError, TypeError) as exc:
+    except (ConfigError, ValueError, TypeError, NodeIdInUse) as exc:
         return _fail(args, exc, f"error: {exc}")
     except redis.exceptions.AuthenticationError as exc:
         return _fail(args, exc, f"error: Redis refused the credentials at {redis_location(args)} "

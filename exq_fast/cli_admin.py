@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import cli_output as out
-from .api import Api, Entry
+from .api import Api, Entry, NodeAlive
 from .config import Config
 
 PAGE = 1000
@@ -235,9 +235,13 @@ def stats(args: argparse.Namespace) -> int:
 def queues(args: argparse.Namespace) -> int:
     """``queues``: each known queue's size and latency."""
     with open_api(args) as api:
-        rows = [(name, size, api.queue_latency(name))
+        flight: dict[str, int] = {}
+        for backup in api.backups():
+            flight[backup.queue] = flight.get(backup.queue, 0) + backup.size
+        rows = [(name, size, api.queue_latency(name), flight.get(name, 0))
                 for name, size in api.queue_sizes().items()]
-    return _emit(args, lambda: [{"name": n, "size": s, "latency": lat} for n, s, lat in rows],
+    return _emit(args, lambda: [{"name": n, "size": s, "latency": lat, "in_flight": f}
+                                for n, s, lat, f in rows],
                  lambda: out.queues_table(rows))
 
 
@@ -269,10 +273,34 @@ def processes(args: argparse.Namespace) -> int:
     with open_api(args) as api:
         nodes = api.nodes()
         running = api.processes()
+        backups = api.backups()
     return _emit(args, lambda: {"nodes": [out.node_record(n) for n in nodes],
-                                "running": [out.process_record(p) for p in running]},
+                                "running": [out.process_record(p) for p in running],
+                                "in_flight": [out.backup_record(b) for b in backups]},
                  lambda: f"nodes:\n{out.nodes_table(nodes)}\n\n"
-                         f"running jobs:\n{out.running_table(running)}")
+                         f"running jobs:\n{out.running_table(running)}\n\n"
+                         f"jobs in flight (backup lists, gone nodes included):\n"
+                         f"{out.backups_table(backups)}")
+
+
+def backups(args: argparse.Namespace) -> int:
+    """``backups [--requeue NODE]``: every node's jobs in flight; put a dead node's back."""
+    with open_api(args) as api:
+        if args.requeue is None:
+            lists = api.backups()
+            return _emit(args, lambda: [out.backup_record(b) for b in lists],
+                         lambda: out.backups_table(lists))
+        held = sum(b.size for b in api.backups() if b.node_id == args.requeue)
+        if not held:
+            print(f"nothing to requeue: node {args.requeue!r} has no jobs in flight")
+            return 0
+        confirm(args, f"put {_jobs(held)} of node {args.requeue!r} back in their queues")
+        try:
+            moved = api.requeue_backups(args.requeue)
+        except NodeAlive as exc:
+            raise UsageError(str(exc)) from None
+    print(f"put {_jobs(moved)} of node {args.requeue!r} back at the front of their queues")
+    return 0
 
 
 # -- write verbs -----------------------------------------------------------------------

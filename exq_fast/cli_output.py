@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .api import Entry, NodeInfo, ProcessInfo, Stats
+from .nodes import Backup
 
 ARGS_WIDTH = 40
 """Characters of a job's args shown in a table."""
@@ -211,6 +212,7 @@ def stats_record(stats: Stats, processed: Mapping[str, int],
         "processed": stats.processed, "failed": stats.failed, "retries": stats.retry_size,
         "scheduled": stats.scheduled_size, "dead": stats.dead_size,
         "enqueued": stats.enqueued, "busy": stats.busy, "processes": stats.processes,
+        "in_flight": stats.in_flight,
         "days": [{"date": day, "processed": count, "failed": failed.get(day, 0)}
                  for day, count in processed.items()],
     }
@@ -225,7 +227,7 @@ def stats_table(stats: Stats, processed: Mapping[str, int], failed: Mapping[str,
         ("processed", stats.processed), ("failed", stats.failed),
         ("retries", stats.retry_size), ("scheduled", stats.scheduled_size),
         ("dead", stats.dead_size), ("enqueued", stats.enqueued), ("busy", stats.busy),
-        ("processes", stats.processes)])
+        ("processes", stats.processes), ("in flight", stats.in_flight)])
     if not processed:
         return text
     days = render_table([Column("DATE"), Column("PROCESSED", True), Column("FAILED", True)],
@@ -233,10 +235,24 @@ def stats_table(stats: Stats, processed: Mapping[str, int], failed: Mapping[str,
     return f"{text}\n\n{days}"
 
 
-def queues_table(rows: Sequence[tuple[str, int, float]]) -> str:
-    """``(name, size, latency seconds)`` rows."""
-    return render_table([Column("QUEUE"), Column("SIZE", True), Column("LATENCY", True)],
-                        [(name, size, duration(latency)) for name, size, latency in rows])
+def queues_table(rows: Sequence[tuple[str, int, float, int]]) -> str:
+    """``(name, size, latency seconds, jobs in flight)`` rows."""
+    return render_table([Column("QUEUE"), Column("SIZE", True), Column("LATENCY", True),
+                         Column("IN FLIGHT", True)],
+                        [(name, size, duration(latency), flight)
+                         for name, size, latency, flight in rows])
+
+
+def backups_table(backups: Sequence[Backup]) -> str:
+    """The backup lists: node, its state, queue, jobs in flight."""
+    return render_table([Column("NODE"), Column("STATE"), Column("QUEUE"), Column("JOBS", True)],
+                        [(b.node_id, b.state, b.queue, b.size) for b in backups])
+
+
+def backup_record(backup: Backup) -> dict[str, Any]:
+    """One backup list for ``--json``."""
+    return {"node": backup.node_id, "state": backup.state, "queue": backup.queue,
+            "jobs": backup.size}
 
 
 def jobs_table(entries: Sequence[Entry]) -> str:

@@ -32,8 +32,9 @@ from .scheduler import BackgroundLoop, ErrorHook, Step
 
 logger = logging.getLogger("exq_fast")
 
-PING_INTERVAL = 5.0
+PING_INTERVAL = nodes.PING_INTERVAL
 """Seconds between two node pings (Exq's and Sidekiq 6's beat)."""
+MIN_DEAD_WINDOW = nodes.MIN_DEAD_WINDOW
 NODE_TTL = 60
 """EXPIRE of the node hash and of the Sidekiq work hash, in seconds."""
 SIGNALS_PER_PING = 100
@@ -44,9 +45,6 @@ HEARTBEAT_RETRY_CAP = 5.0
 """After a failed heartbeat tick, retry after min(interval, this) seconds."""
 FORGET_ATTEMPTS = 5
 """Tries to drop a dead node's heartbeat when other nodes' beats keep racing us."""
-MIN_DEAD_WINDOW = 3 * PING_INTERVAL
-"""A node elsewhere is dead only after this long without any sign of life, whatever the
-heartbeat settings: its process record beats only every ``PING_INTERVAL``."""
 
 RecoveredHook = Callable[[str, str, int], None]
 """Called with ``(dead node, queue, jobs moved)`` after a dead node's backup is recovered."""
@@ -297,7 +295,7 @@ class Heartbeat(BackgroundLoop):
 
     def window(self) -> float:
         """Seconds without a sign of life after which a node elsewhere is dead."""
-        return max(self.interval * (self.missed_heartbeats_allowed + 1), MIN_DEAD_WINDOW)
+        return nodes.dead_window(int(self.interval * 1000), self.missed_heartbeats_allowed)
 
     def run_once(self) -> int:
         """Beat, then recover dead nodes; return the number of jobs re-enqueued."""

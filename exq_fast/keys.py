@@ -103,6 +103,17 @@ class Keys:
         """A SCAN pattern matching every backup list of ``node_id``."""
         return f"{_glob_escape(self.prefix)}queue:backup::{_glob_escape(node_id)}::*"
 
+    def backups_pattern(self) -> str:
+        """A SCAN pattern matching every backup list of every node."""
+        return f"{_glob_escape(self.prefix)}queue:backup::*"
+
+    def split_backup(self, key: str) -> tuple[str, str] | None:
+        """``(node id, queue)`` of a backup list's key, or None if it is not one (a node id
+        never holds ``::``; a queue name may)."""
+        head = f"{self.prefix}queue:backup::"
+        node, sep, queue = key[len(head):].partition("::")
+        return (node, queue) if key.startswith(head) and sep and node else None
+
     def stat(self, kind: StatKind) -> str:
         """The all-time counter ``stat:processed`` or ``stat:failed``."""
         return self.prefix + "stat:" + kind

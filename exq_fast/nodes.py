@@ -113,6 +113,18 @@ class ProcessIdentity:
         return bool(start) and start == self.start
 
 
+PING_INTERVAL = 5.0
+"""Seconds between two pings of a node's process record (Exq's and Sidekiq 6's beat)."""
+MIN_DEAD_WINDOW = 3 * PING_INTERVAL
+"""A node elsewhere is dead only after this long without any sign of life, whatever the
+heartbeat settings: its process record beats only every ``PING_INTERVAL``."""
+
+
+def dead_window(heartbeat_interval_ms: int, missed_heartbeats_allowed: int) -> float:
+    """Seconds without a sign of life after which a node elsewhere is dead."""
+    return max(heartbeat_interval_ms / 1000 * (missed_heartbeats_allowed + 1), MIN_DEAD_WINDOW)
+
+
 class Liveness(Enum):
     """A node's state as ``judge`` sees it."""
 
@@ -223,3 +235,39 @@ def forget(client: redis.Redis, keys: Keys, node_id: str, entry: bytes | str) ->
     return bool(scripts.release_node(
         client, [keys.nodes, keys.heartbeats, keys.processes, keys.sidekiq_processes, *records],
         [node_id, entry]))
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Backup:
+    """One backup list: the jobs ``node_id`` fetched from ``queue`` and has not acked."""
+
+    node_id: str
+    queue: str
+    size: int
+    state: str
+    """``alive``, ``dead`` (a monitor will recover it, or has yet to), or ``unknown``: a
+    node that is not exq-fast's and has no heartbeat (an Exq 0.13 node, or one gone for
+    long): no monitor touches it; ``exq-fast backups --requeue`` can."""
+
+
+def state_of(record: NodeRecord, me: ProcessIdentity, window: float) -> str:
+    """``alive``, ``dead`` or ``unknown`` (see ``Backup.state``)."""
+    if record.entry is None and record.heartbeat is None:
+        fresh = record.beat is not None and time.time() - record.beat <= window
+        return Liveness.ALIVE.value if fresh else "unknown"
+    return judge(record.identity, record.last_beat, me=me, window=window).value
+
+
+def backups(client: redis.Redis, keys: Keys, me: ProcessIdentity,
+            window: float) -> list[Backup]:
+    """Every non-empty backup list in the namespace, with its node's state."""
+    names = [text(key) for key in client.scan_iter(match=keys.backups_pattern(), count=1000)]
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.llen(name)
+    sizes = pipe.execute() if names else []
+    found = [(keys.split_backup(name), int(size)) for name, size in zip(names, sizes, strict=True)]
+    lists = [(where, size) for where, size in found if where is not None and size]
+    records = read_records(client, keys, {node for (node, _), _ in lists})
+    return sorted(Backup(node, queue, size, state_of(records[node], me, window))
+                  for (node, queue), size in lists)

@@ -67,7 +67,12 @@ def _force_stop(exq: Exq, name: str) -> None:
     os._exit(1)
 
 
-def run(config: Config, worker_modules: Sequence[str]) -> int:
+def _orphaned(supervisor_pid: int | None) -> bool:
+    """True when this node was started by a supervisor that is gone (killed)."""
+    return supervisor_pid is not None and os.getppid() != supervisor_pid
+
+
+def run(config: Config, worker_modules: Sequence[str], supervisor_pid: int | None = None) -> int:
     """Run a node until SIGTERM/SIGINT (or a TERM signal through Redis); 0 on a clean stop.
 
     A second SIGTERM/SIGINT during the graceful stop stops at once; SIGTSTP
@@ -96,6 +101,9 @@ def run(config: Config, worker_modules: Sequence[str]) -> int:
                 ", ".join(exq.subscriptions()), config.namespace)
     status = _Status(exq) if sys.stderr.isatty() else None
     while not (stop.wait(1.0) or exq.stopped.is_set()):
+        if _orphaned(supervisor_pid):
+            logger.warning("the supervisor (pid %d) is gone: stopping", supervisor_pid)
+            break
         if status is not None:
             status.show()
     if status is not None:

@@ -630,9 +630,13 @@ def test_dashboard_stats_of_exq_data(api: Api, redis_client: redis.Redis, keys: 
     # When the dashboard numbers are read
     stats = api.stats()
 
-    # Then they add up as Sidekiq's dashboard would show them
+    # Then they add up as Sidekiq's dashboard would show them, with the two running jobs
+    # (in node vm's backup list) in flight
     assert stats == Stats(processed=5, failed=3, retry_size=3, scheduled_size=3, dead_size=2,
-                          enqueued=11, busy=2, processes=1)
+                          enqueued=11, busy=2, processes=1, in_flight=2)
+    # And the backup list is listed with its node, which is alive (its record beats)
+    [backup] = api.backups()
+    assert (backup.node_id, backup.queue, backup.size) == ("vm", "fxq", 2)
 
 
 def test_realtime_stats_are_time_sorted_and_stay_in_the_namespace(
@@ -914,7 +918,7 @@ def test_empty_namespace_sidekiq_and_exq_data(empty: EmptyNamespace) -> None:
     assert [e.raw for e in api.dead()] == [m for m, _ in reversed(soonest_first(loaded.dead))]
     assert api.find_retry(jid_of(loaded.retry[0][0]), loaded.retry[0][1]) is not None
     assert api.stats() == Stats(processed=8, failed=3, retry_size=6, scheduled_size=6,
-                                dead_size=3, enqueued=13, busy=4, processes=2)
+                                dead_size=3, enqueued=13, busy=4, processes=2, in_flight=2)
     assert api.realtime_stats() == ([], [])
     assert api.daily_stats("processed", 1, today=FIXTURE_DAY) == {"2026-11-28": 8}
 

@@ -175,7 +175,7 @@ def test_stats_reports_the_counters_the_sets_and_the_days(
     today = datetime.fromtimestamp(now, UTC).date().isoformat()
     assert {k: v for k, v in data.items() if k != "days"} == {
         "processed": 1234, "failed": 56, "retries": len(loaded["retry"]), "scheduled": 1,
-        "dead": len(loaded["dead"]), "enqueued": 3, "busy": 0, "processes": 0}
+        "dead": len(loaded["dead"]), "enqueued": 3, "busy": 0, "processes": 0, "in_flight": 0}
     assert len(data["days"]) == 3
     assert data["days"][0] == {"date": today, "processed": 40, "failed": 3}
     assert [d["date"] for d in data["days"]] == sorted((d["date"] for d in data["days"]),
@@ -188,21 +188,55 @@ def test_stats_reports_the_counters_the_sets_and_the_days(
 
 
 def test_queues_lists_each_queue_with_size_and_latency(
-    run_cli: Cli, enqueuer: Enqueuer
+    run_cli: Cli, enqueuer: Enqueuer, redis_client: redis.Redis, keys: Keys
 ) -> None:
+    # Given queued jobs, and two jobs of alpha left in flight by a node that is gone
     for n in range(3):
         enqueuer.enqueue("alpha", "App.Work", [n])
     enqueuer.enqueue("beta", "App.Work", [])
+    redis_client.lpush(keys.backup("gone-node", "alpha"), b'{"class":"A","jid":"1"}',
+                       b'{"class":"A","jid":"2"}')
 
     data = run_cli.json("queues")
     table = run_cli.ok("queues")
 
-    assert [(q["name"], q["size"]) for q in data] == [("alpha", 3), ("beta", 1)]
+    assert [(q["name"], q["size"], q["in_flight"]) for q in data] == [("alpha", 3, 2),
+                                                                       ("beta", 1, 0)]
     assert all(0 <= q["latency"] < 60 for q in data)
     rows = table_rows(table)
-    assert rows[0] == ["QUEUE", "SIZE", "LATENCY"]
-    assert [r[:2] for r in rows[1:]] == [["alpha", "3"], ["beta", "1"]]
+    assert rows[0] == ["QUEUE", "SIZE", "LATENCY", "IN FLIGHT"]
+    assert [[r[0], r[1], r[3]] for r in rows[1:]] == [["alpha", "3", "2"], ["beta", "1", "0"]]
     assert all(re.fullmatch(r"\d+\.\ds", r[2]) for r in rows[1:])
+
+
+def test_backups_lists_every_nodes_jobs_in_flight_and_requeues_a_gone_one(
+    run_cli: Cli, redis_client: redis.Redis, keys: Keys
+) -> None:
+    # Given jobs in flight on a live node (its process record beats) and on one that is gone
+    redis_client.hset(keys.node("live-node"), "beat", repr(time.time()))
+    redis_client.lpush(keys.backup("live-node", "q"), b'{"class":"A","jid":"l1"}')
+    gone = [b'{"class":"A","jid":"g1"}', b'{"class":"A","jid":"g2"}']
+    redis_client.lpush(keys.backup("gone-node", "q"), *gone)
+
+    # When the operator lists them
+    data = run_cli.json("backups")
+    # Then both are listed with their node's state
+    assert data == [{"node": "gone-node", "state": "unknown", "queue": "q", "jobs": 2},
+                    {"node": "live-node", "state": "alive", "queue": "q", "jobs": 1}]
+    assert "gone-node" in run_cli.ok("processes")
+
+    # When the live node's jobs are asked back, the request is refused in one line
+    refused = run_cli.run("backups", "--requeue", "live-node", "--yes")
+    assert refused.returncode == 2
+    assert "is alive" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert redis_client.llen(keys.backup("live-node", "q")) == 1
+
+    # When the gone node's jobs are asked back
+    out = run_cli.ok("backups", "--requeue", "gone-node", "--yes")
+    # Then they are at the front of their queue (its right end), g1, fetched first, first
+    assert "put 2 jobs" in out
+    assert redis_client.lrange(keys.queue("q"), 0, -1) == [gone[1], gone[0]]
+    assert not redis_client.exists(keys.backup("gone-node", "q"))
 
 
 def test_jobs_pages_a_queue_newest_first(

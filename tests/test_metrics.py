@@ -368,7 +368,7 @@ def test_redis_errors_are_counted_per_operation_and_the_node_recovers(
         # Then every failed operation is counted under its name; nothing was counted done
         assert m.value("exq_redis_errors_total", operation="node_ping") >= 1
         assert m.label_values("exq_redis_errors_total", "operation") <= {
-            "fetch", "stats_flush", "node_ping", "scheduler"}
+            "fetch", "stats_flush", "node_ping", "scheduler", "heartbeat", "heartbeat_monitor"}
         assert m.value("exq_jobs_processed_total") == 0
         assert m.value("exq_stats_pending") == 1
 
