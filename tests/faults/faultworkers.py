@@ -17,7 +17,9 @@ execution's index for its tag (1 = first run).
   process at every run;
 * ``exit_after``: as ``ok``, and on the first attempt only, SIGKILL its own
   process 0.1 s after returning: after the job ended, before its ack can be
-  flushed when ``EXQ_STATS_FLUSH_INTERVAL`` is large.
+  flushed when ``EXQ_STATS_FLUSH_INTERVAL`` is large;
+* ``slow_once``: as ``ok``, but only the first attempt sleeps (a job that a
+  stop interrupts runs quickly the next time).
 
 The class names of the Exq and Sidekiq fixture payloads (``Bench.NoopWorker``,
 ``MyApp.Worker``, ``NoopWorker``, ``MyApp::HardWorker``) are recorded the same
@@ -109,7 +111,7 @@ def fault_record(tag: str, sleep_seconds: float, mode: str) -> None:
     """``Fault.Record``: see the module docstring."""
     eid = uuid.uuid4().hex
     attempt = record("start", tag, eid)
-    time.sleep(sleep_seconds)
+    time.sleep(sleep_seconds if mode != "slow_once" or attempt == 1 else 0.0)
     if mode == "exit":
         os._exit(1)
     record("end", tag, eid, attempt)

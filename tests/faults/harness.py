@@ -43,6 +43,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from exq_fast.config import Config
+from exq_fast.connection import text
 from exq_fast.embedded import RedisServer, free_port, server_binary
 from exq_fast.enqueuer import Enqueuer
 from exq_fast.keys import Keys
@@ -163,6 +164,10 @@ class Node:
         self._stderr = stderr
         self.stderr_path = stderr_path
         self.metrics_port = metrics_port
+        self.expected: list[str] = []
+        """The node ids it is expected to register (empty: a default id)."""
+        self.ids: list[str] = []
+        """The node ids it registered (set once it is ready)."""
 
     @property
     def pid(self) -> int:
@@ -291,8 +296,15 @@ class Fleet:
     def start_node(self, node_id: str, queues: Sequence[str] = ("q:20",), *,
                    redis_url: str | None = None, env: dict[str, str] | None = None,
                    shutdown_timeout: int = 5000, metrics: bool = False,
-                   wait: bool = True, host_port: bool = False) -> Node:
+                   wait: bool = True, host_port: bool = False, explicit_id: bool = True,
+                   processes: int = 1, extra: Sequence[str] = (),
+                   prefix: Sequence[str] = ()) -> Node:
         """Start ``exq-fast run`` for ``node_id``; by default wait until it is registered.
+
+        ``explicit_id=False``: no ``--node-id`` (the default id; ``node_id`` is
+        then only the label of the records and logs). ``processes``: run a
+        supervisor of that many nodes, ``<node_id>.1`` .. ``.N``. ``extra``: more
+        ``run`` flags; ``prefix``: a command to run it under (``unshare ...``).
 
         ``host_port``: address Redis as a bare ``exq-fast run`` does, by
         ``EXQ_REDIS_HOST``/``EXQ_REDIS_PORT``/``EXQ_REDIS_DB`` (taken from the
@@ -314,9 +326,13 @@ class Fleet:
                        FAULT_NODE=node_id)
         metrics_port = free_port() if metrics else None
         address = [] if host_port else ["--redis-url", redis_url or self.url]
-        args = [sys.executable, "-m", "exq_fast", "run", *address,
+        args = [*prefix, sys.executable, "-m", "exq_fast", "run", *address,
                 "--namespace", self.namespace, "--workers", "faultworkers",
-                "--node-id", node_id, "--shutdown-timeout", str(shutdown_timeout)]
+                "--shutdown-timeout", str(shutdown_timeout), *extra]
+        if explicit_id:
+            args += ["--node-id", node_id]
+        if processes != 1:
+            args += ["--processes", str(processes)]
         for queue in queues:
             args += ["--queue", queue]
         if metrics_port is not None:
@@ -328,10 +344,22 @@ class Fleet:
         process = subprocess.Popen(args, cwd=self.tmp_path, env=run_env, stdout=stdout,
                                    stderr=stderr, stdin=subprocess.DEVNULL)
         node = Node(node_id, process, stdout, stderr, stderr_path, metrics_port)
+        node.expected = ([f"{node_id}.{n}" for n in range(1, processes + 1)]
+                         if processes != 1 else [node_id] if explicit_id else [])
         self.nodes.append(node)
         if wait:
             self.wait_ready(node)
         return node
+
+    def node_ids(self, node: Node) -> list[str]:
+        """The registered ids of ``node``'s process(es): its supervised children, the ids it
+        was given, or (a default id) the member whose record carries its pid."""
+        members = sorted(text(m) for m in self.client.smembers(self.keys.processes))
+        if node.expected:
+            return [m for m in members if m in node.expected]
+        pids = [self.client.hget(self.keys.node(m), "info") for m in members]
+        return [m for m, info in zip(members, pids, strict=True)
+                if info is not None and json.loads(info).get("pid") == node.pid]
 
     def wait_ready(self, node: Node, timeout: float = 20.0) -> None:
         """Wait until the node is registered (its first ping), or fail with its log."""
@@ -339,7 +367,8 @@ class Fleet:
             if not node.alive:
                 raise AssertionError(f"node {node.node_id} exited with {node.process.returncode}"
                                      f":\n{node.stderr_text()[-3000:]}")
-            return bool(self.client.sismember(self.keys.processes, node.node_id))
+            node.ids = self.node_ids(node)
+            return len(node.ids) == max(len(node.expected), 1)
 
         wait_until(ready, timeout, f"node {node.node_id} is registered")
         if node.metrics_port is not None:
@@ -391,7 +420,7 @@ class Fleet:
         """
         def frozen_with_jobs() -> int:
             node.freeze(self.client)
-            in_flight = self.backup_len(node.node_id)
+            in_flight = sum(self.backup_len(node_id) for node_id in node.ids or [node.node_id])
             if not in_flight:
                 node.thaw()
             return in_flight
