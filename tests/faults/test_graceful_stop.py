@@ -86,3 +86,32 @@ def test_sigterm_with_jobs_longer_than_shutdown_timeout(fleet: Fleet) -> None:
     assert figures.lost == 0, figures.lost_tags
     assert figures.duplicates <= interrupted
     assert set(figures.duplicated_tags) <= started
+
+
+@pytest.mark.slow  # three deploys of 10 s jobs: about 20 s
+def test_three_deploys_never_bury_a_healthy_job(fleet: Fleet) -> None:
+    # Given 20 healthy jobs of 10 s, and a node with a 2 s shutdown timeout
+    tags = fleet.enqueue(20, sleep=10.0, prefix="deploy")
+    for deploy in range(1, 4):
+        # When the node starts, runs all 20 at once, and a deploy stops it (SIGTERM)
+        node = fleet.start_node("n8", queues=("q:20",), shutdown_timeout=2000)
+        wait_until(lambda deploy=deploy: len(fleet.records()) >= 20 * deploy, 15,
+                   f"deploy {deploy}: all 20 jobs started at once", detail=fleet.logs)
+        node.terminate()
+        assert node.wait_exit(15) == 0
+        # Then each stop put the 20 jobs back, counted as no crash: no suspect, no
+        # recovery count, nothing dead, and the log counts the jobs that really ran
+        assert fleet.backup_len("n8") == 0
+        assert fleet.queue_len() == 20
+        assert fleet.client.zcard(fleet.keys.suspects) == 0
+        assert list(fleet.client.scan_iter(match=fleet.keys.p("recoveries:*"))) == []
+        assert fleet.dead() == {}
+        assert "20 job(s) still running after the shutdown timeout" in node.stderr_text()
+        assert "20 unfinished job(s) put back" in node.stderr_text()
+    # And after the third deploy the jobs run to the end, 20 at once
+    fleet.start_node("n8", queues=("q:20",), shutdown_timeout=2000)
+    fleet.wait_done(tags, 30)
+    figures = fleet.account("3 deploys (SIGTERM) of 20 jobs of 10 s, 2 s shutdown timeout",
+                            tags, 20, "no job buried or quarantined; lost 0")
+    assert figures.lost == 0, figures.lost_tags
+    assert fleet.dead() == {}
