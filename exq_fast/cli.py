@@ -199,7 +199,15 @@ def _add_worker_verbs(verbs: Any) -> None:
                                "(default 5; never under 15 s in all)")
     run_verb.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
 
-    demo = _verb(verbs, "demo", _demo, "enqueue and process a batch of demo jobs")
+    demo = _verb(verbs, "demo", _demo, "enqueue and process a batch of demo jobs",
+                 "Enqueue a batch of demo jobs (most succeed, a few retry, die or are "
+                 "scheduled), process them with an in-process node, print the figures, then "
+                 "delete every key of the demo's namespace. The namespace is a new one, "
+                 "exq-demo-<random>; a --namespace that already holds keys is refused, so the "
+                 "demo never touches a key it did not create.")
+    for action in demo._actions:
+        if "--namespace" in action.option_strings:
+            action.help = "an EMPTY namespace to use (default: a new exq-demo-<random>)"
     demo.add_argument("--jobs", type=int, default=10000, help="how many jobs (default 10000)")
 
 

