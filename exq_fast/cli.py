@@ -68,6 +68,8 @@ def _enqueue(args: argparse.Namespace) -> int:
     if args.unique_for is not None:
         options["unique_for"] = args.unique_for
     if args.in_seconds is not None:
+        if args.in_seconds < 0:
+            raise UsageError(f"--in must be 0 or more seconds, got {args.in_seconds:g}")
         options["in"] = args.in_seconds
     elif args.at is not None:
         options["at"] = parse_time(args.at)
@@ -97,7 +99,8 @@ def _run(args: argparse.Namespace) -> int:
                              "heartbeat_interval": args.heartbeat_interval,
                              "missed_heartbeats_allowed": args.missed_heartbeats}
     if args.queue:
-        extra["queues"] = args.queue
+        # "--queue a,b:5" lists two queues, as EXQ_QUEUES="a,b:5" does
+        extra["queues"] = [part for item in args.queue for part in item.split(",")]
     config = config_from(args, **extra)
     count = processes_value(args.processes)
     if count > 1:
@@ -172,7 +175,8 @@ def _add_worker_verbs(verbs: Any) -> None:
 
     run_verb = _verb(verbs, "run", _run, "run a worker node until SIGTERM / SIGINT")
     run_verb.add_argument("--queue", action="append", metavar="NAME[:CONCURRENCY]",
-                          help="a queue to consume (repeatable; default: $EXQ_QUEUES or default)")
+                          help="a queue to consume (repeatable, or comma-separated: a,b:5; "
+                               "default: $EXQ_QUEUES or default)")
     run_verb.add_argument("--workers", action="append", default=[], metavar="MODULE",
                           help="a module to import for its @worker registrations (repeatable)")
     run_verb.add_argument("--node-id",

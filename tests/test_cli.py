@@ -572,3 +572,13 @@ def test_tables_align_columns_and_cut_long_text() -> None:
     assert cli_output.iso_time(1e300) == "1e+300"
     assert [cli_output.duration(s) for s in (0.42, 75, 3 * 3600 + 420, 2 * 86400 + 4 * 3600)] \
         == ["0.4s", "1m15s", "3h07m", "2d04h"]
+
+
+def test_enqueue_in_a_negative_time_is_refused(run_cli: Cli, redis_client: redis.Redis,
+                                               keys: Keys) -> None:
+    # When a job is enqueued to run 5 s in the past
+    result = run_cli.run("enqueue", "q", "App.Work", "--in", "-5")
+    # Then it is refused in one line, and nothing is written
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --in must be 0 or more seconds, got -5"
+    assert redis_client.zcard(keys.schedule) == 0 and redis_client.llen(keys.queue("q")) == 0

@@ -160,8 +160,8 @@ def test_run_with_several_queues_and_a_concurrency(
     slow = {str(enqueuer.enqueue("a", "Cli.Slow", [i])) for i in range(6)}
     quick = {str(enqueuer.enqueue("b", "Cli.Echo", [i])) for i in range(3)}
 
-    # When the node runs with --queue a:2 --queue b
-    process = cli.start(*cli.node_args("a:2", "b"))
+    # When the node runs with --queue a:2,b (split as EXQ_QUEUES is)
+    process = cli.start(*cli.node_args("a:2,b"))
     wait_for(lambda: registered(redis_client, keys, node_id), what="node registered")
 
     # Then it consumes both queues, "a" two jobs at a time
