@@ -29,8 +29,10 @@ UNLIMITED = None
 """Concurrency value meaning "no limit" (Exq's ``:infinity``)."""
 
 _RESERVED_NODE_IDS = frozenset(
-    {"queues", "schedule", "retry", "dead", "processes", "heartbeats", "stat", "queue", "unique"}
+    {"queues", "schedule", "retry", "dead", "processes", "heartbeats", "stat", "queue", "unique",
+     "nodes", "suspects", "poison"}
 )
+"""Ids whose node hash ``R(<id>)`` would be one of the namespace's fixed keys."""
 _URL_SCHEMES = frozenset({"redis", "rediss", "unix"})
 
 

@@ -22,7 +22,7 @@ import redis
 from redis.client import Pipeline
 from redis.typing import EncodableT, FieldT
 
-from . import nodes, queue
+from . import nodes, queue, scripts
 from ._version import __version__
 from .api import Api
 from .config import Config
@@ -166,8 +166,10 @@ class NodePinger(BackgroundLoop):
         fields = self.node_fields()
         pipe = self.client.pipeline(transaction=True)
         # Re-registered at every ping: a node a monitor took for dead (cut off
-        # from Redis for too long) is known again once it is back.
-        pipe.hset(self.keys.nodes, self.node_id, self.identity.to_json())
+        # from Redis for too long) is known again once it is back -- unless
+        # another process claimed its id meanwhile (see ``_lost_id``).
+        pipe.eval(scripts.REFRESH_NODE, 1, self.keys.nodes, self.node_id,
+                  self.identity.to_json())
         for processes, node_key in self._registries:
             pipe.sadd(processes, self.node_id)
             pipe.hset(node_key(self.node_id), mapping=fields)
@@ -177,9 +179,19 @@ class NodePinger(BackgroundLoop):
             pipe.lrange(key, 0, SIGNALS_PER_PING - 1)
             pipe.ltrim(key, SIGNALS_PER_PING, -1)
         replies = pipe.execute()
+        if not replies[0]:
+            self._lost_id()
         lists = replies[-2 * len(self._signal_keys)::2]
         # Senders LPUSH, so each LRANGE is newest first: reverse it.
         return [text(s) for signals in lists for s in reversed(signals)]
+
+    def _lost_id(self) -> None:
+        # Another live process holds this id now: fetching more would put jobs in
+        # a backup list it owns. Quiet; the jobs running here still finish.
+        if self.state.subscriptions():
+            logger.error("node id %r was claimed by another process while this one was cut "
+                         "off from Redis: no more fetching here (quiet)", self.node_id)
+            self.state.on_signal("TSTP")
 
     def node_fields(self) -> dict[FieldT, EncodableT]:
         """The node hash: Exq's info/busy/beat/quiet plus Sidekiq's rss/rtt_us."""

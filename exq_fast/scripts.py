@@ -184,6 +184,16 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return 1
 """
 
+# Refresh a node's registry entry at a ping: KEYS [nodes], ARGV [node, entry].
+# Written when absent or still ours; 0 when another process claimed the id since
+# (this one was taken for dead while cut off): it must not overwrite that claim.
+REFRESH_NODE = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current and current ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
 # Forget a node: KEYS [nodes, heartbeats, processes, sidekiq processes, then keys
 # to delete], ARGV [node, entry]; only while its registry entry is ``entry``
 # (this process's own at a stop, or the dead node's as judged by a monitor).

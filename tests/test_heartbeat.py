@@ -347,6 +347,21 @@ def test_a_node_that_pings_again_before_removal_is_kept(
     assert redis_client.exists(keys.workers("back-node"))
 
 
+def test_a_node_whose_id_was_claimed_by_another_process_goes_quiet(
+    pinger: NodePinger, state: FakeState, redis_client: redis.Redis, keys: Keys, node_id: str
+) -> None:
+    # Given a registered node, cut off long enough to be taken for dead, whose id another
+    # process then claimed
+    pinger.run_once()
+    other = b'{"boot":"b","host":"elsewhere","pid":7,"pidns":"1","start":"9","started_at":1}'
+    redis_client.hset(keys.nodes, node_id, other)
+    # When it pings again
+    pinger.run_once()
+    # Then it keeps the other's claim and stops fetching (quiet)
+    assert redis_client.hget(keys.nodes, node_id) == other
+    assert state.received == ["TSTP"]
+
+
 def test_remove_deletes_this_nodes_keys_only(
     pinger: NodePinger, redis_client: redis.Redis, keys: Keys, node_id: str
 ) -> None:
