@@ -395,3 +395,9 @@ class _MetricsSource:
 
     def heartbeat_last_success(self) -> float:
         return self.exq.pinger.last_success
+
+    def fetch_paused(self) -> bool:
+        return self.exq.manager.paused
+
+    def fetch_pauses(self) -> int:
+        return self.exq.manager.pauses

@@ -15,12 +15,19 @@ manager tracks the fetched jobs it has not seen acked, and after a failed
 fetch it reconciles: whatever sits in the backup list of those queues and is
 not tracked was fetched by the lost call, and is run now rather than left for
 the next start.
+
+Fetching also pauses while acks cannot be written (Redis out of memory or
+read-only, a network that lets only reads through): once ``stats_batch_size``
+finished jobs wait for their ack, no job is fetched until a batch lands, so
+the jobs fetched and unacked -- what a crash re-runs -- stay bounded by one
+batch plus the concurrency (see ``Manager._held_back``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -41,6 +48,10 @@ UNLIMITED_IN_FLIGHT = 1000
 RunJob = Callable[[bytes, str, bool], None]
 """Runs one job: its bytes, its queue, and whether it is a suspect (recovered before)."""
 ErrorHook = Callable[[str, BaseException], None]
+
+PAUSE_NOTICE = 1.0
+"""Seconds fetching must be held back by unacked jobs before the pause is logged and
+counted: a stats writer merely behind by a batch holds it back for a flush or two."""
 
 
 class QueueState:
@@ -86,6 +97,15 @@ class Manager:
         self._quarantine_lock = threading.Lock()
         self._quarantine_busy = False
         self._subscribed: list[str] = []
+        self.max_unacked = config.stats_batch_size
+        """Finished jobs that may wait for their ack before fetching pauses."""
+        # Jobs dispatched whose batch has not reached Redis (under _cond).
+        self._unacked = 0
+        self._held_since: float | None = None  # when fetching was first held back
+        self.paused = False
+        """True while fetching is paused because acks do not reach Redis (logged)."""
+        self.pauses = 0
+        """Pauses since start."""
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -211,8 +231,10 @@ class Manager:
             with self._cond:
                 if self._stopping:
                     return
+                held = self._held_back()
                 wanted = self._wanted()
-                if not wanted:
+                if not wanted or held:
+                    # A finishing job or a batch landing (while held back) wakes us.
                     self._cond.wait(self.poll_timeout)
                     continue
             delay = self._fetch_and_dispatch(wanted)
@@ -220,6 +242,59 @@ class Manager:
                 with self._cond:
                     if not self._stopping:
                         self._cond.wait(delay)
+
+    def finished_unacked(self) -> int:
+        """Jobs that finished here and whose ack (or retry/dead write) is not in Redis yet."""
+        with self._cond:
+            return max(self._unacked - self.busy(), 0)
+
+    def _held_back(self) -> bool:
+        """Whether fetching waits for acks; the caller holds ``_cond``.
+
+        The decision: no fetch while ``max_unacked`` (``stats_batch_size``)
+        jobs have finished and wait for their ack (``_unacked`` counts the
+        jobs dispatched whose batch has not landed; minus those running or
+        waiting to start, it is the finished ones). Running jobs do not count,
+        so a node whose concurrency is above the batch size is never held back
+        by its own work, and a healthy stats writer, which takes a whole batch
+        per flush, holds it back for a flush at most. ``batch_applied`` wakes
+        the loop when a batch lands; ``poll_timeout`` is the ceiling.
+
+        The promise: a fetch happens only while fewer than B = max_unacked
+        finished jobs wait for their ack, and takes at most the free slots,
+        C - running (C: the sum of the queues' limits, an unlimited queue
+        counting as ``UNLIMITED_IN_FLIGHT``). Right after it the jobs fetched
+        and unacked are at most (B - 1) + running + (C - running) = B + C - 1,
+        and until the next fetch that number can only fall. So this node's
+        backup lists never hold more than B + C - 1 jobs it fetched, and a
+        crash re-runs at most that many: the jobs running or waiting to start,
+        plus the finished ones whose batch had not landed (fewer than B + C,
+        since jobs running at the pause still finish). Jobs a middleware
+        terminated (no ack, on purpose) stay in the backup list and are not
+        counted; a lost fetch reply is reconciled before the next decision.
+        """
+        finished = self._unacked - self.busy()
+        if finished < self.max_unacked:
+            if self._held_since is not None:
+                self._resume()
+            return False
+        now = time.monotonic()
+        if self._held_since is None:
+            self._held_since = now
+        elif not self.paused and now - self._held_since >= PAUSE_NOTICE:
+            self.paused = True
+            self.pauses += 1
+            logger.warning("fetching paused: %d finished jobs wait for their ack (limit %d, "
+                           "stats_batch_size); Redis is not taking the acks", finished,
+                           self.max_unacked)
+        return True
+
+    def _resume(self) -> None:
+        if self.paused and self._held_since is not None:
+            logger.warning("fetching resumed: acks reach Redis again (paused %.1f s)",
+                           time.monotonic() - self._held_since)
+        self.paused = False
+        self._held_since = None
 
     def _wanted(self) -> list[tuple[str, int]]:
         wanted = []
@@ -234,6 +309,7 @@ class Manager:
         try:
             if self._unsure:
                 self._reconcile()
+                return 0.0  # the orphans took slots: decide again before fetching
             replies = jobqueue.fetch(self.client, self.keys, self.config.node_id, wanted,
                                      self.policy)
         except (redis.exceptions.RedisError, OSError) as exc:
@@ -276,7 +352,15 @@ class Manager:
             self._unsure.discard(queue)
 
     def batch_applied(self, done: Sequence[Done], seconds: float) -> None:
-        """Forget the jobs whose ack reached Redis (the stats writer calls this)."""
+        """Forget the jobs whose ack reached Redis (the stats writer calls this).
+
+        Every finished job of the batch, acked or not, stops waiting for its
+        ack; a fetch loop held back by unacked jobs is woken.
+        """
+        with self._cond:
+            self._unacked = max(self._unacked - len(done), 0)
+            if self._held_since is not None:
+                self._cond.notify_all()
         with self._tracked_lock:
             for item in done:
                 if item.ack:
@@ -294,6 +378,7 @@ class Manager:
             self._tracked.setdefault(queue, Counter()).update(jobs)
         with self._cond:
             self._states[queue].running += len(jobs)
+            self._unacked += len(jobs)
         submit, run_job = self.executor.submit, self.run_job
         for index, raw in enumerate(jobs):
             if index in fetched.quarantined:

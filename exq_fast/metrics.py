@@ -85,6 +85,12 @@ class NodeSource(Protocol):
     def heartbeat_last_success(self) -> float:
         """Unix time of the last successful node ping (0 before the first)."""
 
+    def fetch_paused(self) -> bool:
+        """True while fetching is paused because finished jobs' acks do not reach Redis."""
+
+    def fetch_pauses(self) -> int:
+        """Such pauses since start."""
+
 
 class _Histogram:
     """Bucket counts of one series, updated by the flusher thread only."""
@@ -242,6 +248,12 @@ class _NodeCollector(Collector):
         yield GaugeMetricFamily(f"{p}heartbeat_last_success_timestamp_seconds",
                                 "Unix time of the last successful node ping",
                                 value=src.heartbeat_last_success())
+        yield GaugeMetricFamily(f"{p}fetch_paused",
+                                "1 while fetching waits for the acks of a batch of finished jobs",
+                                value=int(src.fetch_paused()))
+        yield CounterMetricFamily(f"{p}fetch_pauses",
+                                  "Times fetching paused because acks did not reach Redis",
+                                  value=src.fetch_pauses())
         yield _labelled(CounterMetricFamily(f"{p}jobs_fetched", "Jobs fetched",
                                             labels=["queue"]), src.fetched())
         yield _labelled(CounterMetricFamily(f"{p}redis_errors", "Failed Redis operations",

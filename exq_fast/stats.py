@@ -17,11 +17,15 @@ in order:
 When a job is acked: when the batch holding its LREM is applied. A crash
 before that (process killed between the end of ``perform`` and the flush)
 leaves the job in the backup list: it runs again at the next start, or through
-a live node's heartbeat monitor. At most the jobs of one unflushed batch re-run.
+a live node's heartbeat monitor.
 
 A failed flush (Redis down, OOM, timeout) keeps the batch and retries it with
 backoff; the batch id makes a retry after a lost reply a no-op, so the counts
-in Redis converge exactly once Redis is back.
+in Redis converge exactly once Redis is back. Meanwhile finished jobs pile up
+behind it, unacked: the manager, told of every batch that lands (a
+``BatchListener``), stops fetching once ``batch_size`` of them wait, so a
+crash re-runs at most ``batch_size`` + the node's concurrency jobs
+(``Manager._held_back``).
 """
 
 from __future__ import annotations

@@ -44,12 +44,12 @@ def fill_memory(fleet: Fleet) -> int:
     return written
 
 
-def free_memory(fleet: Fleet) -> None:
-    """Delete the filler keys and put the 2 MB limit back."""
+def free_memory(fleet: Fleet, limit: str = "2mb") -> None:
+    """Delete the filler keys and put the limit back (``limit``: the server's own)."""
     keys = list(fleet.client.scan_iter(match=f"{FILLER}*", count=1000))
     if keys:
         fleet.client.delete(*keys)
-    fleet.client.config_set("maxmemory", "2mb")
+    fleet.client.config_set("maxmemory", limit)
 
 
 def test_out_of_memory_is_counted_and_drops_nothing(make_fleet: MakeFleet) -> None:
