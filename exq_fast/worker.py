@@ -70,6 +70,8 @@ class WorkerServer:
         self.node_id = services.config.node_id
         self.running: dict[str, Running] = {}
         self._ids = itertools.count(1)
+        self._unmarked = 0  # recovered jobs whose start mark Redis refused, this outage
+        self._marks_lock = threading.Lock()
 
     def run(self, raw: bytes, queue: str, suspect: bool = False) -> None:
         """Run one fetched job to its end. Never raises.
@@ -99,8 +101,21 @@ class WorkerServer:
         try:
             services.redis.set(services.keys.started(job_digest(raw)), 1, ex=RECOVERY_TTL)
         except redis.exceptions.RedisError as exc:
-            # Only poison detection loses a count: the job itself runs.
-            logger.warning("could not mark a recovered job as started: %s", exc)
+            # Only poison detection loses a count (a crash now is not blamed on
+            # this job): the job itself runs. Logged once per outage, not per job.
+            with self._marks_lock:
+                self._unmarked += 1
+                first = self._unmarked == 1
+            if first:
+                logger.warning("could not mark recovered jobs as started (poison detection "
+                               "is blind to them until Redis takes writes again): %s", exc)
+            return
+        if self._unmarked:
+            with self._marks_lock:
+                missed, self._unmarked = self._unmarked, 0
+            if missed:
+                logger.warning("marking recovered jobs as started works again; %d were not "
+                               "marked", missed)
 
     def cancel(self, jid: str) -> bool:
         """Ask the running job ``jid`` to stop (cooperative). True if it runs here."""

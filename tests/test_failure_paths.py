@@ -643,3 +643,39 @@ def test_a_recovered_job_is_marked_started_while_it_runs_and_cleared_by_its_ack(
     assert not redis_client.exists(keys.started(digest), keys.recoveries(digest))
     assert redis_client.zscore(keys.suspects, digest) is None
     assert redis_client.llen(keys.backup(node_id, QUEUE)) == 0
+
+
+def test_start_marks_refused_by_redis_are_logged_once_per_outage(
+    private_redis: RedisServer, nodes: NodeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given 5 recovered jobs (suspects) on a Redis that refuses writes that grow memory
+    client = redis.Redis.from_url(private_redis.url)
+    config = nodes.config(redis_url=private_redis.url, queues=[(QUEUE, 5)])
+    keys = Keys(config.namespace)
+    raws = [encode({"class": "F.Ok", "args": [n], "jid": f"s{n}", "queue": QUEUE})
+            for n in range(5)]
+    client.lpush(keys.queue(QUEUE), *raws)
+    client.zadd(keys.suspects, {job_digest(raw): time.time() for raw in raws})
+    runs = Runs()
+    exq = nodes.start(config, {"F.Ok": runs.worker()})
+    client.config_set("maxmemory", 1)
+    caplog.set_level(logging.WARNING, logger="exq_fast")
+    try:
+        # When they run
+        wait_for(lambda: runs.count() == 5, what="the 5 jobs ran")
+        # Then each ran, and the refused marks were logged once, not 5 times
+        refused = [r for r in caplog.records if "could not mark" in r.getMessage()]
+        assert len(refused) == 1, [r.getMessage() for r in refused]
+        # When Redis takes writes again and another recovered job runs
+        client.config_set("maxmemory", 0)
+        raw = encode({"class": "F.Ok", "args": [5], "jid": "s5", "queue": QUEUE})
+        client.zadd(keys.suspects, {job_digest(raw): time.time()})
+        client.lpush(keys.queue(QUEUE), raw)
+        wait_for(lambda: runs.count() == 6, what="the 6th job ran")
+        # Then the recovery is logged once, with how many were not marked
+        wait_for(lambda: any("works again; 5 were not marked" in r.getMessage()
+                             for r in caplog.records), what="the recovery line")
+    finally:
+        client.config_set("maxmemory", 0)
+        exq.stop(timeout=5)
+        client.close()
