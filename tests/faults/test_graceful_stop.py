@@ -112,6 +112,7 @@ def test_three_deploys_never_bury_a_healthy_job(fleet: Fleet) -> None:
     fleet.start_node("n8", queues=("q:20",), shutdown_timeout=2000)
     fleet.wait_done(tags, 30)
     figures = fleet.account("3 deploys (SIGTERM) of 20 jobs of 10 s, 2 s shutdown timeout",
-                            tags, 20, "no job buried or quarantined; lost 0")
+                            tags, 60, "20 interrupted per stop; none buried; lost 0")
     assert figures.lost == 0, figures.lost_tags
+    assert figures.duplicates == 60, "each job ran once per deploy, then to its end"
     assert fleet.dead() == {}
