@@ -51,7 +51,7 @@ from .enqueuer import Enqueuer, WorkerRef
 from .heartbeat import Heartbeat, NodePinger, RunningJob
 from .keys import Keys
 from .manager import Manager
-from .metrics import ClusterCollector, Metrics, MetricsServer
+from .metrics import ClusterCollector, Metrics, MetricsServer, serve_metrics
 from .middleware import Middleware, Services, default_chain
 from .queue import EnqueueResult
 from .registry import DEFAULT_REGISTRY, Registry
@@ -150,8 +150,7 @@ class Exq:
     def start(self) -> Exq:
         """Start every part of the node (see the module docstring for the order)."""
         if self.config.metrics_port is not None:
-            self.metrics_server = MetricsServer(self.metrics.registry, self.config.metrics_port,
-                                                self.config.metrics_addr).start()
+            self.metrics_server = serve_metrics(self.metrics.registry, self.config)
         try:
             self._start_node()
         except BaseException:
@@ -213,8 +212,11 @@ class Exq:
 
         def work() -> None:
             self.manager.unsubscribe_all()
+            self.pinger.stop(0.0)  # no ping after the records are removed
             self.stats.stop(timeout=budget / 2)
-            done.append(self._requeue_unfinished())
+            requeued = self._requeue_unfinished()
+            done.append(requeued)
+            self._remove_node(forget=requeued is not None)
 
         thread = threading.Thread(target=work, name="exq-abort", daemon=True)
         thread.start()

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 
@@ -21,7 +21,7 @@ from .demo import run_demo
 from .enqueuer import Enqueuer, to_timestamp
 from .nodes import NodeIdInUse
 from .queue import Conflict
-from .runner import run
+from .runner import import_worker_modules, run
 from .supervisor import processes_value, supervise
 
 Handler = Callable[[argparse.Namespace], int]
@@ -104,6 +104,7 @@ def _run(args: argparse.Namespace) -> int:
     config = config_from(args, **extra)
     count = processes_value(args.processes)
     if count > 1:
+        import_worker_modules(args.workers)  # a bad module: one error here, not N crash loops
         return supervise(config, count, _child_args(args))
     return run(config, args.workers, args.supervisor_pid)
 
@@ -238,9 +239,11 @@ def _add_read_verbs(verbs: Any) -> None:
     backups = _verb(verbs, "backups", cli_admin.backups,
                     "every node's jobs in flight (its backup lists), gone nodes included",
                     "List the backup lists: the jobs each node fetched and has not acked, "
-                    "with the node's state (alive; dead: the monitor re-runs them within a "
-                    "minute; unknown: no exq-fast node and no heartbeat). --requeue NODE puts "
-                    "a node's jobs back at the front of their queues; a live node is refused.")
+                    "with the node's state (alive; dead: a live node's monitor re-runs them, "
+                    "at once on the same host, within about 30 s elsewhere; unknown: not an "
+                    "exq-fast node and no heartbeat, e.g. Exq 0.13: nothing re-runs them by "
+                    "itself). --requeue NODE puts a node's jobs back at the front of their "
+                    "queues; a live node is refused.")
     backups.add_argument("--requeue", metavar="NODE",
                          help="put this node's jobs back in their queues (not a live node)")
     _json(backups)
@@ -289,9 +292,16 @@ def _add_write_verbs(verbs: Any) -> None:
     _verb(verbs, "prune", cli_admin.prune, "unregister the nodes that have stopped")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every verb."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="exq-fast", description=DESCRIPTION,
         epilog="Every verb takes --redis-url (default $REDIS_URL) and --namespace (default "
                "$EXQ_NAMESPACE); read verbs take --json. See 'exq-fast VERB --help'.")
@@ -311,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except CliError as exc:
         return _fail(args, exc, f"{exc.prefix}{exc}", exc.exit_code)
-    except (ConfigError, ValueError, TypeError, NodeIdInUse) as exc:
+    except (ConfigError, ValueError, TypeError, NodeIdInUse) as exc:  # WorkerModuleError too
         return _fail(args, exc, f"error: {exc}")
     except redis.exceptions.AuthenticationError as exc:
         return _fail(args, exc, f"error: Redis refused the credentials at {redis_location(args)} "

@@ -292,8 +292,7 @@ def backups(args: argparse.Namespace) -> int:
                          lambda: out.backups_table(lists))
         held = sum(b.size for b in api.backups() if b.node_id == args.requeue)
         if not held:
-            print(f"nothing to requeue: node {args.requeue!r} has no jobs in flight")
-            return 0
+            raise NotFound(f"node {args.requeue!r} has no jobs in flight (see 'backups')")
         confirm(args, f"put {_jobs(held)} of node {args.requeue!r} back in their queues")
         try:
             moved = api.requeue_backups(args.requeue)

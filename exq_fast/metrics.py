@@ -42,6 +42,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from .config import Config, ConfigError
 from .connection import text
 from .keys import Keys
 from .scripts import Script
@@ -386,3 +387,14 @@ class MetricsServer:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def serve_metrics(registry: CollectorRegistry, config: Config) -> MetricsServer:
+    """``/metrics`` on ``config.metrics_addr``:``metrics_port``, or a ``ConfigError`` naming
+    the option when the address cannot be bound (in use, not an address of this host)."""
+    port = config.metrics_port if config.metrics_port is not None else 0
+    try:
+        return MetricsServer(registry, port, config.metrics_addr).start()
+    except OSError as exc:
+        raise ConfigError("metrics_port", port, f"cannot listen on {config.metrics_addr}:"
+                          f"{port}: {exc.strerror or exc}") from None

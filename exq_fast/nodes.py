@@ -61,10 +61,13 @@ def _pid_namespace() -> str:
 
 
 def _start_ticks(pid: int) -> str:
-    """The start time of ``pid`` in clock ticks since boot ("" when unreadable)."""
+    """The start time of ``pid`` in clock ticks since boot ("" when unreadable, or when
+    the process has exited and waits to be reaped: a zombie runs nothing)."""
     stat = _read(f"/proc/{pid}/stat")
     fields = stat.rsplit(")", 1)[-1].split()
-    return fields[19] if len(fields) > 19 else ""
+    if len(fields) <= 19 or fields[0] in ("Z", "X"):
+        return ""
+    return fields[19]
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,12 +18,43 @@ from .config import Config
 logger = logging.getLogger("exq_fast")
 
 
+class WorkerModuleError(ValueError):
+    """A ``--workers`` module could not be imported; the message says which and why."""
+
+
 def import_worker_modules(modules: Sequence[str]) -> None:
-    """Import the modules the operator named, so their ``@worker`` registrations run."""
+    """Import the modules the operator named, so their ``@worker`` registrations run.
+
+    A name is a module (``myapp.jobs``, found from the current directory too) or
+    a file (``myapp/jobs.py``, imported by its stem with its folder on the
+    path). Any failure is a ``WorkerModuleError`` naming the module and the
+    cause (file and line for a syntax error).
+    """
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     for name in modules:
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        importlib.import_module(name)
+        try:
+            _import_one(name)
+        except WorkerModuleError:
+            raise
+        except SyntaxError as exc:
+            raise WorkerModuleError(f"--workers {name}: syntax error in {exc.filename}, line "
+                                    f"{exc.lineno}: {exc.msg}") from None
+        except Exception as exc:
+            raise WorkerModuleError(f"--workers {name}: cannot import it: "
+                                    f"{type(exc).__name__}: {exc}") from None
+
+
+def _import_one(name: str) -> None:
+    if name.endswith(".py") or os.sep in name:
+        path = os.path.abspath(name)
+        if not os.path.isfile(path):
+            raise WorkerModuleError(f"--workers {name}: no such file")
+        folder, stem = os.path.split(path)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        name = stem.removesuffix(".py")
+    importlib.import_module(name)
 
 
 class _Status:

@@ -38,7 +38,7 @@ from prometheus_client.samples import Sample
 
 from .config import Config
 from .embedded import free_port
-from .metrics import MetricsServer
+from .metrics import MetricsServer, serve_metrics
 
 logger = logging.getLogger("exq_fast")
 
@@ -199,8 +199,7 @@ class Supervisor:
         if self.config.metrics_port is not None:
             registry = CollectorRegistry(auto_describe=True)
             registry.register(ChildMetrics(self.children))
-            self.metrics_server = MetricsServer(registry, self.config.metrics_port,
-                                                self.config.metrics_addr).start()
+            self.metrics_server = serve_metrics(registry, self.config)
             logger.info("supervisor: metrics of every node at %s", self.metrics_server.url)
         with self._lock:
             for child in self.children:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import pathlib
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +21,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 import exq_fast
-from exq_fast import queue
+from exq_fast import nodes, queue
 from exq_fast.api import Api
 from exq_fast.config import Config
 from exq_fast.embedded import RedisServer, free_port
@@ -629,3 +632,17 @@ def test_errors_are_reported_with_their_operation_names(
     # Then each failed step is reported and counted, the thread would wait and retry
     assert seen == ["node_ping", "heartbeat", "heartbeat_monitor"]
     assert (pinger.errors, hb.errors) == (1, 2)
+
+
+def test_a_process_that_exited_is_dead_even_before_it_is_reaped() -> None:
+    # Given a child process on this machine, registered while it ran
+    child = subprocess.Popen(["sleep", "0.2"])
+    me = nodes.ProcessIdentity.current()
+    running = dataclasses.replace(me, pid=child.pid, start=nodes._start_ticks(child.pid))
+    assert nodes.judge(running, None, me=me, window=30) is nodes.Liveness.ALIVE
+    # When it exits and nobody has reaped it yet (a zombie)
+    stat = pathlib.Path(f"/proc/{child.pid}/stat")
+    wait_for(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", what="a zombie")
+    # Then it is dead
+    assert nodes.judge(running, None, me=me, window=30) is nodes.Liveness.DEAD
+    child.wait()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -210,3 +211,59 @@ def test_run_with_unreachable_redis_exits_with_one_line(cli: Cli) -> None:
     assert "Redis" in lines[0]
     assert "127.0.0.1:1" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("module", "expected"), [
+    ("nosuch_module", "--workers nosuch_module: cannot import it: ModuleNotFoundError"),
+    ("broken_jobs", "--workers broken_jobs: syntax error in "),
+])
+def test_a_bad_workers_module_is_one_line_and_exit_2(cli: Cli, module: str,
+                                                     expected: str) -> None:
+    # Given a module with a syntax error beside the worker module
+    (cli.tmp_path / "broken_jobs.py").write_text("def broken(:\n", encoding="utf-8")
+    for processes in ("1", "2"):
+        # When a node (or a supervisor of two) is started with it
+        result = cli.run(*cli.node_args("a"), "--workers", module, "--processes", processes)
+        # Then it exits 2 with one line naming the module and the cause (file and line)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], result.stderr
+        if module == "broken_jobs":
+            assert "broken_jobs.py, line 1" in lines[0]
+
+
+def test_workers_may_be_a_file_path(
+    cli: Cli, enqueuer: Enqueuer, redis_client: redis.Redis, keys: Keys, node_id: str
+) -> None:
+    # Given the worker module given by its path
+    jid = enqueuer.enqueue("a", "Cli.Echo", [1])
+    process = cli.start("--redis-url", cli.redis_url, "--namespace", cli.namespace,
+                        "--node-id", node_id, "--workers", str(cli.tmp_path / "cli_workers.py"),
+                        "--queue", "a")
+    # Then its workers run
+    wait_for(lambda: jid in {r["jid"] for r in cli.records()}, what="the job ran")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(10) == 0, cli.stderr()
+
+
+def test_a_metrics_port_in_use_is_one_line_and_exit_2(cli: Cli) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli.run(*cli.node_args("a"), "--metrics-port", str(port))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "metrics_port" in lines[0] and "in use" in lines[0], lines
+
+
+def test_argument_errors_are_one_line(cli: Cli) -> None:
+    result = cli.run(*cli.node_args("a"), "--processes", "many")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: --processes must be a positive integer or "
+                                     "'auto', got 'many'")
+    result = cli.run("--shutdown-timeout", "soon")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: argument --shutdown-timeout: invalid int value: 'soon' "
+        "(see 'exq-fast run --help')"]

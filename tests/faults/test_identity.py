@@ -209,6 +209,9 @@ def test_a_second_sigint_stops_at_once_and_puts_the_jobs_back(fleet: Fleet) -> N
         node.stderr_text()
     assert fleet.backup_len("ctrl-c") == 0
     assert fleet.queue_len() == 4
+    # And nothing says it still runs them: no process record, no in-progress record
+    assert registered(fleet) == set()
+    assert not fleet.client.exists(fleet.keys.workers("ctrl-c"), fleet.keys.node("ctrl-c"))
     assert list(fleet.client.scan_iter(match=fleet.keys.p("recoveries:*"))) == []
     # And a restart runs every job once more
     fleet.start_node("ctrl-c", queues=("q:4",))
