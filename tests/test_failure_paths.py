@@ -648,9 +648,10 @@ def test_a_recovered_job_is_marked_started_while_it_runs_and_cleared_by_its_ack(
 def test_start_marks_refused_by_redis_are_logged_once_per_outage(
     private_redis: RedisServer, nodes: NodeFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Given 5 recovered jobs (suspects) on a Redis that refuses writes that grow memory
+    # Given 5 recovered jobs (suspects) waiting, a node not consuming their queue yet, and
+    # a Redis that then refuses writes that grow memory (the fetch and the acks still run)
     client = redis.Redis.from_url(private_redis.url)
-    config = nodes.config(redis_url=private_redis.url, queues=[(QUEUE, 5)])
+    config = nodes.config(redis_url=private_redis.url, queues=["idle"])
     keys = Keys(config.namespace)
     raws = [encode({"class": "F.Ok", "args": [n], "jid": f"s{n}", "queue": QUEUE})
             for n in range(5)]
@@ -658,8 +659,9 @@ def test_start_marks_refused_by_redis_are_logged_once_per_outage(
     client.zadd(keys.suspects, {job_digest(raw): time.time() for raw in raws})
     runs = Runs()
     exq = nodes.start(config, {"F.Ok": runs.worker()})
-    client.config_set("maxmemory", 1)
     caplog.set_level(logging.WARNING, logger="exq_fast")
+    client.config_set("maxmemory", 1)
+    exq.subscribe(QUEUE, 5)
     try:
         # When they run
         wait_for(lambda: runs.count() == 5, what="the 5 jobs ran")

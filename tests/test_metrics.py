@@ -25,7 +25,7 @@ from prometheus_client.samples import Sample
 
 import exq_fast
 from exq_fast import Exq
-from exq_fast.config import Config
+from exq_fast.config import Config, ConfigError
 from exq_fast.embedded import RedisServer
 from exq_fast.enqueuer import Enqueuer
 from exq_fast.keys import Keys
@@ -526,16 +526,16 @@ def test_an_ipv6_address_is_bracketed_in_the_url(nodes: Nodes) -> None:
     assert "exq_build_info" in scrape(exq).families
 
 
-def test_a_port_in_use_fails_at_start_with_oserror(nodes: Nodes) -> None:
+def test_a_port_in_use_fails_at_start_naming_the_option(nodes: Nodes) -> None:
     # Given a port something else listens on
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
 
-        # When a node is asked for it, Then start fails with OSError
+        # When a node is asked for it, Then start fails with a ConfigError naming the option
         exq = nodes.new(nodes.config(queues=["qa"], metrics_port=port))
-        with pytest.raises(OSError):
+        with pytest.raises(ConfigError, match=r"'metrics_port'.*Address already in use"):
             exq.start()
         assert exq.subscriptions() == []  # nothing else was started
 
