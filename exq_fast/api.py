@@ -170,9 +170,6 @@ class Api:
         self.keys = Keys(self.config.namespace)
         self.redis = client if client is not None else connect(self.config)
         self._owns_client = client is None
-        self._me = node_registry.ProcessIdentity.current()
-        self._window = node_registry.dead_window(self.config.heartbeat_interval,
-                                                 self.config.missed_heartbeats_allowed)
 
     def close(self) -> None:
         """Release the connection pool (a client passed in is left open)."""
@@ -389,7 +386,10 @@ class Api:
 
     def backups(self) -> list[node_registry.Backup]:
         """Every non-empty backup list, with its node's state (alive, dead, unknown)."""
-        return node_registry.backups(self.redis, self.keys, self._me, self._window)
+        window = node_registry.dead_window(self.config.heartbeat_interval,
+                                           self.config.missed_heartbeats_allowed)
+        return node_registry.backups(self.redis, self.keys,
+                                     node_registry.ProcessIdentity.current(), window)
 
     def requeue_backups(self, node_id: str) -> int:
         """Put the jobs of a node that is not alive back at the front of their queues

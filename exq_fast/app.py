@@ -46,7 +46,7 @@ from . import nodes, scripts
 from . import queue as jobqueue
 from ._version import __version__
 from .config import Config
-from .connection import connect, text
+from .connection import connect
 from .enqueuer import Enqueuer, WorkerRef
 from .heartbeat import Heartbeat, NodePinger, RunningJob
 from .keys import Keys
@@ -237,10 +237,8 @@ class Exq:
         uncounted (see the module doc). None when Redis could not be reached."""
         node = self.config.node_id
         try:
-            backups = self.redis.scan_iter(match=self.keys.backup_pattern(node), count=1000)
-            names = {self.keys.backup_queue(node, text(key)) for key in backups}
             return sum(jobqueue.requeue_backup(self.redis, self.keys, node, name)
-                       for name in names if name)
+                       for name in jobqueue.backup_queues(self.redis, self.keys, node))
         except (redis.exceptions.RedisError, OSError) as exc:
             # The jobs stay in the backup list: a restart or a monitor re-runs them.
             logger.warning("could not put the unfinished jobs back at stop: %s", exc)

@@ -34,7 +34,6 @@ logger = logging.getLogger("exq_fast")
 
 PING_INTERVAL = nodes.PING_INTERVAL
 """Seconds between two node pings (Exq's and Sidekiq 6's beat)."""
-MIN_DEAD_WINDOW = nodes.MIN_DEAD_WINDOW
 NODE_TTL = 60
 """EXPIRE of the node hash and of the Sidekiq work hash, in seconds."""
 SIGNALS_PER_PING = 100
@@ -291,6 +290,8 @@ class Heartbeat(BackgroundLoop):
         self.identity = identity or nodes.ProcessIdentity.current()
         self.queue_names = config.queue_names
         self.missed_heartbeats_allowed = config.missed_heartbeats_allowed
+        self._window = nodes.dead_window(config.heartbeat_interval,
+                                         config.missed_heartbeats_allowed)
         self.policy = queue.RecoveryPolicy.of(config)
         self.on_recovered = on_recovered
         self.on_poisoned: Callable[[str, int], None] | None = None
@@ -307,7 +308,7 @@ class Heartbeat(BackgroundLoop):
 
     def window(self) -> float:
         """Seconds without a sign of life after which a node elsewhere is dead."""
-        return nodes.dead_window(int(self.interval * 1000), self.missed_heartbeats_allowed)
+        return self._window
 
     def run_once(self) -> int:
         """Beat, then recover dead nodes; return the number of jobs re-enqueued."""
@@ -367,10 +368,7 @@ class Heartbeat(BackgroundLoop):
         # Exq looks at the known and configured queues only; the node's own
         # backup lists are scanned too, so a queue nobody lists is not missed.
         known = {text(q) for q in self.client.smembers(self.keys.queues)}
-        for key in self.client.scan_iter(match=self.keys.backup_pattern(node), count=1000):
-            name = self.keys.backup_queue(node, text(key))
-            if name:
-                known.add(name)
+        known |= queue.backup_queues(self.client, self.keys, node)
         return sorted(known | set(self.queue_names))
 
     def _recovered(self, node: str, name: str, count: int) -> None:
@@ -408,4 +406,3 @@ class Heartbeat(BackgroundLoop):
         pipe.zrem(self.keys.heartbeats, node)
         pipe.execute()
         return True
-

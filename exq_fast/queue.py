@@ -16,6 +16,7 @@ import redis
 
 from . import scripts
 from .config import Config
+from .connection import text
 from .job import InvalidJob, decode, encode, new_jid, now_seconds
 from .keys import Keys
 from .retry import dead_payload
@@ -199,6 +200,13 @@ def recover_dead_node_backup(client: redis.Redis, keys: Keys, dead_node: str, qu
         [keys.backup(dead_node, queue), keys.queue(queue), keys.heartbeats],
         [dead_node, expected_score, RECOVERY_BATCH, *policy.args(keys)],
     ))
+
+
+def backup_queues(client: redis.Redis, keys: Keys, node_id: str) -> set[str]:
+    """The queues ``node_id`` holds a backup list of (a SCAN of its backup keys)."""
+    names = (keys.backup_queue(node_id, text(key))
+             for key in client.scan_iter(match=keys.backup_pattern(node_id), count=1000))
+    return {name for name in names if name}
 
 
 def requeue_backup(client: redis.Redis, keys: Keys, node_id: str, queue: str) -> int:

@@ -25,7 +25,7 @@ from exq_fast import nodes, queue
 from exq_fast.api import Api
 from exq_fast.config import Config
 from exq_fast.embedded import RedisServer, free_port
-from exq_fast.heartbeat import MIN_DEAD_WINDOW, Heartbeat, NodePinger, RunningJob
+from exq_fast.heartbeat import Heartbeat, NodePinger, RunningJob
 from exq_fast.keys import Keys
 from tests.conftest import fixture_json, wait_for
 
@@ -547,7 +547,7 @@ def test_the_monitor_never_recovers_its_own_node_and_honours_the_allowance(
     # Given our own node with an old score, one just inside the window, one outside; the
     # window is interval x (missed + 1) = 2 s, but never under 3 process pings (15 s)
     hb = Heartbeat(redis_client, keys, hb_config)
-    assert hb.window() == MIN_DEAD_WINDOW == 15.0
+    assert hb.window() == nodes.MIN_DEAD_WINDOW == 15.0
     now = time.time()
     redis_client.zadd(keys.heartbeats, {node_id: 100.0, "late-node": now - 14.5,
                                         "gone-node": now - 15.5})
