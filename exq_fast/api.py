@@ -107,6 +107,9 @@ class NodeInfo:
     labels: tuple[str, ...] = ()
     tag: str = ""
     version: str | None = None
+    stuck: int = 0
+    """Jobs running past their timeout, which ignored it (exq-fast's ``info.stuck``;
+    0 for other nodes)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -877,7 +880,7 @@ def _node_info(node: str, values: list[bytes | None]) -> NodeInfo | None:
         quiet=_quiet(quiet, info), concurrency=_int(info.get("concurrency")),
         beat=_float(beat), source="exq" if "busy" in info else "sidekiq",
         labels=_str_tuple(info.get("labels")), tag=_opt_str(info.get("tag")) or "",
-        version=_opt_str(info.get("version")),
+        version=_opt_str(info.get("version")), stuck=max(_int(info.get("stuck")), 0),
     )
 
 

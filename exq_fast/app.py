@@ -32,22 +32,24 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import redis
 from prometheus_client import CollectorRegistry
 
-from . import nodes, scripts
+from . import define, nodes, scripts
 from . import queue as jobqueue
 from ._version import __version__
 from .config import Config
 from .connection import connect
-from .enqueuer import Enqueuer, WorkerRef
+from .enqueuer import EnqueueOptions, Enqueuer, WorkerRef
 from .heartbeat import Heartbeat, NodePinger, RunningJob
 from .keys import Keys
 from .manager import Manager
@@ -59,6 +61,9 @@ from .retry import sidekiq_backoff
 from .scheduler import Scheduler
 from .stats import StatsWriter
 from .worker import WorkerServer
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 logger = logging.getLogger("exq_fast")
 
@@ -115,7 +120,7 @@ class Exq:
         services = Services(self.redis, self.keys, self.config, self.stats, self.manager,
                             self.registry, self.config.backoff or sidekiq_backoff)
         chain: Sequence[Middleware] = self.config.middleware or default_chain()
-        self.server = WorkerServer(services, chain)
+        self.server = WorkerServer(services, chain, submit=self.executor.submit)
         self.scheduler = Scheduler(self.redis, self.keys, self.config, on_error=self._redis_error)
         self.pinger = NodePinger(self.redis, self.keys, self.config, _NodeState(self),
                                  on_error=self._redis_error, identity=self.identity)
@@ -128,8 +133,9 @@ class Exq:
         self._started = False
         self._stop_lock = threading.Lock()
 
-    def _run_job(self, raw: bytes, queue: str, suspect: bool) -> None:
-        self.server.run(raw, queue, suspect)
+    def _run_job(self, raw: bytes, queue: str, suspect: bool,
+                 on_end: Callable[[], None] | None = None) -> None:
+        self.server.run(raw, queue, suspect, on_end)
 
     def _redis_error(self, operation: str, exc: BaseException) -> None:
         with self._counts_lock:
@@ -161,6 +167,8 @@ class Exq:
             self.metrics.close()
             raise
         self._started = True
+        # Where JobFunction.enqueue writes while this node runs (see define).
+        define.set_default_target(self)
         return self
 
     def _start_node(self) -> None:
@@ -224,8 +232,12 @@ class Exq:
         return len(self.server.running), (done[0] if done else None)
 
     def _close(self) -> None:
+        define.set_default_target(None, only_if=self)
         # Jobs not yet started are cancelled: they were put back (or stay in the backup).
         self.executor.shutdown(wait=False, cancel_futures=True)
+        # Async jobs still running are cancelled, as put back as the sync ones.
+        self.server.loop.stop()
+        self.server.watchdog.stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()
         self.metrics.close()
@@ -269,6 +281,35 @@ class Exq:
         """Stop from another thread (a TERM signal), without waiting."""
         threading.Thread(target=self.stop, name="exq-stop", daemon=True).start()
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the node has stopped (``stop()`` from elsewhere, a TERM signal
+        through Redis); True if it did within ``timeout``."""
+        return self.stopped.wait(timeout)
+
+    def run_forever(self) -> None:
+        """Start the node if needed and run until SIGTERM or SIGINT (Ctrl-C), then
+        stop gracefully and return; a TERM signal through Redis stops it too.
+
+        Call it from the main thread (Python delivers signals there). The
+        previous SIGTERM/SIGINT handlers are restored before it returns.
+        """
+        stop = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            logger.info("received %s: stopping gracefully", signal.Signals(signum).name)
+            stop.set()
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            if not self._started:
+                self.start()
+            while not (stop.wait(0.5) or self.stopped.is_set()):
+                pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.stop()
+
     def __enter__(self) -> Exq:
         return self.start()
 
@@ -303,19 +344,19 @@ class Exq:
         return self.manager.subscriptions()
 
     def enqueue(self, queue: str, worker_class: WorkerRef, args: Sequence[Any] = (),
-                **options: Any) -> EnqueueResult:
+                **options: Unpack[EnqueueOptions]) -> EnqueueResult:
         """See ``Enqueuer.enqueue``."""
         return self.enqueuer.enqueue(queue, worker_class, args, **options)
 
     def enqueue_at(self, queue: str, when: datetime | float, worker_class: WorkerRef,
-                   args: Sequence[Any] = (), **options: Any) -> EnqueueResult:
+                   args: Sequence[Any] = (), **options: Unpack[EnqueueOptions]) -> EnqueueResult:
         """See ``Enqueuer.enqueue_at``."""
         return self.enqueuer.enqueue_at(queue, when, worker_class, args, **options)
 
-    def enqueue_in(self, queue: str, seconds: float, worker_class: WorkerRef,
-                   args: Sequence[Any] = (), **options: Any) -> EnqueueResult:
+    def enqueue_in(self, queue: str, delay: timedelta | float, worker_class: WorkerRef,
+                   args: Sequence[Any] = (), **options: Unpack[EnqueueOptions]) -> EnqueueResult:
         """See ``Enqueuer.enqueue_in``."""
-        return self.enqueuer.enqueue_in(queue, seconds, worker_class, args, **options)
+        return self.enqueuer.enqueue_in(queue, delay, worker_class, args, **options)
 
     def enqueue_all(self, jobs: Iterable[Sequence[Any]]) -> list[EnqueueResult]:
         """See ``Enqueuer.enqueue_all``."""
@@ -336,6 +377,9 @@ class _NodeState:
 
     def total_concurrency(self) -> int:
         return self.exq.manager.total_concurrency()
+
+    def stuck(self) -> int:
+        return self.exq.server.watchdog.stuck_count()
 
     def running_jobs(self) -> list[RunningJob]:
         return [RunningJob(r.flight.field, r.flight.queue, r.flight.raw, r.flight.run_at,
@@ -401,3 +445,6 @@ class _MetricsSource:
 
     def fetch_pauses(self) -> int:
         return self.exq.manager.pauses
+
+    def stuck(self) -> int:
+        return self.exq.server.watchdog.stuck_count()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -19,8 +18,10 @@ from .cli_output import one_line, scrub
 from .config import ConfigError
 from .demo import run_demo
 from .enqueuer import Enqueuer, to_timestamp
+from .logs import FORMATS, LEVELS, setup_logging
 from .nodes import NodeIdInUse
 from .queue import Conflict
+from .registry import DEFAULT_REGISTRY
 from .runner import import_worker_modules, run
 from .supervisor import processes_value, supervise
 
@@ -32,7 +33,22 @@ DESCRIPTION = ("Run Exq / Sidekiq compatible workers, enqueue jobs, and inspect 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL or 127.0.0.1:6379)")
     parser.add_argument("--namespace", help="key namespace (default: $EXQ_NAMESPACE or 'exq')")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks (and log at debug unless --log-level is given)")
+    parser.add_argument("--log-level", choices=LEVELS, metavar="LEVEL",
+                        help="exq-fast's log level: debug (a line per job), info, warning or "
+                             "error (default info; other libraries log warnings only)")
+    parser.add_argument("--log-format", choices=FORMATS,
+                        help="log lines on stderr as text, or one JSON object per line "
+                             "(default text)")
+
+
+def log_level(args: argparse.Namespace) -> str:
+    """``--log-level``, else debug with ``--debug``, else the verb's default (info;
+    error for ``demo``, whose jobs fail on purpose)."""
+    level: str | None = args.log_level
+    default: str = getattr(args, "default_log_level", "info")
+    return level or ("debug" if args.debug else default)
 
 
 def parse_args_json(text: str) -> list[Any]:
@@ -67,6 +83,8 @@ def _enqueue(args: argparse.Namespace) -> int:
         options["max_retries"] = args.retry
     if args.unique_for is not None:
         options["unique_for"] = args.unique_for
+    if args.timeout is not None:
+        options["timeout"] = args.timeout
     if args.in_seconds is not None:
         if args.in_seconds < 0:
             raise UsageError(f"--in must be 0 or more seconds, got {args.in_seconds:g}")
@@ -89,24 +107,42 @@ def _enqueue(args: argparse.Namespace) -> int:
     return 1 if conflicts and len(conflicts) == len(results) else 0
 
 
+class NoWorkerRegistered(CliError):
+    """``exq-fast run`` found no ``@worker`` after importing the ``--workers`` modules."""
+
+
+def require_workers() -> None:
+    """Refuse to start a node that has nothing to run (exit 2, one line)."""
+    if not DEFAULT_REGISTRY.names():
+        raise NoWorkerRegistered(
+            "no worker is registered: pass --workers MODULE (a module or .py file whose "
+            "functions or classes are decorated with @worker)")
+
+
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from(args, **_run_options(args))
+    count = processes_value(args.processes)
+    # A bad module or none with a worker: one error here, before any node or child starts.
+    import_worker_modules(args.workers)
+    require_workers()
+    if count > 1:
+        return supervise(config, count, _child_args(args))
+    return run(config, args.workers, args.supervisor_pid)
+
+
+def _run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Config options the ``run`` flags give."""
     extra: dict[str, Any] = {"node_id": args.node_id, "shutdown_timeout": args.shutdown_timeout,
                              "concurrency": args.concurrency, "metrics_port": args.metrics_port,
                              "metrics_addr": args.metrics_addr,
                              "heartbeat_enable": args.heartbeat,
                              "heartbeat_interval": args.heartbeat_interval,
-                             "missed_heartbeats_allowed": args.missed_heartbeats}
+                             "missed_heartbeats_allowed": args.missed_heartbeats,
+                             "job_timeout": args.job_timeout}
     if args.queue:
         # "--queue a,b:5" lists two queues, as EXQ_QUEUES="a,b:5" does
         extra["queues"] = [part for item in args.queue for part in item.split(",")]
-    config = config_from(args, **extra)
-    count = processes_value(args.processes)
-    if count > 1:
-        import_worker_modules(args.workers)  # a bad module: one error here, not N crash loops
-        return supervise(config, count, _child_args(args))
-    return run(config, args.workers, args.supervisor_pid)
+    return extra
 
 
 def _child_args(args: argparse.Namespace) -> list[str]:
@@ -116,8 +152,10 @@ def _child_args(args: argparse.Namespace) -> list[str]:
     for flag, value in (("--redis-url", args.redis_url), ("--namespace", args.namespace),
                         ("--concurrency", args.concurrency),
                         ("--shutdown-timeout", args.shutdown_timeout),
+                        ("--job-timeout", args.job_timeout),
                         ("--heartbeat-interval", args.heartbeat_interval),
-                        ("--missed-heartbeats", args.missed_heartbeats)):
+                        ("--missed-heartbeats", args.missed_heartbeats),
+                        ("--log-level", args.log_level), ("--log-format", args.log_format)):
         if value is not None:
             out += [flag, str(value)]
     for flag, values in (("--queue", args.queue or []), ("--workers", args.workers)):
@@ -170,6 +208,8 @@ def _add_worker_verbs(verbs: Any) -> None:
     enqueue.add_argument("--retry", type=int, metavar="N", help="max retries of this job")
     enqueue.add_argument("--unique-for", type=float, metavar="S",
                          help="hold a unique lock for S seconds (Exq's token)")
+    enqueue.add_argument("--timeout", type=float, metavar="S",
+                         help="seconds the job may run before it fails with JobTimeout")
     enqueue.add_argument("--count", type=int, default=1, metavar="N",
                          help="enqueue N copies in one round trip")
     enqueue.add_argument("--json", action="store_true", help="print the jids as JSON")
@@ -189,6 +229,10 @@ def _add_worker_verbs(verbs: Any) -> None:
                                "default 1); their ids are <node id>.1 .. .N, and --queue "
                                "concurrency applies to each of them")
     run_verb.add_argument("--concurrency", help="default per-queue concurrency (or infinity)")
+    run_verb.add_argument("--job-timeout", type=float, metavar="S",
+                          help="seconds a job may run before it fails with JobTimeout, unless "
+                               "its worker or the job sets its own (default: $EXQ_JOB_TIMEOUT "
+                               "or no limit)")
     run_verb.add_argument("--shutdown-timeout", type=int, metavar="MS",
                           help="how long running jobs may finish at stop (default 5000)")
     run_verb.add_argument("--metrics-port", type=int, metavar="PORT",
@@ -213,6 +257,10 @@ def _add_worker_verbs(verbs: Any) -> None:
     for action in demo._actions:
         if "--namespace" in action.option_strings:
             action.help = "an EMPTY namespace to use (default: a new exq-demo-<random>)"
+        if "--log-level" in action.option_strings:
+            action.help = ("exq-fast's log level: debug, info, warning or error (default error: "
+                           "the demo's failing jobs are not logged)")
+    demo.set_defaults(default_log_level="error")
     demo.add_argument("--jobs", type=int, default=10000, help="how many jobs (default 10000)")
 
 
@@ -234,6 +282,9 @@ def _add_read_verbs(verbs: Any) -> None:
         listing.set_defaults(set_name={"retries": "retry"}.get(name, name))
         _paging(listing)
         _json(listing)
+        if name != "scheduled":
+            listing.add_argument("--backtrace", action="store_true",
+                                 help="print each job's error_backtrace lines under its row")
     _json(_verb(verbs, "processes", cli_admin.processes,
                 "the live nodes, the jobs they are running, and every node's jobs in flight"))
     backups = _verb(verbs, "backups", cli_admin.backups,
@@ -303,8 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every verb."""
     parser = _Parser(
         prog="exq-fast", description=DESCRIPTION,
-        epilog="Every verb takes --redis-url (default $REDIS_URL) and --namespace (default "
-               "$EXQ_NAMESPACE); read verbs take --json. See 'exq-fast VERB --help'.")
+        epilog="Every verb takes --redis-url (default $REDIS_URL), --namespace (default "
+               "$EXQ_NAMESPACE), --log-level and --log-format; read verbs take --json. See "
+               "'exq-fast VERB --help'.")
     parser.add_argument("--version", action="version", version=f"exq-fast {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     _add_worker_verbs(verbs)
@@ -317,6 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``exq-fast`` and ``python -m exq_fast``."""
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
+    # Before any Config is built: its warnings (an unknown EXQ_* variable) reach stderr.
+    setup_logging(log_level(args), args.log_format or "text")
     try:
         return handler(args)
     except CliError as exc:

@@ -257,14 +257,16 @@ def jobs(args: argparse.Namespace) -> int:
 
 
 def set_listing(args: argparse.Namespace) -> int:
-    """``retries`` / ``scheduled`` / ``dead``: a page of the set, with scores."""
+    """``retries`` / ``scheduled`` / ``dead``: a page of the set, with scores;
+    ``--backtrace`` (retries, dead): each job's ``error_backtrace`` under its row."""
     _check_page(args)
     target = SETS[args.set_name]
+    backtrace = bool(getattr(args, "backtrace", False))
     with open_api(args) as api:
         entries = target.page(api, args.offset, args.size)
         total = target.size(api)
     return _emit(args, lambda: [out.entry_record(e) for e in entries],
-                 lambda: out.set_table(entries, target.time_title),
+                 lambda: out.set_table(entries, target.time_title, backtrace),
                  _page_note(args.offset, len(entries), total))
 
 

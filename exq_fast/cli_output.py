@@ -17,11 +17,14 @@ from typing import Any
 
 from .api import Entry, NodeInfo, ProcessInfo, Stats
 from .nodes import Backup
+from .retry import decode_backtrace
 
 ARGS_WIDTH = 40
 """Characters of a job's args shown in a table."""
 MESSAGE_WIDTH = 50
 """Characters of an error message shown in a table."""
+BACKTRACE_INDENT = "    "
+"""What a backtrace line is indented by under its job's row (``--backtrace``)."""
 ELLIPSIS = "…"
 MASK = "***"
 
@@ -158,6 +161,12 @@ def _str_field(payload: Mapping[str, Any], name: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def backtrace_of(payload: Mapping[str, Any]) -> list[str] | None:
+    """The lines of a payload's ``error_backtrace`` (Sidekiq's compressed form or a
+    plain array), innermost first; None when it has none or it is unreadable."""
+    return decode_backtrace(payload.get("error_backtrace"))
+
+
 def entry_record(entry: Entry) -> dict[str, Any]:
     """A queue job or set entry for ``--json``: its main fields, the whole payload, and
     for a set entry the exact score and its ISO time. A member that is not a job has
@@ -176,7 +185,8 @@ def entry_record(entry: Entry) -> dict[str, Any]:
             "retry_count": job.retry_count if job else None,
             "error_class": _str_field(payload, "error_class"),
             "error_message": _str_field(payload, "error_message"),
-            "failed_at": iso_time(_time_field(payload, "failed_at"), precise=True)})
+            "failed_at": iso_time(_time_field(payload, "failed_at"), precise=True),
+            "error_backtrace": backtrace_of(payload)})
     record["payload"] = payload if job is not None else None
     if job is None:
         record["raw"] = _raw_text(entry.raw)
@@ -191,6 +201,7 @@ def node_record(node: NodeInfo) -> dict[str, Any]:
         "busy": node.busy, "quiet": node.quiet, "concurrency": node.concurrency,
         "beat": iso_time(node.beat, precise=True), "source": node.source,
         "labels": list(node.labels), "tag": node.tag, "version": node.version,
+        "stuck": node.stuck,
     }
 
 
@@ -269,9 +280,23 @@ def jobs_table(entries: Sequence[Entry]) -> str:
                         rows)
 
 
-def set_table(entries: Sequence[Entry], time_title: str) -> str:
+def set_table(entries: Sequence[Entry], time_title: str, backtrace: bool = False) -> str:
     """A page of the retry/schedule/dead set: score time, jid, class, retry count,
-    error class and error message (truncated)."""
+    error class and error message (truncated); with ``backtrace``, each job's
+    ``error_backtrace`` lines indented under its row."""
+    table = _set_rows(entries, time_title)
+    if not backtrace or not entries:
+        return table
+    header, *rows = table.split("\n")
+    lines = [header]
+    for entry, row in zip(entries, rows, strict=True):
+        lines.append(row)
+        lines += [BACKTRACE_INDENT + one_line(line)
+                  for line in backtrace_of(_payload(entry) or {}) or []]
+    return "\n".join(lines)
+
+
+def _set_rows(entries: Sequence[Entry], time_title: str) -> str:
     rows = []
     for entry in entries:
         payload = _payload(entry) or {}
@@ -286,12 +311,18 @@ def set_table(entries: Sequence[Entry], time_title: str) -> str:
 
 
 def nodes_table(nodes: Sequence[NodeInfo]) -> str:
-    """The live nodes: identity, pid, busy, quiet, queues, started."""
+    """The live nodes: identity, pid, busy (with ``(N stuck)`` when some of its jobs
+    ignored their timeout), quiet, queues, started."""
     return render_table(
         [Column("NODE"), Column("PID", True), Column("BUSY", True), Column("QUIET"),
          Column("QUEUES"), Column("STARTED")],
-        [(n.identity, n.pid, n.busy, n.quiet, ",".join(n.queues), iso_time(n.started_at))
-         for n in nodes])
+        [(n.identity, n.pid, busy_cell(n), n.quiet, ",".join(n.queues),
+          iso_time(n.started_at)) for n in nodes])
+
+
+def busy_cell(node: NodeInfo) -> str:
+    """A node's busy count, and its stuck jobs when there are any: ``3 (2 stuck)``."""
+    return f"{node.busy} ({node.stuck} stuck)" if node.stuck else str(node.busy)
 
 
 def running_table(processes: Sequence[ProcessInfo]) -> str:

@@ -11,15 +11,19 @@ environment holds). ``Config.from_env(**overrides)`` reads ``REDIS_URL`` and
 ``EXQ_CONCURRENCY``, ...) and then applies ``overrides``: explicit > env > default.
 The CLI builds its config with ``from_env`` and its flags as overrides.
 
-Times follow Exq's units: milliseconds, except ``dead_timeout_in_seconds``.
+Times follow Exq's units: milliseconds, except ``dead_timeout_in_seconds`` and
+``job_timeout`` (seconds, like ``@worker(timeout=...)`` and the enqueue option).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import os
 import secrets
 import socket
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,6 +164,9 @@ class Config:
     # A job in flight on a node that died this many times (recovered from a
     # backup list each time) goes to the dead set: a poison job. 0 = never.
     max_recoveries: int = 3
+    # Seconds a job may run before it fails with JobTimeout (None = no limit);
+    # ``@worker(timeout=)`` and the enqueue option ``timeout`` take precedence.
+    job_timeout: float | None = None
     # Shutdown and stats. Exq flushes stats every 1000 ms; exq-fast acks through
     # the stats batch, so it flushes within a few milliseconds of work.
     shutdown_timeout: int = 5000
@@ -190,8 +197,13 @@ class Config:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
-        """Build from ``REDIS_URL`` / ``EXQ_*`` variables, then ``overrides`` on top."""
+        """Build from ``REDIS_URL`` / ``EXQ_*`` variables, then ``overrides`` on top.
+
+        An ``EXQ_*`` variable it does not know is logged as a WARNING on the
+        ``exq_fast`` logger, with the closest known name (see ``warn_unknown_env``).
+        """
         env = os.environ if environ is None else environ
+        warn_unknown_env(env)
         values: dict[str, Any] = {}
         for name, parse in _ENV_PARSERS.items():
             raw = env.get("EXQ_" + name.upper())
@@ -229,6 +241,10 @@ def _validate(config: Config) -> None:
         raise ConfigError("metrics_port", port, "expected a port number 0-65535")
     if not config.metrics_prefix.replace("_", "a").isalnum():
         raise ConfigError("metrics_prefix", config.metrics_prefix, "letters, digits and _ only")
+    timeout = config.job_timeout
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                                or not 0 < timeout < float("inf")):
+        raise ConfigError("job_timeout", timeout, "expected a positive number of seconds or None")
     if config.namespace.endswith(":"):
         raise ConfigError("namespace", config.namespace, "must not end with ':'")
 
@@ -280,8 +296,43 @@ def _env_bool(option: str, raw: str) -> bool:
     raise ConfigError(option, raw, "expected true or false")
 
 
+def _env_seconds(option: str, raw: str) -> float | None:
+    text = raw.strip().lower()
+    if text in ("none", "0"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(option, raw, "expected a number of seconds, or none") from None
+
+
 def _env_str(option: str, raw: str) -> str:
     return raw
+
+
+ENV_READ_ELSEWHERE: frozenset[str] = frozenset()
+"""``EXQ_*`` variables exq-fast reads outside ``Config`` (none today): never flagged as
+unknown. A variable the CLI, the tests or the benchmarks come to read goes here."""
+
+logger = logging.getLogger("exq_fast")
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def warn_unknown_env(env: Mapping[str, str]) -> None:
+    """Log a WARNING for each ``EXQ_*`` variable of ``env`` that ``from_env`` does not
+    read, with the closest known name if one is close; once per name per process."""
+    known = sorted("EXQ_" + name.upper() for name in _ENV_PARSERS)
+    for name in sorted(env):
+        if not name.startswith("EXQ_") or name in known or name in ENV_READ_ELSEWHERE:
+            continue
+        with _warned_lock:
+            if name in _warned:
+                continue
+            _warned.add(name)
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        logger.warning("unknown environment variable %s%s", name, hint)
 
 
 _ENV_PARSERS: dict[str, Callable[[str, str], Any]] = {
@@ -305,6 +356,7 @@ _ENV_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "scheduler_page_size": _env_int,
     "max_retries": _env_int,
     "max_recoveries": _env_int,
+    "job_timeout": _env_seconds,
     "dead_max_jobs": _env_int,
     "dead_timeout_in_seconds": _env_int,
     "shutdown_timeout": _env_int,

@@ -8,6 +8,14 @@ jobs carry the scheduled time as ``enqueued_at``, as Exq 0.14+ does.
 Unique tokens: the caller's ``unique_token``, or else Exq's own token
 (base64 of SHA-256 of ``queue:class:phash2(arg)...``), reproduced bit for bit
 so that Python and Elixir producers share locks.
+
+Two exq-fast options are written as fields of their own when given:
+``timeout`` (seconds this job may run) and ``backtrace`` (Sidekiq's field:
+keep the failure's backtrace in the retry/dead entry). Exq ignores both.
+
+Times: a ``datetime`` with a time zone is that instant; a naive one is local
+time, as ``datetime.timestamp()`` reads it (Python's convention); numbers are
+Unix seconds. Delays are seconds or a ``timedelta``.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict
 
 import redis
 
@@ -26,12 +34,35 @@ from .connection import connect
 from .job import encode, new_jid, now_seconds, strip_elixir
 from .keys import Keys
 from .queue import Conflict, EnqueueResult, Push, push, push_all
+from .registry import check_backtrace, check_timeout
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 UniqueUntil = Literal["success", "start", "expiry"]
 _UNIQUE_UNTIL = ("success", "start", "expiry")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-__all__ = ["Conflict", "EnqueueResult", "Enqueuer", "WorkerRef"]
+__all__ = ["Conflict", "EnqueueOptions", "EnqueueResult", "Enqueuer", "WorkerRef"]
+
+
+class EnqueueOptions(TypedDict, total=False):
+    """The keyword options of every enqueue call."""
+
+    jid: str
+    """The job id (default: 24 random hex digits)."""
+    max_retries: int
+    """The payload's ``retry`` (default: the config's ``max_retries``)."""
+    unique_for: float
+    """Seconds a unique lock is held (Exq's uniqueness); see ``unique_until``."""
+    unique_until: UniqueUntil
+    """When the lock is released: ``"success"`` (default), ``"start"`` or ``"expiry"``."""
+    unique_token: str
+    """The lock's token (default: Exq's token of queue, class and args)."""
+    timeout: float
+    """Seconds this job may run before it fails with ``JobTimeout``."""
+    backtrace: bool | int
+    """Keep the failure's backtrace in the retry/dead entry (True, or that many lines)."""
 
 
 class HasJobClass(Protocol):
@@ -40,8 +71,9 @@ class HasJobClass(Protocol):
     exq_job_class: str
 
 
-WorkerRef = str | HasJobClass
-"""A worker class: the name stored in the payload, or a registered Python worker."""
+WorkerRef = str | HasJobClass | type[Any]
+"""A worker class: the name stored in the payload, or a Python worker registered with
+``@worker`` (the function object it returned, or the class)."""
 
 
 def job_class_name(worker: WorkerRef) -> str:
@@ -58,13 +90,22 @@ def job_class_name(worker: WorkerRef) -> str:
 
 
 def to_timestamp(when: datetime | float) -> float:
-    """Float seconds for a datetime (naive = UTC) or a Unix time, to the microsecond."""
+    """Float seconds for a datetime (naive = local time, as ``datetime.timestamp()``)
+    or a Unix time, to the microsecond."""
     if isinstance(when, datetime):
-        aware = when if when.tzinfo else when.replace(tzinfo=UTC)
+        aware = when if when.tzinfo else when.astimezone()  # local time, Python's rule
         return (aware - _EPOCH) // timedelta(microseconds=1) / 1_000_000
     if isinstance(when, bool) or not isinstance(when, int | float) or not math.isfinite(when):
         raise ValueError(f"not a time: {when!r}")
     return float(when)
+
+
+def to_delay(delay: timedelta | float) -> float:
+    """Seconds of a delay given as seconds or a ``timedelta``; never negative."""
+    seconds = delay.total_seconds() if isinstance(delay, timedelta) else to_timestamp(delay)
+    if seconds < 0:
+        raise ValueError(f"a delay must not be negative, got {delay!r}")
+    return seconds
 
 
 class Enqueuer:
@@ -87,23 +128,24 @@ class Enqueuer:
         self.close()
 
     def enqueue(self, queue: str, worker_class: WorkerRef, args: Sequence[Any] = (),
-                **options: Any) -> EnqueueResult:
+                **options: Unpack[EnqueueOptions]) -> EnqueueResult:
         """Enqueue a job to run now. Returns its jid, or a ``Conflict``.
 
-        Options: ``jid``, ``max_retries``, ``unique_for`` (seconds),
-        ``unique_until`` (``"success"``, ``"start"``, ``"expiry"``), ``unique_token``.
+        Options (``EnqueueOptions``): ``jid``, ``max_retries``, ``unique_for``
+        (seconds), ``unique_until`` (``"success"``, ``"start"``, ``"expiry"``),
+        ``unique_token``, ``timeout`` (seconds), ``backtrace``.
         """
         return self._push(self.build(queue, worker_class, args, None, **options))
 
     def enqueue_at(self, queue: str, when: datetime | float, worker_class: WorkerRef,
-                   args: Sequence[Any] = (), **options: Any) -> EnqueueResult:
-        """Enqueue a job to run at ``when`` (a datetime, naive = UTC, or Unix seconds)."""
+                   args: Sequence[Any] = (), **options: Unpack[EnqueueOptions]) -> EnqueueResult:
+        """Enqueue a job to run at ``when``: a datetime (naive = local time) or Unix seconds."""
         return self._push(self.build(queue, worker_class, args, to_timestamp(when), **options))
 
-    def enqueue_in(self, queue: str, seconds: float, worker_class: WorkerRef,
-                   args: Sequence[Any] = (), **options: Any) -> EnqueueResult:
-        """Enqueue a job to run ``seconds`` from now."""
-        at = now_seconds() + to_timestamp(seconds)
+    def enqueue_in(self, queue: str, delay: timedelta | float, worker_class: WorkerRef,
+                   args: Sequence[Any] = (), **options: Unpack[EnqueueOptions]) -> EnqueueResult:
+        """Enqueue a job to run after ``delay`` (seconds or a ``timedelta``)."""
+        at = now_seconds() + to_delay(delay)
         return self._push(self.build(queue, worker_class, args, at, **options))
 
     def enqueue_all(self, jobs: Iterable[Sequence[Any]]) -> list[EnqueueResult]:
@@ -127,11 +169,11 @@ class Enqueuer:
             raise ValueError("give 'at' or 'in', not both")
         score = to_timestamp(at) if at is not None else None
         if after is not None:
-            score = now_seconds() + to_timestamp(after)
+            score = now_seconds() + to_delay(after)
         return self.build(item[0], item[1], item[2], score, **options)
 
     def build(self, queue: str, worker_class: WorkerRef, args: Sequence[Any],
-              at: float | None, **options: Any) -> Push:
+              at: float | None, **options: Unpack[EnqueueOptions]) -> Push:
         """The bytes and lock of a job, without writing anything."""
         return _JobBuilder(self.config, options).build(queue, worker_class, args, at)
 
@@ -148,7 +190,7 @@ class Enqueuer:
 class _JobBuilder:
     """Turns enqueue arguments into a validated ``Push``."""
 
-    _OPTIONS = frozenset({"jid", "max_retries", "unique_for", "unique_until", "unique_token"})
+    _OPTIONS = frozenset(EnqueueOptions.__annotations__)
 
     def __init__(self, config: Config, options: Mapping[str, Any]) -> None:
         unknown = set(options) - self._OPTIONS
@@ -172,6 +214,7 @@ class _JobBuilder:
             "queue": queue,
             "retry": self._retry(),
         }
+        self._extras(job)
         lock = self._unique(job, enqueued_at)
         payload = _encode_job(job)
         unlocks_in = None if lock is None else max(math.trunc((job["unlocks_at"] - now) * 1000), 0)
@@ -193,6 +236,14 @@ class _JobBuilder:
             raise ValueError(f"max_retries must be a non-negative integer, got {retry!r}")
         return retry
 
+    def _extras(self, job: dict[str, Any]) -> None:
+        """exq-fast's own fields, added only when given (docs/wire-format.md §3.1)."""
+        if "backtrace" in self.options:
+            job["backtrace"] = check_backtrace(self.options["backtrace"])
+        timeout = check_timeout(self.options.get("timeout"))
+        if timeout is not None:
+            job["timeout"] = timeout
+
     def _unique(self, job: dict[str, Any], enqueued_at: float) -> str | None:
         unique_for = self.options.get("unique_for")
         if unique_for is None:
@@ -213,8 +264,8 @@ class _JobBuilder:
 
 def _encode_job(job: dict[str, Any]) -> bytes:
     try:
-        # The dict is built in alphabetical key order, as Exq writes it; the
+        # Top-level keys in alphabetical order, as Exq writes them; the
         # caller's own argument maps keep their order.
-        return encode(job)
+        return encode(dict(sorted(job.items())))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"job args are not JSON-encodable: {exc}") from None

@@ -77,6 +77,10 @@ class NodeState(Protocol):
         """Sum of the finite queue limits plus 1000 per unlimited queue."""
         ...
 
+    def stuck(self) -> int:
+        """Jobs running that ignored their timeout (see ``timeouts``)."""
+        ...
+
     def running_jobs(self) -> list[RunningJob]:
         """The jobs running now."""
         ...
@@ -221,6 +225,7 @@ class NodePinger(BackgroundLoop):
             "quiet": quiet,
             "version": self.version,
             "embedded": False,
+            "stuck": self.state.stuck(),  # exq-fast's: jobs that ignored their timeout
         }
 
     def _write_work(self, pipe: Pipeline, jobs: list[RunningJob]) -> None:

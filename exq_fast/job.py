@@ -19,6 +19,7 @@ a bool, missing ``retry_count``, integer-millisecond timestamps (Sidekiq 8),
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import uuid
@@ -145,6 +146,7 @@ class Job:
 
     __slots__ = (
         "_args",
+        "backtrace",
         "cancelled",
         "enqueued_at",
         "jid",
@@ -153,6 +155,7 @@ class Job:
         "raw",
         "retry",
         "retry_count",
+        "timeout",
         "unique_token",
         "unique_until",
     )
@@ -166,8 +169,13 @@ class Job:
     enqueued_at: float | None
     unique_until: str | None
     unique_token: str | None
+    timeout: float | None
+    """The payload's ``timeout``: seconds this job may run (exq-fast's field)."""
+    backtrace: bool | int | None
+    """The payload's ``backtrace`` (Sidekiq's field): keep the failure's backtrace."""
     cancelled: bool
-    """Set when a cancel signal names this job: a cooperative job checks it and stops."""
+    """Set when this job should stop -- a cancel signal named it, or its timeout
+    passed: a cooperative job checks it and stops."""
     _args: list[Any] | None
 
     @property
@@ -265,7 +273,7 @@ def _kind(value: object) -> str:
 
 _WANTED = frozenset(
     {"class", "args", "jid", "queue", "retry", "retry_count", "enqueued_at",
-     "unique_until", "unique_token"}
+     "unique_until", "unique_token", "timeout", "backtrace"}
 )
 
 
@@ -297,6 +305,9 @@ def _fields(raw: bytes, doc: Any, keys: Iterable[str], with_args: bool) -> Job |
     job.enqueued_at = to_seconds(get("enqueued_at"))
     job.unique_until = _str_or_none(get("unique_until"))
     job.unique_token = _str_or_none(get("unique_token"))
+    job.timeout = _positive_or_none(get("timeout"))
+    backtrace = get("backtrace")
+    job.backtrace = backtrace if isinstance(backtrace, bool | int) and backtrace >= 0 else None
     job.cancelled = False
     fields.clear()  # drop the proxies before the parser is used again
     return job
@@ -312,6 +323,13 @@ def _str_or_none(value: object) -> str | None:
 
 def _retry(value: object) -> int | bool | None:
     return value if isinstance(value, int) else None
+
+
+def _positive_or_none(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        return None
+    seconds = float(value)
+    return seconds if math.isfinite(seconds) else None
 
 
 def _int_or_zero(value: object) -> int:

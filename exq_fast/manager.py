@@ -31,6 +31,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from typing import Protocol
 
 import redis
 
@@ -45,8 +46,14 @@ logger = logging.getLogger("exq_fast")
 UNLIMITED_IN_FLIGHT = 1000
 """Most jobs of one queue in flight when its concurrency is unlimited."""
 
-RunJob = Callable[[bytes, str, bool], None]
-"""Runs one job: its bytes, its queue, and whether it is a suspect (recovered before)."""
+class RunJob(Protocol):
+    """Runs one job: its bytes, its queue, whether it is a suspect (recovered
+    before), and what to call once it has ended (an async job ends after the
+    call returns)."""
+
+    def __call__(self, raw: bytes, queue: str, suspect: bool,
+                 on_end: Callable[[], None] | None = None) -> None: ...
+
 ErrorHook = Callable[[str, BaseException], None]
 
 PAUSE_NOTICE = 1.0
@@ -411,7 +418,6 @@ class Manager:
         self.executor.submit(self._run_quarantined, raw, queue)
 
     def _run_quarantined(self, raw: bytes, queue: str) -> None:
-        try:
-            self.run_job(raw, queue, True)
-        finally:
-            self._run_next_quarantined()
+        # The next one starts when this one has *ended* (an async job ends
+        # after run_job returns); run_job never raises and always calls on_end.
+        self.run_job(raw, queue, True, self._run_next_quarantined)

@@ -92,6 +92,9 @@ class NodeSource(Protocol):
     def fetch_pauses(self) -> int:
         """Such pauses since start."""
 
+    def stuck(self) -> int:
+        """Jobs running that ignored their timeout."""
+
 
 class _Histogram:
     """Bucket counts of one series, updated by the flusher thread only."""
@@ -252,6 +255,9 @@ class _NodeCollector(Collector):
         yield GaugeMetricFamily(f"{p}fetch_paused",
                                 "1 while fetching waits for the acks of a batch of finished jobs",
                                 value=int(src.fetch_paused()))
+        yield GaugeMetricFamily(f"{p}jobs_stuck",
+                                "Jobs still running after their timeout fired (slot held)",
+                                value=src.stuck())
         yield CounterMetricFamily(f"{p}fetch_pauses",
                                   "Times fetching paused because acks did not reach Redis",
                                   value=src.fetch_pauses())

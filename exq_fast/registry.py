@@ -23,26 +23,34 @@ as ``.``, a ``/...`` suffix cut), in two places only:
    ``myapp.jobs.system`` a worker.
 
 A class worker gets a new instance per job (``cls().perform(*args)``, as
-Sidekiq); a function worker is called as is. Resolved callables are cached, so a
-hit costs one dict lookup; failed lookups are not cached.
+Sidekiq); a function worker is called as is. Either may be ``async def``: the
+worker server runs the coroutine it returns on the node's event loop. Resolved
+callables are cached, so a hit costs one dict lookup; failed lookups are not
+cached.
+
+Each registered name carries a ``WorkerSpec``: the callable plus the worker's
+options (its default queue, its timeout, whether failures keep a backtrace).
+The ``@worker`` decorator that registers functions and classes is in
+``exq_fast.define``.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 from .job import normalize_class
 
-__all__ = ["DEFAULT_REGISTRY", "Perform", "Registry", "UnknownWorker", "worker"]
+__all__ = ["DEFAULT_REGISTRY", "Perform", "Registry", "UnknownWorker", "WorkerSpec",
+           "check_backtrace", "check_timeout"]
 
 Perform = Callable[..., Any]
-"""What the runtime calls with the job's ``*args``."""
-
-T = TypeVar("T", bound=Callable[..., Any])
+"""What the runtime calls with the job's ``*args`` (a coroutine it returns is awaited)."""
 
 RAW_CACHE_LIMIT = 4096
 """Raw ``class`` strings cached at most; ``/suffix`` variants are unbounded."""
@@ -58,6 +66,42 @@ class UnknownWorker(LookupError):
         super().__init__(message if reason is None else f"{message} ({reason})")
         self.job_class = job_class
         self.reason = reason
+
+
+def check_timeout(value: object, option: str = "timeout") -> float | None:
+    """A job timeout in seconds: ``None`` (no limit) or a positive finite number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not 0 < value < math.inf:
+        raise ValueError(f"{option} must be a positive number of seconds or None, got {value!r}")
+    return float(value)
+
+
+def check_backtrace(value: object, option: str = "backtrace") -> bool | int:
+    """Sidekiq's ``backtrace`` option: ``True`` (all lines), ``False``, or a line count."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value >= 0:
+        return value
+    raise ValueError(f"{option} must be True, False or a number of lines, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """A worker as the runtime needs it: the callable and the worker's options."""
+
+    name: str
+    """The normalised class name jobs name it by."""
+    perform: Perform
+    target: object
+    """What was registered (the function or the class)."""
+    queue: str | None = None
+    """The queue its jobs go to by default (``@worker(queue=)``); None = unspecified."""
+    timeout: float | None = None
+    """Seconds a job may run (None = the config's ``job_timeout``)."""
+    backtrace: bool | int = False
+    """Keep the failure's backtrace in the retry/dead entry: True, or that many lines."""
 
 
 def _class_performer(cls: type[Any]) -> Perform:
@@ -95,43 +139,63 @@ class Registry:
             if not all(part.isidentifier() for part in prefix.split(".")):
                 raise ValueError(f"not a module name: {prefix!r}")
         self._allowed = tuple(allowed_modules)
-        self._targets: dict[str, object] = {}
-        self._performers: dict[str, Perform] = {}  # normalised name -> callable
-        self._cache: dict[str, Perform] = {}  # raw class string -> callable
+        self._specs: dict[str, WorkerSpec] = {}  # normalised name -> spec
+        self._cache: dict[str, WorkerSpec] = {}  # raw class string -> spec
         self._lock = threading.Lock()
         for name, target in (workers or {}).items():
             self.register(name, target)
 
-    def register(self, name: str, target: object) -> None:
+    def register(self, name: str, target: object, *, queue: str | None = None,
+                 timeout: float | None = None, backtrace: bool | int = False) -> None:
         """Register ``target`` (a function, or a class with ``perform``) under ``name``.
 
-        ``name`` is normalised as payloads are. Raises ``TypeError`` for any
-        other target and ``ValueError`` when the name already has another target.
+        ``name`` is normalised as payloads are. ``queue`` is where the worker's
+        jobs go by default, ``timeout`` its job time limit in seconds and
+        ``backtrace`` Sidekiq's option (see ``WorkerSpec``). Raises ``TypeError``
+        for any other target and ``ValueError`` for a bad option or when the name
+        already has another target.
         """
         key = normalize_class(name)
         if not key:
             raise ValueError(f"empty worker name {name!r}")
-        perform = _performer(target)
+        if queue is not None and (not isinstance(queue, str) or not queue):
+            raise ValueError(f"queue must be a non-empty string, got {queue!r}")
+        spec = WorkerSpec(key, _performer(target), target, queue, check_timeout(timeout),
+                          check_backtrace(backtrace))
         with self._lock:
-            current = self._targets.get(key, _MISSING)
-            if current is target:
+            current = self._specs.get(key)
+            if current is not None and current.target is target:
+                self._specs[key] = spec  # the same object registered again: new options
+                self._cache.clear()
                 return
-            if current is not _MISSING:
-                raise ValueError(f"worker {key!r} is already registered as {current!r}")
-            self._targets[key] = target
-            self._performers[key] = perform
+            if current is not None:
+                raise ValueError(f"worker {key!r} is already registered as {current.target!r}")
+            self._specs[key] = spec
             self._cache.clear()  # a raw name may have resolved through allowed_modules
 
     def resolve(self, job_class: str) -> Perform:
         """The callable running a job of ``job_class`` with ``*args``, or ``UnknownWorker``."""
-        perform = self._cache.get(job_class)
-        if perform is None:
-            perform = self._resolve_uncached(job_class)
-        return perform
+        return self.lookup(job_class).perform
+
+    def lookup(self, job_class: str) -> WorkerSpec:
+        """The ``WorkerSpec`` of a job of ``job_class``, or ``UnknownWorker``."""
+        spec = self._cache.get(job_class)
+        if spec is None:
+            spec = self._resolve_uncached(job_class)
+        return spec
 
     def names(self) -> list[str]:
         """The registered (normalised) names, sorted."""
-        return sorted(self._targets)
+        return sorted(self._specs)
+
+    def specs(self) -> list[WorkerSpec]:
+        """The registered workers, sorted by name."""
+        return [self._specs[name] for name in sorted(self._specs)]
+
+    @property
+    def allowed_modules(self) -> tuple[str, ...]:
+        """The module prefixes whose callables are workers too."""
+        return self._allowed
 
     def __contains__(self, job_class: str) -> bool:
         """Whether ``job_class`` resolves (may import under ``allowed_modules``)."""
@@ -141,16 +205,18 @@ class Registry:
             return False
         return True
 
-    def _resolve_uncached(self, job_class: str) -> Perform:
+    def _resolve_uncached(self, job_class: str) -> WorkerSpec:
         name = normalize_class(job_class)
-        perform = self._performers.get(name)
-        if perform is None:
-            perform = self._performers[name] = self._find_in_modules(job_class, name)
+        spec = self._specs.get(name)
+        if spec is None:
+            target, perform = self._find_in_modules(job_class, name)
+            spec = WorkerSpec(name, perform, target)
+            # Cached under its raw name only: names() lists what was registered.
         if len(self._cache) < RAW_CACHE_LIMIT:
-            self._cache[job_class] = perform
-        return perform
+            self._cache[job_class] = spec
+        return spec
 
-    def _find_in_modules(self, job_class: str, name: str) -> Perform:
+    def _find_in_modules(self, job_class: str, name: str) -> tuple[object, Perform]:
         prefix = max((p for p in self._allowed if _is_under(name, p)), key=len, default=None)
         if prefix is None or name == prefix:
             raise UnknownWorker(job_class)
@@ -177,7 +243,8 @@ class Registry:
             reason = f"cannot import {module_name}: {type(exc).__name__}: {exc}"
             raise UnknownWorker(job_class, reason) from exc
 
-    def _from_module(self, job_class: str, module: object, path: list[str]) -> Perform:
+    def _from_module(self, job_class: str, module: object,
+                     path: list[str]) -> tuple[object, Perform]:
         obj = module
         for depth, attr in enumerate(path):
             if depth and not isinstance(obj, type):
@@ -188,9 +255,9 @@ class Registry:
         if not self._defined_in_allowed(obj):
             raise UnknownWorker(job_class, "not defined in an allowed module")
         if isinstance(obj, type) and callable(getattr(obj, "perform", None)):
-            return _class_performer(obj)
+            return obj, _class_performer(obj)
         if inspect.isfunction(obj) and len(path) == 1:
-            return obj
+            return obj, obj
         raise UnknownWorker(job_class, "not a function or a class with perform")
 
     def _defined_in_allowed(self, obj: object) -> bool:
@@ -200,24 +267,3 @@ class Registry:
 
 DEFAULT_REGISTRY = Registry()
 """The registry ``@worker`` uses when given none."""
-
-
-def worker(name: str | None = None, *, registry: Registry | None = None) -> Callable[[T], T]:
-    """Decorator registering a function, or a class with ``perform(self, *args)``.
-
-    ``name`` defaults to ``module.qualname``; it is set as ``obj.exq_job_class``
-    (as given) so that the object can be passed to ``Enqueuer.enqueue``. The
-    object is registered in ``registry`` (default ``DEFAULT_REGISTRY``) and
-    returned unchanged otherwise. Write ``@worker()``, not ``@worker``.
-    """
-    if name is not None and not isinstance(name, str):
-        raise TypeError("worker() takes a name string: write @worker(), not @worker")
-
-    def decorate(obj: T) -> T:
-        job_class = name if name is not None else f"{obj.__module__}.{obj.__qualname__}"
-        target = registry if registry is not None else DEFAULT_REGISTRY
-        target.register(job_class, obj)
-        obj.exq_job_class = job_class  # type: ignore[attr-defined]
-        return obj
-
-    return decorate

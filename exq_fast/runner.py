@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from types import FrameType
 
 from .app import Exq
-from .config import Config
+from .config import Config, QueueSpec
+from .registry import WorkerSpec
 
 logger = logging.getLogger("exq_fast")
 
@@ -79,6 +80,26 @@ class _Status:
         sys.stderr.flush()
 
 
+def log_workers(queues: Sequence[QueueSpec], specs: Sequence[WorkerSpec]) -> None:
+    """The start-up lines on the workers: per consumed queue, the workers whose own
+    queue it is; then the others (a node runs any worker on any queue it consumes);
+    and a WARNING for each worker whose queue the node does not consume."""
+    consumed = {queue.name for queue in queues}
+    for queue in queues:
+        names = [spec.name for spec in specs if spec.queue == queue.name]
+        concurrency = "unlimited" if queue.concurrency is None else queue.concurrency
+        logger.info("queue %s (concurrency %s): %s", queue.name, concurrency,
+                    ", ".join(names) or "none")
+    others = [spec for spec in specs if spec.queue not in consumed]
+    if others:
+        logger.info("other workers (run on any queue): %s",
+                    ", ".join(spec.name for spec in others))
+    for spec in others:
+        if spec.queue is not None:
+            logger.warning("worker %s enqueues to queue %r, which this node does not consume",
+                           spec.name, spec.queue)
+
+
 FORCED_STOP_BUDGET = 0.8
 """Seconds a forced stop spends putting unfinished jobs back before the process exits."""
 
@@ -130,6 +151,7 @@ def run(config: Config, worker_modules: Sequence[str], supervisor_pid: int | Non
     exq.start()
     logger.info("exq-fast node %s consuming %s (namespace %r)", config.node_id,
                 ", ".join(exq.subscriptions()), config.namespace)
+    log_workers(config.queue_specs, exq.registry.specs())
     status = _Status(exq) if sys.stderr.isatty() else None
     while not (stop.wait(1.0) or exq.stopped.is_set()):
         if _orphaned(supervisor_pid):

@@ -664,7 +664,10 @@ def test_start_marks_refused_by_redis_are_logged_once_per_outage(
     exq.subscribe(QUEUE, 5)
     try:
         # When they run
-        wait_for(lambda: runs.count() == 5, what="the 5 jobs ran")
+        wait_for(lambda: runs.count() == 5, what="the 5 jobs ran", detail=lambda: (
+            f"ran {runs.count()}, queued {client.llen(keys.queue(QUEUE))}, fetched "
+            f"{client.llen(keys.backup(config.node_id, QUEUE))}, busy {exq.manager.busy()}, "
+            f"Redis errors {exq.redis_errors}"))
         # Then each ran, and the refused marks were logged once, not 5 times
         refused = [r for r in caplog.records if "could not mark" in r.getMessage()]
         assert len(refused) == 1, [r.getMessage() for r in refused]

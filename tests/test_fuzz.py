@@ -4,7 +4,9 @@ The corpus is generated deterministically (a seeded ``random.Random``) and
 classified up front by ``exq_fast.job.decode`` itself: a payload it refuses
 (``InvalidJob``) must reach the dead set wrapped as ``ExqFast.InvalidPayload``
 with its bytes kept verbatim (or as ``payload_base64``); a payload it accepts
-names an unregistered class and must reach the dead set as "unknown worker".
+names an unregistered class and follows the retry rule as "unknown worker"
+(``UnknownWorker``): the retry set when its ``retry`` field allows one, else
+the dead set.
 Valid jobs are interleaved and must each run exactly once. Every decodable
 malformed payload carries a unique ``fuzz_id`` field (re-encoding keeps unknown
 fields), which is how its dead entry is found again.
@@ -38,6 +40,7 @@ from exq_fast import Config, Exq
 from exq_fast.job import InvalidJob, Job, decode, normalize_class
 from exq_fast.keys import Keys, StatKind
 from exq_fast.middleware.job import INVALID_CLASS
+from exq_fast.retry import is_dead
 from tests.conftest import wait_for
 
 QUEUE = "fuzz"
@@ -200,6 +203,11 @@ class Corpus:
     @property
     def malformed_count(self) -> int:
         return len(self.invalid) + len(self.unknown) + len(self.unencodable)
+
+    def retried(self, max_retries: int) -> set[int]:
+        """The fuzz_ids of the unknown-class payloads the retry rule sends to the retry set."""
+        return {fuzz_id for fuzz_id, raw in self.unknown.items()
+                if not is_dead(decode(raw), max_retries)}
 
     def shuffled(self) -> list[bytes]:
         payloads = [*self.valid.values(), *self.invalid, *self.unknown.values(),
@@ -500,14 +508,17 @@ def test_a_node_survives_thousands_of_malformed_payloads(
     config = make_config(queues=[(QUEUE, 20)], concurrency=20, poll_timeout=10,
                          scheduler_enable=False)
     payloads = corpus.shuffled()
-    expected_dead = corpus.malformed_count
+    retried = corpus.retried(config.max_retries)
+    assert 0 < len(retried) < len(corpus.unknown)  # both fates occur
+    expected_failed = corpus.malformed_count
+    expected_dead = expected_failed - len(retried)
     with Exq(config, workers={RECORD: log.perform}) as exq:
         # When the malformed payloads, interleaved with valid jobs, are pushed while it runs
         push_all(redis_client, keys.queue(QUEUE), payloads)
-        # Then every payload is consumed: valid ones run, malformed ones die
+        # Then every payload is consumed: valid ones run, malformed ones fail
         wait_for(lambda: log.total() >= len(corpus.valid)
                  and redis_client.zcard(keys.dead) >= expected_dead
-                 and stat(redis_client, keys, "failed") >= expected_dead
+                 and stat(redis_client, keys, "failed") >= expected_failed
                  and redis_client.llen(keys.queue(QUEUE)) == 0
                  and redis_client.llen(keys.backup(config.node_id, QUEUE)) == 0,
                  timeout=40, what="every payload to be run or buried")
@@ -521,10 +532,11 @@ def test_a_node_survives_thousands_of_malformed_payloads(
     # and every valid job ran exactly once
     assert set(log.tags) == {*corpus.valid, "after-the-flood"}
     assert [tag for tag, n in log.tags.items() if n != 1] == []
-    # and the dead set holds exactly the malformed payloads, each with a reason
+    # and the dead set holds exactly the malformed payloads the retry rule does not
+    # retry, each with a reason
     dead = dead_entries(redis_client, keys)
     assert len(dead) == expected_dead
-    assert stat(redis_client, keys, "failed") == expected_dead
+    assert stat(redis_client, keys, "failed") == expected_failed
     assert all(entry.get("error_message") for entry in dead)
     wrapped = [entry for entry in dead if entry.get("class") == INVALID_CLASS]
     assert Counter(wrapped_bytes(entry) for entry in wrapped) == Counter(
@@ -534,14 +546,16 @@ def test_a_node_survives_thousands_of_malformed_payloads(
     assert all("could not be re-encoded" in entry["error_message"]
                for entry in wrapped if entry["error_class"] != "InvalidJob")
     unknown = [entry for entry in dead if entry.get("class") != INVALID_CLASS]
-    assert sorted(entry["fuzz_id"] for entry in unknown) == sorted(corpus.unknown)
-    assert all("unknown worker" in entry["error_message"] for entry in unknown)
-    assert all(entry["error_class"] == "UnknownWorker" for entry in unknown)
+    in_retry = [json.loads(m) for m in cast(list[bytes], redis_client.zrange(keys.retry, 0, -1))]
+    assert sorted(entry["fuzz_id"] for entry in unknown) == \
+        sorted(set(corpus.unknown) - retried)
+    assert sorted(entry["fuzz_id"] for entry in in_retry) == sorted(retried)
+    assert all("unknown worker" in entry["error_message"] for entry in unknown + in_retry)
+    assert all(entry["error_class"] == "UnknownWorker" for entry in unknown + in_retry)
     # and nothing is left in flight
     assert redis_client.llen(keys.backup(config.node_id, QUEUE)) == 0
     assert redis_client.llen(keys.queue(QUEUE)) == 0
-    assert redis_client.zcard(keys.retry) == 0
-    assert exq.stats.totals == {"processed": len(corpus.valid) + 1, "failed": expected_dead}
+    assert exq.stats.totals == {"processed": len(corpus.valid) + 1, "failed": expected_failed}
 
 
 # -- the codec under hypothesis --------------------------------------------------------------

@@ -63,6 +63,9 @@ class FakeState:
     def total_concurrency(self) -> int:
         return self.concurrency
 
+    def stuck(self) -> int:
+        return 0
+
     def running_jobs(self) -> list[RunningJob]:
         return list(self.jobs)
 
@@ -152,16 +155,16 @@ def test_the_info_json_has_exqs_fields_and_sidekiqs(
     assert raw is not None
     info = json.loads(raw)
     exq_info = json.loads(INFLIGHT["node_hash"]["fields_hgetall_order"]["info"])
-    assert set(info) == set(exq_info) | {"version", "embedded"}
+    assert set(info) == set(exq_info) | {"version", "embedded", "stuck"}
     assert text(raw) == json.dumps(info, separators=(",", ":"), sort_keys=True)  # compact
     assert {k: type(v) for k, v in info.items() if k != "pid"} == {
         **{k: type(v) for k, v in exq_info.items() if k != "pid"}, "version": str,
-        "embedded": bool}
+        "embedded": bool, "stuck": int}
     assert info == {
         "busy": 2, "concurrency": 10, "hostname": socket.gethostname(), "identity": node_id,
         "labels": [], "pid": os.getpid(), "queues": ["fxq"], "quiet": False,
         "started_at": pinger.started_at, "tag": "", "version": exq_fast.__version__,
-        "embedded": False,
+        "embedded": False, "stuck": 0,
     }
 
 

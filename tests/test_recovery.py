@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import threading
 import time
 from collections.abc import Callable
 
+import pytest
 import redis
 
 from exq_fast import queue
@@ -140,23 +142,35 @@ def test_a_node_restarting_with_a_poison_job_in_its_backup_buries_it(
         assert redis_client.llen(keys.backup(config.node_id, "q")) == 0
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
 def test_quarantined_jobs_run_one_at_a_time_beside_normal_ones(
-    redis_client: redis.Redis, keys: Keys, make_config: Callable[..., Config]
+    kind: str, redis_client: redis.Redis, keys: Keys, make_config: Callable[..., Config]
 ) -> None:
     # Given three jobs each one counted crash from the dead set (suspects with
-    # two recoveries), and a normal job, on a node with five slots
+    # two recoveries), and a normal job, on a node with five slots; the worker is
+    # a plain function or an async def one (which ends after its call returns)
     config = make_config(queues=[("q", 5)], poll_timeout=10, max_recoveries=3)
     lock = threading.Lock()
     running: set[str] = set()
     overlaps: list[set[str]] = []
 
-    def work(name: str) -> None:
+    def sync_work(name: str) -> None:
         with lock:
             running.add(name)
             overlaps.append(set(running))
         time.sleep(0.1)
         with lock:
             running.discard(name)
+
+    async def async_work(name: str) -> None:
+        with lock:
+            running.add(name)
+            overlaps.append(set(running))
+        await asyncio.sleep(0.1)
+        with lock:
+            running.discard(name)
+
+    work = sync_work if kind == "sync" else async_work
 
     for name in ("a", "b", "c"):
         raw = json.dumps({"class": "Q", "args": [name], "jid": name, "queue": "q"}).encode()

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from exq_fast import registry as registry_module
+from exq_fast.define import worker
 from exq_fast.enqueuer import job_class_name
-from exq_fast.registry import DEFAULT_REGISTRY, Registry, UnknownWorker, worker
+from exq_fast.registry import DEFAULT_REGISTRY, Registry, UnknownWorker
 
 # --- helpers -----------------------------------------------------------------
 
@@ -275,10 +276,11 @@ def test_decorator_on_a_function_with_a_name() -> None:
     def mailer(to: str) -> str:
         return f"mail {to}"
 
-    assert mailer.exq_job_class == "MyApp.Mailer"  # type: ignore[attr-defined]
-    assert mailer("bob") == "mail bob"  # returned unchanged
-    assert reg.resolve("Elixir.MyApp.Mailer") is mailer
-    assert job_class_name(mailer) == "MyApp.Mailer"  # type: ignore[arg-type]
+    assert mailer.exq_job_class == "MyApp.Mailer"
+    assert mailer("bob") == "mail bob"  # still callable as the function
+    assert mailer.__name__ == "mailer"
+    assert reg.resolve("Elixir.MyApp.Mailer") is mailer.fn
+    assert job_class_name(mailer) == "MyApp.Mailer"
 
 
 def test_decorator_on_a_class_with_a_name() -> None:
@@ -315,7 +317,7 @@ def test_decorator_default_name_and_default_registry(monkeypatch: pytest.MonkeyP
             return "class done"
 
     job_name = f"{__name__}.test_decorator_default_name_and_default_registry.<locals>.job"
-    assert job.exq_job_class == job_name  # type: ignore[attr-defined]
+    assert job.exq_job_class == job_name
     assert ClassJob.exq_job_class == job_name.replace(".job", ".ClassJob")  # type: ignore[attr-defined]
     assert fresh.names() == sorted([job_name, job_name.replace(".job", ".ClassJob")])
     assert fresh.resolve(job_name)() == "done"

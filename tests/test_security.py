@@ -187,14 +187,15 @@ def test_payloads_naming_dangerous_callables_run_and_import_nothing(
             redis_client.lpush(keys.queue(QUEUE), encode(
                 {"class": job_class, "args": args, "jid": uuid.uuid4().hex, "queue": QUEUE,
                  "retry": 5}))
-        # Then each is dead at once, as "unknown worker" (the empty class as a bad payload)
-        wait_for(lambda: redis_client.zcard(keys.dead) == len(jobs), what="all jobs dead")
-        assert stat(redis_client, keys, "failed") == len(jobs)
-    dead = dead_entries(redis_client, keys)
-    unknown = [e for e in dead if e["class"] != "ExqFast.InvalidPayload"]
+        # Then each fails as "unknown worker" and waits in the retry set (the empty
+        # class is a bad payload: dead at once)
+        wait_for(lambda: stat(redis_client, keys, "failed") == len(jobs), what="all failed")
+    unknown = [json.loads(m) for m in cast(list[bytes], redis_client.zrange(keys.retry, 0, -1))]
     assert sorted(e["class"] for e in unknown) == sorted(c for c, _ in jobs if c)
     assert all("unknown worker" in e["error_message"] for e in unknown), unknown
-    assert redis_client.zcard(keys.retry) == 0
+    assert all(e["error_class"] == "UnknownWorker" for e in unknown), unknown
+    dead = dead_entries(redis_client, keys)
+    assert [e["class"] for e in dead] == ["ExqFast.InvalidPayload"] * (len(jobs) - len(unknown))
     # and nothing ran: no marker, no worker call, no module newly imported
     assert not marker.exists()
     assert tmp_path.exists()
@@ -265,7 +266,7 @@ def test_allowed_modules_refuse_lookalike_and_private_names(
         # When the look-alike and private names are enqueued, then a real worker of myjobs
         for job_class, args in refused:
             redis_client.lpush(keys.queue(QUEUE), encode(
-                {"class": job_class, "args": args, "jid": uuid.uuid4().hex, "retry": 3}))
+                {"class": job_class, "args": args, "jid": uuid.uuid4().hex, "retry": 0}))
         wait_for(lambda: redis_client.zcard(keys.dead) == len(refused), what="refusals")
         redis_client.lpush(keys.queue(QUEUE), encode(
             {"class": "myjobs.tasks.ok", "args": [str(job_packages.ok_out)], "retry": 3}))
@@ -408,7 +409,7 @@ def test_an_acl_user_limited_to_the_namespace_runs_a_whole_node(
             enq.enqueue(QUEUE, "Acl.Ok", [3], unique_for=60, unique_until="success")
             enq.enqueue(QUEUE, "Acl.Fail", ["retried"], max_retries=3)
             enq.enqueue(QUEUE, "Acl.Fail", ["dies"], max_retries=0)
-            enq.enqueue(QUEUE, "Acl.Unknown", [])
+            enq.enqueue(QUEUE, "Acl.Unknown", [], max_retries=0)
             wait_for(lambda: stat(admin, keys, "processed") == 3
                      and stat(admin, keys, "failed") == 3, what="3 processed, 3 failed")
             # Then the jobs ran, the retry and dead entries were written, stats counted

@@ -380,31 +380,45 @@ def test_perform_signature_mismatch_is_an_ordinary_failure(
 # -- 6. unknown and dangerous class names ---------------------------------------------------
 
 
-def test_unknown_worker_is_dead_at_once_and_nothing_runs(
+def test_unknown_worker_is_retried_with_backoff_and_nothing_runs(
     make_config: ConfigFactory, redis_client: redis.Redis, keys: Keys
 ) -> None:
-    # Given a node with one registered worker
+    # Given a node with one registered worker (an older release in a rolling deploy)
     calls: list[Any] = []
     with node(make_config, {"Known": lambda *a: calls.append(a)}) as exq:
-        # When a job names an unregistered class
+        # When a job names a class this node does not know
         jid = exq.enqueue(QUEUE, "Nobody.Home", [1])
-        entry, _ = one_entry(redis_client, keys.dead)
+        entry, score = one_entry(redis_client, keys.retry)
         wait_for(lambda: stat(redis_client, keys, "failed") == 1)
-        # Then it is dead at once (retries left notwithstanding), saying why; nothing ran
+        # Then it is retried with Sidekiq's backoff (a node that knows it runs it), not buried
         assert entry["jid"] == jid
-        assert "unknown worker" in entry["error_message"]
+        assert entry["error_class"] == "UnknownWorker"
         assert "Nobody.Home" in entry["error_message"]
-        assert entry["retry_count"] == 0
+        assert entry["retry_count"] == 1
+        assert score - entry["failed_at"] >= 15  # 1^4 + 15 + rand(0..30) * 2
         assert_exq_fields(entry)
         assert calls == []
-        assert redis_client.zcard(keys.retry) == 0
+        assert redis_client.zcard(keys.dead) == 0
         assert stat(redis_client, keys, "processed") == 0
         assert backup(redis_client, exq) == []
 
 
+def test_unknown_worker_without_retries_is_dead(
+    make_config: ConfigFactory, redis_client: redis.Redis, keys: Keys
+) -> None:
+    # Given a job of an unknown class that allows no retry
+    with node(make_config, {"Known": lambda *a: None}) as exq:
+        jid = exq.enqueue(QUEUE, "Nobody.Home", [1], max_retries=0)
+        # Then the retry rule buries it, saying why
+        entry, _ = one_entry(redis_client, keys.dead)
+        assert entry["jid"] == jid
+        assert entry["error_class"] == "UnknownWorker"
+        assert redis_client.zcard(keys.retry) == 0
+
+
 @pytest.mark.parametrize("job_class", ["os.system", "builtins.eval", "Elixir.os.system",
                                        "subprocess::run"])
-def test_payload_naming_a_builtin_callable_runs_nothing_and_is_dead(
+def test_payload_naming_a_builtin_callable_runs_nothing(
     job_class: str, tmp_path: Path, make_config: ConfigFactory, redis_client: redis.Redis,
     keys: Keys
 ) -> None:
@@ -420,10 +434,11 @@ def test_payload_naming_a_builtin_callable_runs_nothing_and_is_dead(
     with node(make_config, {}) as exq:
         # When a payload names a standard-library callable
         exq.enqueue(QUEUE, job_class, args)
-        entry, _ = one_entry(redis_client, keys.dead)
+        entry, _ = one_entry(redis_client, keys.retry)
         wait_for(lambda: stat(redis_client, keys, "failed") == 1)
-        # Then nothing ran, and the job is dead as an unknown worker
+        # Then nothing ran, and the job waits in the retry set as an unknown worker
         assert not marker.exists()
+        assert entry["error_class"] == "UnknownWorker"
         assert "unknown worker" in entry["error_message"]
         assert entry["args"] == args
         assert backup(redis_client, exq) == []

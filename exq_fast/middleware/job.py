@@ -5,11 +5,19 @@ Failure paths, decided here:
 
 * payload unusable (not UTF-8/JSON/an object, no class, args not a list): dead
   at once, inside a wrapper job that keeps the bytes and says why;
-* no registered worker for the class: dead at once ("unknown worker ...");
-  nothing named by a payload is ever imported;
+* no worker here for the class (``UnknownWorker``): retried with the normal
+  backoff, as Sidekiq retries a ``NameError`` -- during a rolling deploy a node
+  of the older release may fetch a job of a class only the new one has, and
+  a node that does know it runs the retry; nothing named by a payload is ever
+  imported;
 * cancelled (Exq's ``CANCEL:`` signal): dead at once with "Canceled";
 * otherwise Exq's rule (``retry`` integer / ``true`` / anything else) sends
   the job to the retry set with backoff, or to the dead set.
+
+A retry or dead entry carries Sidekiq's ``error_backtrace`` when the job asks
+for it: the payload's ``backtrace`` field, else the worker's ``backtrace``
+option (docs/wire-format.md §3.5.1). Only a failure of the job's own code has
+one: an unusable payload or an unknown worker never ran any.
 
 In every case the retry/dead write goes into the batch *before* the ack, so a
 crash in between re-runs the job instead of losing it.
@@ -18,11 +26,19 @@ crash in between re-runs the job instead of losing it.
 from __future__ import annotations
 
 import base64
+from types import TracebackType
 from typing import Any
 
-from ..job import InvalidJob, decode, encode, new_jid, now_seconds
+from ..job import InvalidJob, Job, decode, encode, new_jid, now_seconds
 from ..registry import UnknownWorker
-from ..retry import dead_commands, dead_payload, is_dead, retry_commands
+from ..retry import (
+    backtrace_limit,
+    backtrace_lines,
+    dead_commands,
+    dead_payload,
+    is_dead,
+    retry_commands,
+)
 from .base import Middleware, Pipeline, Services
 
 INVALID_CLASS = "ExqFast.InvalidPayload"
@@ -39,6 +55,33 @@ def error_text(error: BaseException) -> tuple[str, str]:
     return name, message or name
 
 
+def failure_traceback(assigns: dict[str, Any]) -> TracebackType | None:
+    """The traceback of a failed job's exception, or None when the job failed
+    without running code of its own (unusable payload, unknown worker) or its
+    error was never raised in it (a cancel, an async job's timeout; a sync job's
+    ``JobTimeout`` keeps the place where it landed)."""
+    error = assigns.get("error")
+    if error is None or assigns.get("invalid") or "job" not in assigns \
+            or isinstance(error, UnknownWorker):
+        return None
+    tb: TracebackType | None = error.__traceback__
+    return tb
+
+
+def failure_backtrace(assigns: dict[str, Any], job: Job) -> list[str] | None:
+    """The ``error_backtrace`` lines of a failed job, or None when it asks for none
+    (its payload's ``backtrace`` first, else its worker's option) or has none."""
+    option = job.backtrace
+    if option is None:
+        spec = assigns.get("worker_spec")
+        option = spec.backtrace if spec is not None else None
+    limit = backtrace_limit(option)
+    tb = failure_traceback(assigns) if limit else None
+    if tb is None:
+        return None
+    return backtrace_lines(tb, limit) or None
+
+
 class JobMiddleware(Middleware):
     """Exq's Job middleware, with exq-fast's handling of bad input."""
 
@@ -52,9 +95,14 @@ class JobMiddleware(Middleware):
         assigns["job"] = job
         assigns["flight"].jid = job.jid
         try:
-            assigns["worker"] = assigns["services"].registry.resolve(job.job_class)
+            spec = assigns["services"].registry.lookup(job.job_class)
         except UnknownWorker as exc:
-            _refuse(assigns, exc)
+            # Not run, and not refused: the retry rule applies (see the module doc).
+            assigns["error"] = exc
+            assigns["error_class"], assigns["error_message"] = error_text(exc)
+            return
+        assigns["worker"] = spec.perform
+        assigns["worker_spec"] = spec
 
     def after_processed_work(self, pipeline: Pipeline) -> None:
         pipeline.assigns["ack"] = True
@@ -80,10 +128,12 @@ class JobMiddleware(Middleware):
             payload = _wrap_invalid(assigns, error_class, message)
         elif assigns.get("invalid") or assigns.get("job_canceled") or \
                 is_dead(job, config.max_retries):
-            payload = dead_payload(job, error_class, message)
+            payload = dead_payload(job, error_class, message,
+                                   backtrace=failure_backtrace(assigns, job))
         else:
             delay = services.backoff(job)
-            pipeline.writes += retry_commands(services.keys, job, error_class, message, delay)
+            pipeline.writes += retry_commands(services.keys, job, error_class, message, delay,
+                                              backtrace=failure_backtrace(assigns, job))
             assigns["ack"], assigns["fate"] = True, "retried"
             return
         _bury(pipeline, payload)

@@ -1,4 +1,11 @@
-"""Logger middleware: a debug line per job, a warning per failure."""
+"""Logger middleware: a debug line per job, a warning per failure.
+
+Everything goes to the ``exq_fast.job`` logger. A failure is one WARNING
+record: ``failed <class> jid=<jid>: <message>``, with the Python traceback of
+the job's exception attached (``exc_info``) when the job's own code raised it;
+a job that never ran (unusable payload, unknown worker) or whose error was
+never raised in it (a cancel, an async job's timeout) gets the line alone.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +13,14 @@ import logging
 import time
 
 from .base import Middleware, Pipeline
+from .job import failure_traceback
 
 logger = logging.getLogger("exq_fast.job")
 
 
 class LoggerMiddleware(Middleware):
-    """Logs at DEBUG on start and success (nothing is formatted unless enabled)."""
+    """Logs at DEBUG on start and success (nothing is formatted unless enabled), and
+    at WARNING, with the traceback, on failure."""
 
     def before_work(self, pipeline: Pipeline) -> None:
         if logger.isEnabledFor(logging.DEBUG):
@@ -25,8 +34,12 @@ class LoggerMiddleware(Middleware):
             logger.debug("done %s in %.1f ms", _describe(pipeline), elapsed)
 
     def after_failed_work(self, pipeline: Pipeline) -> None:
+        assigns = pipeline.assigns
+        error = assigns.get("error")
+        tb = failure_traceback(assigns)
+        exc_info = (type(error), error, tb) if error is not None and tb is not None else None
         logger.warning("failed %s: %s", _describe(pipeline),
-                       pipeline.assigns.get("error_message", "?"))
+                       assigns.get("error_message", "?"), exc_info=exc_info)
 
 
 def _describe(pipeline: Pipeline) -> str:

@@ -1,0 +1,109 @@
+"""The node's event loop: where ``async def`` jobs run.
+
+One loop per node, on its own thread (``exq-asyncio``), started at the first
+async job. An async job starts on an executor thread like any other (its
+middleware ``before_work`` hooks run there, and the call to the worker returns
+a coroutine); the coroutine is then handed to this loop and the executor
+thread is free. The job keeps its concurrency slot until the coroutine ends;
+then its after-hooks and ack run back on an executor thread.
+
+At a node's stop, the tasks still running are cancelled (their jobs were put
+back in their queues, as for sync jobs that outlive the shutdown timeout) and
+the loop stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+logger = logging.getLogger("exq_fast")
+
+__all__ = ["EventLoop"]
+
+STOP_GRACE = 1.0
+"""Seconds the loop's tasks get to finish their cancellation at stop."""
+
+
+class EventLoop:
+    """A lazily started event loop on a thread of its own."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop, started at the first use."""
+        with self._lock:
+            if self._loop is None:
+                if self._stopped:
+                    raise RuntimeError("the node's event loop is stopped")
+                ready = threading.Event()
+                self._loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=self._run, args=(self._loop, ready),
+                                                name="exq-asyncio", daemon=True)
+                self._thread.start()
+                ready.wait()
+            return self._loop
+
+    @staticmethod
+    def _run(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(ready.set)
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    def spawn(self, make: Callable[[], Coroutine[Any, Any, Any]],
+              on_task: Callable[[asyncio.Task[Any]], None]) -> None:
+        """Create a task of ``make()`` on the loop; ``on_task`` gets it (on the loop
+        thread) before its first step."""
+        def create() -> None:
+            task = asyncio.get_running_loop().create_task(make())
+            on_task(task)
+
+        self.loop.call_soon_threadsafe(create)
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the loop thread (from any thread)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(callback)
+
+    def stop(self) -> None:
+        """Cancel the tasks left and stop the loop (from any thread but the loop's)."""
+        with self._lock:
+            self._stopped = True
+            loop, thread = self._loop, self._thread
+        if loop is None or thread is None or loop.is_closed():
+            return
+        done = threading.Event()
+
+        async def shutdown() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=STOP_GRACE)
+            loop.stop()
+            done.set()
+
+        try:
+            asyncio.run_coroutine_threadsafe(shutdown(), loop)
+        except RuntimeError:  # closed meanwhile
+            return
+        done.wait(STOP_GRACE + 1.0)
+        thread.join(1.0)
+
+
+async def await_any(awaitable: Awaitable[Any]) -> Any:
+    """Await any awaitable (a Future, a custom object) as a coroutine."""
+    return await awaitable
