@@ -169,6 +169,8 @@ class Exq:
         self._started = True
         # Where JobFunction.enqueue writes while this node runs (see define).
         define.set_default_target(self)
+        logger.info("exq-fast node %s consuming %s (namespace %r)", self.config.node_id,
+                    ", ".join(self.subscriptions()), self.config.namespace)
         return self
 
     def _start_node(self) -> None:

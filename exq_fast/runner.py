@@ -149,8 +149,6 @@ def run(config: Config, worker_modules: Sequence[str], supervisor_pid: int | Non
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTSTP, on_quiet)
     exq.start()
-    logger.info("exq-fast node %s consuming %s (namespace %r)", config.node_id,
-                ", ".join(exq.subscriptions()), config.namespace)
     log_workers(config.queue_specs, exq.registry.specs())
     status = _Status(exq) if sys.stderr.isatty() else None
     while not (stop.wait(1.0) or exq.stopped.is_set()):
