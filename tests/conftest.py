@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import pytest
 import redis
@@ -187,3 +190,59 @@ class NodeFactory:
                     exq.metrics_server.stop()
                 exq.executor.shutdown(wait=False)
                 exq.redis.close()
+
+
+def stat(client: redis.Redis, keys: Keys, kind: str) -> int:
+    """The all-time counter ``stat:<kind>`` (0 when absent)."""
+    value = client.get(keys.p("stat:" + kind))
+    return int(value) if value is not None else 0
+
+
+def zset_jobs(client: redis.Redis, key: str) -> list[dict[str, Any]]:
+    """The members of a zset of jobs (retry, dead, schedule), decoded."""
+    return [json.loads(m) for m in cast(list[bytes], client.zrange(key, 0, -1))]
+
+
+def fast_node(make_config: Callable[..., Config], workers: Any, queues: Any,
+              **overrides: Any) -> Exq:
+    """An (unstarted) node consuming ``queues`` with a 10 ms poll and no scheduler."""
+    values: dict[str, Any] = {"poll_timeout": 10, "scheduler_enable": False}
+    values.update(overrides)
+    return Exq(make_config(queues=list(queues), **values), workers=workers)
+
+
+class RunProcesses:
+    """``python -m exq_fast run`` processes in ``tmp_path`` (a worker module written
+    there), their stderr in a file; ``close`` kills whatever still runs."""
+
+    def __init__(self, tmp_path: Path, module: str, source: str) -> None:
+        self.tmp_path = tmp_path
+        (tmp_path / f"{module}.py").write_text(source, encoding="utf-8")
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith("EXQ_") and k != "REDIS_URL"}
+        self.env["PYTHONUNBUFFERED"] = "1"
+        self.stderr_path = tmp_path / "stderr.log"
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        with self.stderr_path.open("wb") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "exq_fast", "run", *args], cwd=self.tmp_path,
+                env={**self.env, **(env or {})}, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=stderr)
+        self.processes.append(process)
+        return process
+
+    def run(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "exq_fast", "run", *args],
+                              cwd=self.tmp_path, env=self.env, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout, check=False)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
+
+    def close(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait(10)

@@ -27,7 +27,7 @@ import redis
 from exq_fast import Config, Exq, Snooze, current_job
 from exq_fast.config import QueueInput
 from exq_fast.keys import Keys
-from tests.conftest import wait_for
+from tests.conftest import fast_node, stat, wait_for, zset_jobs
 
 QUEUE = "aq"
 ConfigFactory = Callable[..., Config]
@@ -35,19 +35,12 @@ ConfigFactory = Callable[..., Config]
 
 def node(make_config: ConfigFactory, workers: Mapping[str, object], *,
          queues: Sequence[QueueInput] = (QUEUE,), **overrides: Any) -> Exq:
-    """An (unstarted) node with a fast poll and no scheduler."""
-    values: dict[str, Any] = {"poll_timeout": 10, "scheduler_enable": False}
-    values.update(overrides)
-    return Exq(make_config(queues=list(queues), **values), workers=workers)
+    """An (unstarted) node consuming ``queues`` with a fast poll and no scheduler."""
+    return fast_node(make_config, workers, queues, **overrides)
 
 
-def stat(client: redis.Redis, keys: Keys, kind: str) -> int:
-    value = client.get(keys.p("stat:" + kind))
-    return int(value) if value is not None else 0
 
 
-def entries(client: redis.Redis, key: str) -> list[dict[str, Any]]:
-    return [json.loads(m) for m in cast(list[bytes], client.zrange(key, 0, -1))]
 
 
 # -- from the outside: exq-fast run ----------------------------------------------------
@@ -201,8 +194,8 @@ def test_async_failures_retry_then_die_like_sync_ones(
         wait_for(lambda: stat(redis_client, keys, "failed") == 2, what="2 failures")
         wait_for(lambda: redis_client.zcard(keys.retry) == 1 and redis_client.zcard(keys.dead))
         # Then the one with retries left is in the retry set, the other dead
-        [retry] = entries(redis_client, keys.retry)
-        [buried] = entries(redis_client, keys.dead)
+        [retry] = zset_jobs(redis_client, keys.retry)
+        [buried] = zset_jobs(redis_client, keys.dead)
         assert (retry["jid"], retry["error_class"], retry["error_message"]) == \
             (retried, "ValueError", "boom 1")
         assert retry["retry_count"] == 1
@@ -225,7 +218,7 @@ def test_async_snooze_and_unique_lock(
         assert isinstance(exq.enqueue(QUEUE, "U", [1], unique_for=300), str)
         wait_for(lambda: stat(redis_client, keys, "processed") == 2, what="2 processed")
         # Then the snoozed job is back in the retry set, retry_count unchanged
-        [entry] = entries(redis_client, keys.retry)
+        [entry] = zset_jobs(redis_client, keys.retry)
         assert entry["jid"] == snoozed and entry.get("retry_count") in (None, 0)
         assert "Snoozed" in entry["error_message"]
         # and the unique lock was released at success: the same job enqueues again
@@ -257,7 +250,7 @@ def test_cancel_cancels_the_async_task_and_the_job_is_dead(
         exq.pinger.run_once()
         # Then its task is cancelled at once and the job is dead with "Canceled"
         wait_for(lambda: redis_client.zcard(keys.dead) == 1, timeout=5, what="dead entry")
-        [entry] = entries(redis_client, keys.dead)
+        [entry] = zset_jobs(redis_client, keys.dead)
         assert (entry["jid"], entry["error_message"]) == (jid, "Canceled")
         assert cleaned == ["cancelled"]
         assert redis_client.zcard(keys.retry) == 0
@@ -276,7 +269,7 @@ def test_async_job_over_its_timeout_fails_with_job_timeout_and_is_retried(
         # Then it fails as a timeout soon after 0.3 s and follows the retry rule
         wait_for(lambda: redis_client.zcard(keys.retry) == 1, timeout=5, what="retry entry")
         assert time.monotonic() - began < 5
-        [entry] = entries(redis_client, keys.retry)
+        [entry] = zset_jobs(redis_client, keys.retry)
         assert (entry["jid"], entry["error_class"]) == (jid, "JobTimeout")
         assert entry["retry_count"] == 1
         assert entry["timeout"] == 0.3

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
 import signal
 import subprocess
@@ -30,7 +29,7 @@ from exq_fast.keys import Keys
 from exq_fast.logs import JsonFormatter, setup_logging
 from exq_fast.registry import Registry
 from exq_fast.runner import log_workers
-from tests.conftest import wait_for
+from tests.conftest import RunProcesses, wait_for
 
 WORKERS = '''\
 import logging
@@ -60,42 +59,19 @@ def mail(*args):
 TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (\w+) ([\w.]+): (.*)$")
 
 
-class Node:
+class Node(RunProcesses):
     """``python -m exq_fast run`` in ``tmp_path``, its stderr in a file."""
 
     def __init__(self, tmp_path: Path, redis_url: str, namespace: str, node_id: str) -> None:
-        self.tmp_path = tmp_path
+        super().__init__(tmp_path, "log_workers", WORKERS)
         self.redis_url = redis_url
         self.namespace = namespace
         self.node_id = node_id
-        (tmp_path / "log_workers.py").write_text(WORKERS, encoding="utf-8")
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith("EXQ_") and k != "REDIS_URL"}
-        self.env["PYTHONUNBUFFERED"] = "1"
-        self.stderr_path = tmp_path / "stderr.log"
-        self.processes: list[subprocess.Popen[bytes]] = []
 
     def args(self, *extra: str, workers: bool = True) -> list[str]:
         out = ["--redis-url", self.redis_url, "--namespace", self.namespace,
                "--node-id", self.node_id, "--shutdown-timeout", "2000", *extra]
         return [*out, "--workers", "log_workers"] if workers else out
-
-    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        with self.stderr_path.open("wb") as stderr:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "exq_fast", "run", *args], cwd=self.tmp_path,
-                env={**self.env, **(env or {})}, stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=stderr)
-        self.processes.append(process)
-        return process
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "exq_fast", "run", *args],
-                              cwd=self.tmp_path, env=self.env, stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=30, check=False)
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
 
     def lines(self) -> list[str]:
         return [line for line in self.stderr().splitlines() if line.strip()]
@@ -109,12 +85,6 @@ class Node:
     def stop(self, process: subprocess.Popen[bytes]) -> None:
         process.send_signal(signal.SIGTERM)
         assert process.wait(15) == 0, self.stderr()
-
-    def close(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait(10)
 
 
 @pytest.fixture

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +15,7 @@ import redis
 
 from exq_fast.enqueuer import Enqueuer
 from exq_fast.keys import Keys
-from tests.conftest import wait_for
+from tests.conftest import RunProcesses, wait_for
 
 WORKER_MODULE = '''\
 import json
@@ -52,22 +49,17 @@ def slow(*args):
 
 
 
-class Cli:
+class Cli(RunProcesses):
     """Runs ``python -m exq_fast`` in ``tmp_path`` with the worker module there."""
 
     def __init__(self, tmp_path: Path, redis_url: str, namespace: str, node_id: str) -> None:
-        self.tmp_path = tmp_path
+        super().__init__(tmp_path, "cli_workers", WORKER_MODULE)
         self.redis_url = redis_url
         self.namespace = namespace
         self.node_id = node_id
         self.out = tmp_path / "out.jsonl"
         self.out.touch()
-        (tmp_path / "cli_workers.py").write_text(WORKER_MODULE, encoding="utf-8")
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith("EXQ_") and k != "REDIS_URL"}
-        self.env.update(CLI_OUT=str(self.out), PYTHONUNBUFFERED="1")
-        self.processes: list[subprocess.Popen[bytes]] = []
-        self.stderr_path = tmp_path / "stderr.log"
+        self.env["CLI_OUT"] = str(self.out)
 
     def node_args(self, *queues: str) -> list[str]:
         args = ["--redis-url", self.redis_url, "--namespace", self.namespace,
@@ -76,33 +68,9 @@ class Cli:
             args += ["--queue", queue]
         return args
 
-    def start(self, *args: str) -> subprocess.Popen[bytes]:
-        with self.stderr_path.open("wb") as stderr:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "exq_fast", "run", *args], cwd=self.tmp_path,
-                env=self.env, stdout=subprocess.DEVNULL, stderr=stderr,
-            )
-        self.processes.append(process)
-        return process
-
-    def run(self, *args: str, timeout: float = 15) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "exq_fast", "run", *args], cwd=self.tmp_path, env=self.env,
-            capture_output=True, text=True, timeout=timeout, check=False,
-        )
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
-
     def records(self) -> list[dict[str, Any]]:
         lines = self.out.read_text(encoding="utf-8").splitlines()
         return [json.loads(line) for line in lines if line]
-
-    def close(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait(10)
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from exq_fast.config import QueueInput
 from exq_fast.define import worker
 from exq_fast.keys import Keys
 from exq_fast.registry import Registry
-from tests.conftest import wait_for
+from tests.conftest import fast_node, stat, wait_for, zset_jobs
 
 QUEUE = "tq"
 ConfigFactory = Callable[..., Config]
@@ -40,18 +40,12 @@ ConfigFactory = Callable[..., Config]
 
 def node(make_config: ConfigFactory, workers: Mapping[str, object] | Registry, *,
          queues: Sequence[QueueInput] = (QUEUE,), **overrides: Any) -> Exq:
-    values: dict[str, Any] = {"poll_timeout": 10, "scheduler_enable": False}
-    values.update(overrides)
-    return Exq(make_config(queues=list(queues), **values), workers=workers)
+    """An (unstarted) node consuming ``queues`` with a fast poll and no scheduler."""
+    return fast_node(make_config, workers, queues, **overrides)
 
 
-def stat(client: redis.Redis, keys: Keys, kind: str) -> int:
-    value = client.get(keys.p("stat:" + kind))
-    return int(value) if value is not None else 0
 
 
-def entries(client: redis.Redis, key: str) -> list[dict[str, Any]]:
-    return [json.loads(m) for m in cast(list[bytes], client.zrange(key, 0, -1))]
 
 
 def spin(seconds: float) -> None:
@@ -99,7 +93,7 @@ def test_exq_fast_run_times_out_hung_jobs_and_frees_their_slot(
         # Then all fail as timeouts one after the other (the slot was freed) and wait
         # in the retry set, each after its own limit
         wait_for(lambda: redis_client.zcard(keys.retry) == 3, timeout=20, what="3 retries")
-        failed = entries(redis_client, keys.retry)
+        failed = zset_jobs(redis_client, keys.retry)
         assert {e["error_class"] for e in failed} == {"JobTimeout"}
         assert sorted(e["error_message"] for e in failed) == [
             "job timed out after 0.2 s", "job timed out after 0.5 s", "job timed out after 1 s"]
@@ -148,7 +142,7 @@ def test_sync_job_over_its_limit_sees_cancelled_first_then_gets_job_timeout(
         # Then it fails with JobTimeout after about 0.3 s, retried with backoff
         wait_for(lambda: redis_client.zcard(keys.retry) == 1, timeout=5, what="retry entry")
         elapsed = time.monotonic() - began
-        [entry] = entries(redis_client, keys.retry)
+        [entry] = zset_jobs(redis_client, keys.retry)
         assert (entry["jid"], entry["error_class"]) == (jid, "JobTimeout")
         assert "0.3" in entry["error_message"]
         assert entry["retry_count"] == 1
@@ -184,7 +178,7 @@ def test_limit_precedence_payload_then_worker_then_config(
         exq.enqueue(QUEUE, default, ["config", 30])            # the config's 0.2 s
         wait_for(lambda: stat(redis_client, keys, "processed") == 1
                  and redis_client.zcard(keys.retry) == 2, timeout=10, what="outcomes")
-        failed = {e["args"][0]: e["error_class"] for e in entries(redis_client, keys.retry)}
+        failed = {e["args"][0]: e["error_class"] for e in zset_jobs(redis_client, keys.retry)}
         assert failed == {"payload": "JobTimeout", "config": "JobTimeout"}
         assert set(ends) == {"worker", "payload", "config"}
 
@@ -214,7 +208,7 @@ def test_many_jobs_ending_at_their_limit_never_leak_the_exception(
         wait_for(lambda: stat(redis_client, keys, "processed")
                  + stat(redis_client, keys, "failed") == 300, timeout=60, what="300 ends")
         assert redis_client.zcard(keys.retry) == stat(redis_client, keys, "failed")
-        assert {e["error_class"] for e in entries(redis_client, keys.retry)} <= {"JobTimeout"}
+        assert {e["error_class"] for e in zset_jobs(redis_client, keys.retry)} <= {"JobTimeout"}
         wait_for(lambda: redis_client.llen(keys.backup(exq.config.node_id, QUEUE)) == 0)
         # and no JobTimeout ever escaped into exq-fast's own code
         assert "internal error" not in caplog.text
@@ -249,7 +243,7 @@ def test_job_ignoring_its_timeout_keeps_its_slot_and_is_reported(
         # When it finally returns, it fails as a timeout and is no longer stuck
         release.set()
         wait_for(lambda: redis_client.zcard(keys.retry) == 1, timeout=10, what="retry entry")
-        [entry] = entries(redis_client, keys.retry)
+        [entry] = zset_jobs(redis_client, keys.retry)
         assert entry["error_class"] == "JobTimeout"
         assert "exq_jobs_stuck 0.0" in _scrape(exq)
 

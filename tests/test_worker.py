@@ -26,7 +26,7 @@ from exq_fast.config import QueueInput
 from exq_fast.keys import Keys
 from exq_fast.middleware import default_chain
 from exq_fast.retry import REENCODED_FIELDS
-from tests.conftest import fixture_lines, wait_for
+from tests.conftest import fast_node, fixture_lines, stat, wait_for
 
 QUEUE = "wq"
 ConfigFactory = Callable[..., Config]
@@ -52,15 +52,9 @@ NESTED_ARGS: list[Any] = [
 def node(make_config: ConfigFactory, workers: Mapping[str, object], *,
          queues: Sequence[QueueInput] = (QUEUE,), **overrides: Any) -> Exq:
     """An (unstarted) node consuming ``queues`` with a fast poll and no scheduler."""
-    values: dict[str, Any] = {"poll_timeout": 10, "scheduler_enable": False}
-    values.update(overrides)
-    return Exq(make_config(queues=list(queues), **values), workers=workers)
+    return fast_node(make_config, workers, queues, **overrides)
 
 
-def stat(client: redis.Redis, keys: Keys, kind: str) -> int:
-    """The all-time counter ``stat:<kind>`` (0 when absent)."""
-    value = client.get(keys.p("stat:" + kind))
-    return int(value) if value is not None else 0
 
 
 def zentries(client: redis.Redis, key: str) -> list[tuple[dict[str, Any], float]]:
