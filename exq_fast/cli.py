@@ -93,6 +93,10 @@ def _enqueue(args: argparse.Namespace) -> int:
         options["at"] = parse_time(args.at)
     if args.count < 1:
         raise UsageError("--count must be at least 1")
+    if args.jid is not None:
+        if args.count != 1:
+            raise UsageError("--jid names one job: it cannot go with --count")
+        options["jid"] = args.jid
     items = [(args.queue, args.job_class, job_args, options)] * args.count
     with Enqueuer(config_from(args)) as enqueuer:
         results = enqueuer.enqueue_all(items)
@@ -208,6 +212,7 @@ def _add_worker_verbs(verbs: Any) -> None:
     enqueue.add_argument("--retry", type=int, metavar="N", help="max retries of this job")
     enqueue.add_argument("--unique-for", type=float, metavar="S",
                          help="hold a unique lock for S seconds (Exq's token)")
+    enqueue.add_argument("--jid", metavar="JID", help="the job's id (default: a new UUID)")
     enqueue.add_argument("--timeout", type=float, metavar="S",
                          help="seconds the job may run before it fails with JobTimeout")
     enqueue.add_argument("--count", type=int, default=1, metavar="N",

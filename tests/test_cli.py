@@ -582,3 +582,18 @@ def test_enqueue_in_a_negative_time_is_refused(run_cli: Cli, redis_client: redis
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --in must be 0 or more seconds, got -5"
     assert redis_client.zcard(keys.schedule) == 0 and redis_client.llen(keys.queue("q")) == 0
+
+
+def test_enqueue_with_a_jid_and_a_timeout(run_cli: Cli, redis_client: redis.Redis,
+                                          keys: Keys) -> None:
+    # When a job is enqueued with its own jid and time limit
+    result = run_cli.run("enqueue", "q", "App.Work", "[1]", "--jid", "my-jid", "--timeout", "2.5")
+    # Then it carries both, and the jid is printed
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "my-jid"
+    job = json.loads(cast(bytes, redis_client.lindex(keys.queue("q"), 0)))
+    assert (job["jid"], job["timeout"]) == ("my-jid", 2.5)
+    # and one jid cannot name several jobs
+    refused = run_cli.run("enqueue", "q", "App.Work", "--jid", "x", "--count", "2")
+    assert refused.returncode == 2
+    assert "--jid names one job" in refused.stderr
