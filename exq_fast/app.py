@@ -23,7 +23,9 @@ to ``shutdown_timeout`` for running jobs; stop the scheduler and heartbeat;
 flush the stats (the acks of every finished job); put the jobs still
 unfinished back at the front of their queues, uncounted (a graceful stop is
 not a crash: no job moves towards the poison limit); remove this node's
-records. The late completion of a job still running then is not acked. When
+records; interrupt the jobs still running (``NodeStopped`` raised in their
+threads, async ones cancelled), so that they do not run on to their end beside
+their queued copy. The late completion of a job that ignores it is not acked. When
 Redis cannot be reached at the stop, the unfinished jobs stay in the backup
 list and are recovered by a restart or a live node's monitor.
 """
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -39,7 +42,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import redis
 from prometheus_client import CollectorRegistry
@@ -169,8 +172,6 @@ class Exq:
         self._started = True
         # Where JobFunction.enqueue writes while this node runs (see define).
         define.set_default_target(self)
-        logger.info("exq-fast node %s consuming %s (namespace %r)", self.config.node_id,
-                    ", ".join(self.subscriptions()), self.config.namespace)
         return self
 
     def _start_node(self) -> None:
@@ -184,6 +185,8 @@ class Exq:
             logger.info("re-enqueued %d jobs from this node's backup lists", recovered)
         # Dead nodes' jobs run again now, not at the monitor's first tick.
         self.heartbeat.monitor()
+        logger.info("exq-fast node %s consuming %s (namespace %r)", self.config.node_id,
+                    ", ".join(self.config.queue_names), self.config.namespace)
         self.stats.start()
         self.manager.start()
         if self.config.scheduler_enable:
@@ -237,7 +240,13 @@ class Exq:
         define.set_default_target(None, only_if=self)
         # Jobs not yet started are cancelled: they were put back (or stay in the backup).
         self.executor.shutdown(wait=False, cancel_futures=True)
-        # Async jobs still running are cancelled, as put back as the sync ones.
+        # Jobs still running were put back in their queues (or stay in the backup
+        # list): they must not run on to their end here. Sync ones get NodeStopped
+        # raised in their thread; async ones are cancelled with the loop.
+        interrupted = self.server.interrupt_running()
+        if interrupted:
+            logger.warning("interrupted %d job(s) still running (NodeStopped): they run "
+                           "again from their queue", interrupted)
         self.server.loop.stop()
         self.server.watchdog.stop()
         if self.metrics_server is not None:
@@ -292,13 +301,19 @@ class Exq:
         """Start the node if needed and run until SIGTERM or SIGINT (Ctrl-C), then
         stop gracefully and return; a TERM signal through Redis stops it too.
 
-        Call it from the main thread (Python delivers signals there). The
-        previous SIGTERM/SIGINT handlers are restored before it returns.
+        As ``exq-fast run``: a second SIGTERM/SIGINT during the graceful stop
+        stops at once (``exit_now``: the process exits with status 1). Call it
+        from the main thread (Python delivers signals there); the previous
+        handlers are restored before it returns.
         """
         stop = threading.Event()
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
-            logger.info("received %s: stopping gracefully", signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            if stop.is_set():
+                self.exit_now(name)
+            logger.info("received %s: stopping gracefully (send it again to stop at once)",
+                        name)
             stop.set()
 
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -307,10 +322,28 @@ class Exq:
                 self.start()
             while not (stop.wait(0.5) or self.stopped.is_set()):
                 pass
+            stop.set()  # a signal from now on stops at once
+            self.stop()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.stop()
+
+    def exit_now(self, reason: str, budget: float = 0.8) -> NoReturn:
+        """The forced stop of a second SIGTERM/SIGINT: ``abort(budget)`` (finished jobs
+        acked, unfinished ones put back at the front of their queues), then exit the
+        process with status 1. Never returns."""
+        logger.warning("received %s again: stopping at once", reason)
+        running, requeued = self.abort(budget)
+        if requeued is not None:
+            logger.warning("forced stop: %d job(s) were running; %d unfinished job(s) put "
+                           "back at the front of their queues", running, requeued)
+        else:
+            logger.warning("forced stop: %d job(s) were running; the unfinished jobs stay in "
+                           "this node's backup lists, to run again at a restart or by another "
+                           "node", running)
+        logging.shutdown()
+        os._exit(1)
 
     def __enter__(self) -> Exq:
         return self.start()

@@ -152,9 +152,9 @@ class JobFunction(Generic[P, R]):
         return self.via if self.via is not None else _DEFAULTS.target()
 
     def _args(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
-        """The job's positional args; keywords are bound to their parameters."""
-        if not kwargs:
-            return list(args)
+        """The job's positional args, checked against the function's signature (a
+        job that cannot be called is refused here, not retried 25 times); keywords
+        are bound to their parameters."""
         bound = _signature(self.fn).bind(*args, **kwargs)
         if bound.kwargs:
             raise TypeError(f"{self.exq_job_class}: keyword-only arguments cannot be enqueued "

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Sequence
 from types import FrameType
 
@@ -43,7 +44,15 @@ def import_worker_modules(modules: Sequence[str]) -> None:
                                     f"{exc.lineno}: {exc.msg}") from None
         except Exception as exc:
             raise WorkerModuleError(f"--workers {name}: cannot import it: "
-                                    f"{type(exc).__name__}: {exc}") from None
+                                    f"{type(exc).__name__}: {exc}{_where(exc)}") from None
+
+
+def _where(exc: BaseException) -> str:
+    """`` (file, line N)`` of the innermost frame of ``exc`` outside exq-fast and the
+    import machinery: where the module failed."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "importlib" not in f.filename and os.sep + "exq_fast" + os.sep not in f.filename]
+    return f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
 
 
 def _import_one(name: str) -> None:
@@ -100,25 +109,6 @@ def log_workers(queues: Sequence[QueueSpec], specs: Sequence[WorkerSpec]) -> Non
                            spec.name, spec.queue)
 
 
-FORCED_STOP_BUDGET = 0.8
-"""Seconds a forced stop spends putting unfinished jobs back before the process exits."""
-
-
-def _force_stop(exq: Exq, name: str) -> None:
-    """The second SIGTERM/SIGINT: exit at once (see ``Exq.abort``); never returns."""
-    logger.warning("received %s again: stopping at once", name)
-    running, requeued = exq.abort(FORCED_STOP_BUDGET)
-    if requeued is not None:
-        logger.warning("forced stop: %d job(s) were running; %d unfinished job(s) put back at "
-                       "the front of their queues", running, requeued)
-    else:
-        logger.warning("forced stop: %d job(s) were running; the unfinished jobs stay in this "
-                       "node's backup lists, to run again at a restart or by another node",
-                       running)
-    logging.shutdown()
-    os._exit(1)
-
-
 def _orphaned(supervisor_pid: int | None) -> bool:
     """True when this node was started by a supervisor that is gone (killed)."""
     return supervisor_pid is not None and os.getppid() != supervisor_pid
@@ -137,7 +127,7 @@ def run(config: Config, worker_modules: Sequence[str], supervisor_pid: int | Non
     def on_signal(signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if stop.is_set():
-            _force_stop(exq, name)
+            exq.exit_now(name)
         logger.info("received %s: stopping gracefully (send it again to stop at once)", name)
         stop.set()
 
@@ -148,8 +138,8 @@ def run(config: Config, worker_modules: Sequence[str], supervisor_pid: int | Non
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTSTP, on_quiet)
-    exq.start()
     log_workers(config.queue_specs, exq.registry.specs())
+    exq.start()
     status = _Status(exq) if sys.stderr.isatty() else None
     while not (stop.wait(1.0) or exq.stopped.is_set()):
         if _orphaned(supervisor_pid):

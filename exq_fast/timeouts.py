@@ -38,10 +38,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 logger = logging.getLogger("exq_fast")
 
-__all__ = ["STUCK_AFTER", "Deadline", "JobTimeout", "Watchdog"]
+__all__ = ["STUCK_AFTER", "Deadline", "JobTimeout", "NodeStopped", "Watchdog"]
 
 STUCK_AFTER = 2.0
 """Seconds after its timeout fired that a job still running is reported as stuck."""
@@ -56,6 +57,25 @@ class JobTimeout(Exception):
         self.seconds = seconds
 
 
+class NodeStopped(Exception):
+    """Raised in a job still running when its node has stopped (after the shutdown
+    timeout): the job was put back at the front of its queue, so it must not
+    run on to its end here -- as Sidekiq raises ``Sidekiq::Shutdown``."""
+
+    def __init__(self) -> None:
+        super().__init__("the node stopped while the job ran: it was put back in its queue")
+
+
+INTERRUPTS = (JobTimeout, NodeStopped)
+"""What a job's thread may receive from outside while it runs."""
+
+
+class Cancellable(Protocol):
+    """The job a deadline guards: ``cancelled`` is what cooperative code polls."""
+
+    cancelled: bool
+
+
 def _set_async_exc(thread_id: int, exc: type[BaseException] | None) -> int:
     """Raise ``exc`` in thread ``thread_id`` at its next bytecode; ``None`` withdraws
     one not yet delivered. Returns how many thread states were changed."""
@@ -64,40 +84,54 @@ def _set_async_exc(thread_id: int, exc: type[BaseException] | None) -> int:
 
 
 class Deadline:
-    """One job's time limit, made in the job's thread and armed with ``Watchdog.arm``."""
+    """The guard of one job run on a thread: its time limit if it has one, and the
+    window in which an exception may be raised into that thread (see the module
+    doc). Made in the job's thread; a limit is armed with ``Watchdog.arm``."""
 
-    __slots__ = ("_lock", "at", "cancel_async", "description", "done", "fired", "inside",
-                 "mark_cancelled", "seconds", "stuck", "thread_id")
+    __slots__ = ("_lock", "at", "cancel_async", "done", "fired", "inside", "interrupted", "job",
+                 "seconds", "stuck", "thread_id")
 
-    def __init__(self, seconds: float, description: str,
-                 mark_cancelled: Callable[[], None]) -> None:
+    def __init__(self, seconds: float | None, job: Cancellable) -> None:
         self.seconds = seconds
-        self.at = time.monotonic() + seconds
-        self.description = description
-        self.mark_cancelled = mark_cancelled
+        self.at = time.monotonic() + seconds if seconds is not None else float("inf")
+        self.job = job
         self.thread_id = threading.get_ident()
         self.inside = True
         """The job's thread is inside the job's function (a sync exception may land)."""
         self.cancel_async: Callable[[], None] | None = None
         """Set once the job runs as a coroutine: cancels its task."""
         self.fired = False
+        """The time limit passed."""
+        self.interrupted = False
+        """The node stopped while the job ran (see ``interrupt``)."""
         self.done = False
         self.stuck = False
         self._lock = threading.Lock()
 
-    def leave(self, final: bool) -> bool:
-        """The job's function returned (``final``: a sync job, it is over; else its
-        coroutine runs next): no exception is raised into the thread from now on,
-        and a pending one is withdrawn. Returns whether the limit had passed. May
-        itself raise that pending ``JobTimeout`` once: call it until it returns
-        (see the module doc)."""
+    @property
+    def description(self) -> str:
+        """The job, for log lines."""
+        return repr(self.job)
+
+    def leave(self) -> None:
+        """The job's function returned: no exception is raised into the thread from
+        now on, and a pending one is withdrawn. May itself raise that pending
+        exception once: call it until it returns (see the module doc)."""
         with self._lock:
             self.inside = False
-            if final:
-                self.done = True
-            if self.fired:
+            if self.fired or self.interrupted:
                 _set_async_exc(self.thread_id, None)
-            return self.fired
+
+    def interrupt(self) -> bool:
+        """Raise ``NodeStopped`` in the job's thread if it is inside the job (its
+        ``cancelled`` turns true first). True if it was."""
+        with self._lock:
+            if not self.inside or self.done or self.fired or self.interrupted:
+                return False
+            self.interrupted = True
+            self.job.cancelled = True
+            _set_async_exc(self.thread_id, NodeStopped)
+            return True
 
     def attach(self, cancel: Callable[[], None]) -> None:
         """The job runs on as a coroutine: ``cancel`` cancels its task (at once when
@@ -111,10 +145,10 @@ class Deadline:
     def fire(self) -> None:
         """The limit passed: mark the job cancelled, then interrupt it (once)."""
         with self._lock:
-            if self.fired or self.done:
+            if self.fired or self.done or self.interrupted:
                 return
             self.fired = True
-            self.mark_cancelled()
+            self.job.cancelled = True
             if self.inside:
                 _set_async_exc(self.thread_id, JobTimeout)
             cancel = self.cancel_async

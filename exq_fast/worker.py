@@ -42,7 +42,7 @@ from .middleware.job import error_text
 from .middleware.manager import release
 from .queue import RECOVERY_TTL, RecoveryPolicy, job_digest
 from .stats import Done, InFlight
-from .timeouts import Deadline, JobTimeout, Watchdog
+from .timeouts import INTERRUPTS, Deadline, JobTimeout, NodeStopped, Watchdog
 
 logger = logging.getLogger("exq_fast")
 
@@ -81,16 +81,16 @@ class Running:
 
 
 def _leave(deadline: Deadline) -> None:
-    """Close the window in which the watchdog may raise into this thread.
+    """Close the window in which an exception may be raised into this thread.
 
-    A ``JobTimeout`` raised just before may land in here (at any bytecode): it
-    is absorbed and ``leave`` called again, which withdraws nothing more (the
-    watchdog raises once per job)."""
+    A ``JobTimeout`` or ``NodeStopped`` raised just before may land in here (at
+    any bytecode): it is absorbed and ``leave`` called again, which withdraws
+    nothing more (one is raised per job at most)."""
     while True:
         try:
-            deadline.leave(final=False)
+            deadline.leave()
             return
-        except JobTimeout:
+        except INTERRUPTS:
             continue
 
 
@@ -164,6 +164,16 @@ class WorkerServer:
                 logger.warning("marking recovered jobs as started works again; %d were not "
                                "marked", missed)
 
+    def interrupt_running(self) -> int:
+        """At a stop, once the unfinished jobs are back in their queues and the stats
+        writer is closed: raise ``NodeStopped`` in every sync job still inside its
+        function, so that it does not run on to its end here while its queued copy
+        runs elsewhere (async jobs are cancelled with the loop). Their outcome is
+        not recorded (no ack, no retry entry). Returns how many were interrupted;
+        one in a C call that never returns cannot be."""
+        return sum(r.deadline.interrupt() for r in list(self.running.values())
+                   if r.deadline is not None)
+
     def cancel(self, jid: str) -> bool:
         """Ask the running job ``jid`` to stop: its ``cancelled`` turns true (a sync
         job checks it), an async job's task is cancelled. True if it runs here."""
@@ -223,25 +233,22 @@ class WorkerServer:
         gave back (to run on the loop), or None when the job is over."""
         job: Job = assigns["job"]
         seconds = self._timeout(assigns, job)
-        deadline = None
-        if seconds is not None:
-            deadline = running.deadline = Deadline(seconds, _describe(job),
-                                                   lambda: _mark_cancelled(job))
+        # Every job gets a guard (a stop may interrupt it); only a limit is armed.
+        deadline = running.deadline = Deadline(seconds, job)
         token = _current.set(job)
         result: Any = None
         error: BaseException | None = None
         try:
-            if deadline is not None:
+            if seconds is not None:
                 self.watchdog.arm(deadline)  # from here a JobTimeout may land in this try
             result = assigns["worker"](*job.args)
         except BaseException as exc:  # SystemExit etc. fail the job only
             error = exc
-        # No call between the except and _leave: a JobTimeout must land inside one.
-        if deadline is not None:
-            _leave(deadline)
+        # No call between the except and _leave: an interrupt must land inside one.
+        _leave(deadline)
         _current.reset(token)
         if error is None and inspect.isawaitable(result):
-            if deadline is None or not deadline.fired:
+            if not (deadline.fired or deadline.interrupted):
                 return result
             _close(result)
         self._outcome(assigns, job, result, error)
@@ -254,7 +261,9 @@ class WorkerServer:
         deadline = running.deadline if running is not None else None
         if deadline is not None:
             self.watchdog.finish(deadline)
-        if deadline is not None and deadline.fired:
+        if deadline is not None and deadline.interrupted:
+            _fail(assigns, NodeStopped())  # after the stop: not recorded, see interrupt_running
+        elif deadline is not None and deadline.fired:
             timeout = JobTimeout(deadline.seconds)
             if isinstance(error, JobTimeout):  # raised in the job: keep where it was
                 timeout = timeout.with_traceback(error.__traceback__)
@@ -367,14 +376,6 @@ class WorkerServer:
         # The slot is freed even when no Manager middleware ran (terminate, or
         # a chain without it): a leaked slot could never be recovered.
         release(pipeline, "error" not in assigns)
-
-
-def _describe(job: Job) -> str:
-    return f"job {job.job_class} jid={job.jid}"
-
-
-def _mark_cancelled(job: Job) -> None:
-    job.cancelled = True
 
 
 def _cancel_task(running: Running) -> None:

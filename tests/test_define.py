@@ -75,6 +75,24 @@ def test_worker_returns_a_callable_job_function_with_enqueue_methods(
     assert isinstance(in_five, str)
 
 
+def test_arguments_that_cannot_call_the_function_are_refused_at_enqueue(
+    enqueuer: Enqueuer, redis_client: redis.Redis, keys: Keys
+) -> None:
+    # A job that could only fail with TypeError (retried 25 times) is refused at once
+    reg = Registry()
+
+    @worker("Two.Args", registry=reg)
+    def two(address: str, n: int) -> None: ...
+
+    via = two.set(via=enqueuer)
+    for args in (("a",), (), ("a", 1, 2)):
+        with pytest.raises(TypeError):
+            via.enqueue(*args)  # type: ignore[call-arg, arg-type]
+    assert redis_client.llen(keys.queue("default")) == 0
+    via.enqueue("a", 1)
+    assert redis_client.llen(keys.queue("default")) == 1
+
+
 def test_keyword_only_arguments_cannot_be_enqueued(enqueuer: Enqueuer) -> None:
     reg = Registry()
 
@@ -247,3 +265,79 @@ def test_run_forever_runs_jobs_and_returns_after_a_graceful_stop(
     assert proc.returncode == 0, out
     assert "returned True" in out
     assert redis_client.smembers(keys.processes) == set()  # its records are removed
+
+
+LONG_JOB = '''
+import logging, os, time
+import redis
+from exq_fast import Config, Exq, worker
+
+logging.basicConfig(level=logging.INFO)
+r = redis.Redis.from_url(os.environ["REDIS_URL"])
+
+@worker("Rf.Long")
+def long(key):
+    r.set(key + ":started", 1)
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        time.sleep(0.02)
+    r.set(key + ":ended", 1)
+
+Exq(Config.from_env(queues=["default"])).run_forever()
+print("returned", flush=True)
+'''
+
+
+def _long_job_app(tmp_path: Path, redis_url: str, namespace: str, shutdown_ms: int,
+                  redis_client: redis.Redis, keys: Keys) -> subprocess.Popen[str]:
+    (tmp_path / "app.py").write_text(LONG_JOB)
+    env = {**os.environ, "REDIS_URL": redis_url, "EXQ_NAMESPACE": namespace,
+           "EXQ_SHUTDOWN_TIMEOUT": str(shutdown_ms)}
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with Enqueuer(Config(redis_url=redis_url, namespace=namespace)) as enqueuer:
+        enqueuer.enqueue("default", "Rf.Long", [keys.p("long")])
+    wait_for(lambda: redis_client.get(keys.p("long:started")), what="the job started")
+    return proc
+
+
+def test_run_forever_interrupts_a_job_that_outlives_the_shutdown_timeout(
+    tmp_path: Path, redis_url: str, namespace: str, redis_client: redis.Redis, keys: Keys
+) -> None:
+    # Given a script running a 30 s job, with a shutdown timeout of 0.5 s
+    proc = _long_job_app(tmp_path, redis_url, namespace, 500, redis_client, keys)
+    # When it is told to stop
+    began = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    # Then run_forever returns and the process ends soon, the job put back in its
+    # queue and interrupted here: it does not run on to its end (it would run twice)
+    assert proc.returncode == 0, out
+    assert "returned" in out
+    assert time.monotonic() - began < 10, out
+    assert redis_client.get(keys.p("long:ended")) is None
+    assert [json.loads(raw)["class"] for raw in
+            cast(list[bytes], redis_client.lrange(keys.queue("default"), 0, -1))] == ["Rf.Long"]
+    assert redis_client.zcard(keys.retry) == 0 and redis_client.zcard(keys.dead) == 0
+    assert "NodeStopped" in out
+
+
+def test_run_forever_stops_at_once_on_a_second_signal(
+    tmp_path: Path, redis_url: str, namespace: str, redis_client: redis.Redis, keys: Keys
+) -> None:
+    # Given a script running a 30 s job, with a long shutdown timeout, told to stop
+    proc = _long_job_app(tmp_path, redis_url, namespace, 60_000, redis_client, keys)
+    proc.send_signal(signal.SIGINT)
+    assert proc.stdout is not None
+    wait_for(lambda: "stopping gracefully" in (proc.stdout.readline() or ""), timeout=10,
+             what="the graceful stop began")
+    # When a second signal comes
+    began = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    # Then the process exits at once with status 1, no traceback, the job back in its queue
+    assert proc.returncode == 1, out
+    assert time.monotonic() - began < 5
+    assert "Traceback" not in out
+    assert redis_client.llen(keys.queue("default")) == 1
+    assert redis_client.get(keys.p("long:ended")) is None

@@ -184,11 +184,14 @@ def test_run_with_unreachable_redis_exits_with_one_line(cli: Cli) -> None:
 @pytest.mark.parametrize(("module", "expected"), [
     ("nosuch_module", "--workers nosuch_module: cannot import it: ModuleNotFoundError"),
     ("broken_jobs", "--workers broken_jobs: syntax error in "),
+    ("raising_jobs", "--workers raising_jobs: cannot import it: RuntimeError: boom at import"),
 ])
 def test_a_bad_workers_module_is_one_line_and_exit_2(cli: Cli, module: str,
                                                      expected: str) -> None:
     # Given a module with a syntax error beside the worker module
     (cli.tmp_path / "broken_jobs.py").write_text("def broken(:\n", encoding="utf-8")
+    (cli.tmp_path / "raising_jobs.py").write_text("x = 1\nraise RuntimeError('boom at import')\n",
+                                                  encoding="utf-8")
     for processes in ("1", "2"):
         # When a node (or a supervisor of two) is started with it
         result = cli.run(*cli.node_args("a"), "--workers", module, "--processes", processes)
@@ -198,6 +201,8 @@ def test_a_bad_workers_module_is_one_line_and_exit_2(cli: Cli, module: str,
         assert len(lines) == 1 and expected in lines[0], result.stderr
         if module == "broken_jobs":
             assert "broken_jobs.py, line 1" in lines[0]
+        if module == "raising_jobs":  # where it raised, not exq-fast's import call
+            assert lines[0].endswith("raising_jobs.py, line 2)"), lines[0]
 
 
 def test_workers_may_be_a_file_path(
