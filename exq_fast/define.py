@@ -175,15 +175,16 @@ class _Decorator(Protocol):
     def __call__(self, obj: Callable[P, R]) -> JobFunction[P, R]: ...
 
 
-def worker(name: str | None = None, *, queue: str = DEFAULT_QUEUE,
+def worker(name: str | None = None, *, queue: str | None = None,
            timeout: float | None = None, backtrace: bool | int = False,
            max_retries: int | None = None, registry: Registry | None = None) -> _Decorator:
     """Register a function, or a class with ``perform(self, *args)``, as a worker.
 
     ``name`` is the class name its jobs carry (default ``module.qualname``);
     Exq/Sidekiq producers enqueue it under that name. ``queue`` is where its
-    ``enqueue`` methods write (a node runs the worker on any queue it
-    consumes). ``timeout``: seconds a job may run before it fails with
+    ``enqueue`` methods write (default ``"default"``; a node runs the worker on
+    any queue it consumes, and warns at start when a worker's own queue is not
+    one of them). ``timeout``: seconds a job may run before it fails with
     ``JobTimeout`` (None: the node's ``job_timeout``). ``backtrace``: keep the
     failure's backtrace in the retry/dead entry (True, or that many lines, as
     Sidekiq's option). ``max_retries``: the ``retry`` of the jobs its methods
@@ -203,6 +204,6 @@ def worker(name: str | None = None, *, queue: str = DEFAULT_QUEUE,
         if isinstance(obj, type):
             setattr(obj, "exq_job_class", job_class)  # noqa: B010 (a class, typed as such)
             return obj
-        return JobFunction(obj, job_class, queue, options)
+        return JobFunction(obj, job_class, queue or DEFAULT_QUEUE, options)
 
     return decorate

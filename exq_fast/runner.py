@@ -91,15 +91,16 @@ class _Status:
 
 def log_workers(queues: Sequence[QueueSpec], specs: Sequence[WorkerSpec]) -> None:
     """The start-up lines on the workers: per consumed queue, the workers whose own
-    queue it is; then the others (a node runs any worker on any queue it consumes);
-    and a WARNING for each worker whose queue the node does not consume."""
+    queue it is (``"default"`` when the worker names none); then the others (a node
+    runs any worker on any queue it consumes); and a WARNING for each worker that
+    names a queue of its own the node does not consume."""
     consumed = {queue.name for queue in queues}
     for queue in queues:
-        names = [spec.name for spec in specs if spec.queue == queue.name]
+        names = [spec.name for spec in specs if (spec.queue or "default") == queue.name]
         concurrency = "unlimited" if queue.concurrency is None else queue.concurrency
         logger.info("queue %s (concurrency %s): %s", queue.name, concurrency,
                     ", ".join(names) or "none")
-    others = [spec for spec in specs if spec.queue not in consumed]
+    others = [spec for spec in specs if (spec.queue or "default") not in consumed]
     if others:
         logger.info("other workers (run on any queue): %s",
                     ", ".join(spec.name for spec in others))
@@ -138,8 +139,8 @@ def run(config: Config, worker_modules: Sequence[str], supervisor_pid: int | Non
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTSTP, on_quiet)
+    exq.start()  # refused (node id in use, Redis down): one error line, nothing else
     log_workers(config.queue_specs, exq.registry.specs())
-    exq.start()
     status = _Status(exq) if sys.stderr.isatty() else None
     while not (stop.wait(1.0) or exq.stopped.is_set()):
         if _orphaned(supervisor_pid):

@@ -325,6 +325,7 @@ def test_start_up_lines_without_an_unconsumed_queue(caplog: pytest.LogCaptureFix
     registry.register("App.Any", lambda: None)  # registered without a queue of its own
     caplog.set_level(logging.INFO, logger="exq_fast")
     log_workers([QueueSpec("mail", None)], registry.specs())
+    # (a worker without a queue of its own enqueues to "default": no warning for it)
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         ("INFO", "queue mail (concurrency unlimited): App.Mail"),
         ("INFO", "other workers (run on any queue): App.Any")]
