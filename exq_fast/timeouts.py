@@ -2,7 +2,7 @@
 
 A job's limit is, first found: its payload's ``timeout`` field (the enqueue
 option), its worker's ``@worker(timeout=)``, the config's ``job_timeout``;
-none means no limit and costs nothing.
+none means no limit (the job is never put on the watchdog).
 
 When a limit passes, the watchdog fires the job's ``Deadline`` once:
 
@@ -21,6 +21,11 @@ the worker thread as the job's function returns, takes the same lock as the
 watchdog's fire: after it, no exception is raised into the thread, and one
 raised but not yet delivered is withdrawn (or absorbed by the caller's retry
 loop, see ``WorkerServer``).
+
+The same guard serves a node's stop: every job run on a thread has a
+``Deadline`` (with no limit when it has none), and ``Deadline.interrupt``
+raises ``NodeStopped`` through the same window in the jobs still running once
+they are back in their queues (see ``WorkerServer.interrupt_running``).
 
 A job that ignores its timeout (a C call that never returns, a coroutine that
 swallows the cancellation) keeps its slot -- Python cannot take the thread
