@@ -104,6 +104,7 @@ class Manager:
         self._quarantine_lock = threading.Lock()
         self._quarantine_busy = False
         self._subscribed: list[str] = []
+        self._subscribe_lock = threading.Lock()
         self.max_unacked = config.stats_batch_size
         """Finished jobs that may wait for their ack before fetching pauses."""
         # Jobs dispatched whose batch has not reached Redis (under _cond).
@@ -175,15 +176,21 @@ class Manager:
         limit = self.config.concurrency if concurrency == "default" else concurrency
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise ValueError(f"concurrency must be a positive integer or None, got {limit!r}")
-        with self._cond:
-            state = self._states.setdefault(queue, QueueState(limit))
-            state.limit = limit
-            with self._tracked_lock:
-                idle = state.running == 0 and not self._tracked.get(queue)
-            if queue not in self._subscribed:
-                self._subscribed.insert(0, queue)  # Exq prepends new subscriptions
-        if idle:
-            self._recover(queue, "subscribe")
+        with self._subscribe_lock:  # one subscribe at a time: one recovery
+            with self._cond:
+                state = self._states.setdefault(queue, QueueState(limit))
+                state.limit = limit
+                subscribed = queue in self._subscribed
+                with self._tracked_lock:
+                    idle = state.running == 0 and not self._tracked.get(queue)
+            # Recovered *before* the queue is subscribed: once it is, the fetcher
+            # may move jobs into the backup list, and a recovery then would put
+            # them back in the queue while they run -- they would run twice.
+            if idle and not subscribed:
+                self._recover(queue, "subscribe")
+            with self._cond:
+                if queue not in self._subscribed:
+                    self._subscribed.insert(0, queue)  # Exq prepends new subscriptions
         self._wake()
 
     def unsubscribe(self, queue: str) -> None:

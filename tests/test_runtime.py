@@ -28,7 +28,7 @@ from exq_fast.config import Config
 from exq_fast.embedded import RedisServer
 from exq_fast.enqueuer import Enqueuer
 from exq_fast.keys import Keys
-from tests.conftest import NodeFactory, fixture_json, fixture_lines, fixture_members, wait_for
+from tests.conftest import NodeFactory, fixture_json, fixture_lines, fixture_members, stat, wait_for
 
 POLL_MS = 10
 EXQ_VERSIONS = ("exq-0.13.2", "exq-0.23.0")
@@ -877,3 +877,28 @@ def test_poison_payloads_go_to_dead_and_valid_jobs_run_once(
     jid = enqueuer.enqueue("poison", "Poison.Ok", ["after"])
     wait_for(lambda: jid in recorder.jids(), what="a job after the poison")
     assert not exq.stopped.is_set()
+
+
+def test_subscribing_at_run_time_never_runs_a_job_twice(
+    runtime: NodeFactory, enqueuer: Enqueuer, redis_client: redis.Redis, keys: Keys
+) -> None:
+    # Given a running node, and 40 queues of 25 waiting jobs each that it does not consume
+    config = runtime.config(queues=["idle"], poll_timeout=1)
+    recorder = Recorder()
+    exq = runtime.start(config, {"R": recorder.worker("R")})
+    queues = [f"sub{n}" for n in range(40)]
+    enqueuer.enqueue_all([(q, "R", [f"{q}-{i}"]) for q in queues for i in range(25)])
+    # When it subscribes to them one after the other while it fetches
+    for queue in queues:
+        exq.subscribe(queue, 5)
+    # Then every job runs exactly once: a subscribe's recovery of the queue's backup
+    # list never puts back jobs the fetcher has just moved there
+    wait_for(lambda: stat(redis_client, keys, "processed") >= 1000, timeout=30,
+             what="1000 jobs processed")
+    wait_for(lambda: all(redis_client.llen(keys.queue(q)) == 0 for q in queues),
+             what="every queue drained")
+    exq.stop()
+    counts = Counter(recorder.jids())
+    assert len(counts) == 1000
+    assert [jid for jid, n in counts.items() if n != 1] == []
+    assert stat(redis_client, keys, "processed") == 1000
