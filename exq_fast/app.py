@@ -322,12 +322,11 @@ class Exq:
                 self.start()
             while not (stop.wait(0.5) or self.stopped.is_set()):
                 pass
-            stop.set()  # a signal from now on stops at once
-            self.stop()
         finally:
+            stop.set()  # a signal during the stop stops at once
+            self.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            self.stop()
 
     def exit_now(self, reason: str, budget: float = 0.8) -> NoReturn:
         """The forced stop of a second SIGTERM/SIGINT: ``abort(budget)`` (finished jobs

@@ -131,7 +131,7 @@ def _run(args: argparse.Namespace) -> int:
     require_workers()
     if count > 1:
         return supervise(config, count, _child_args(args))
-    return run(config, args.workers, args.supervisor_pid)
+    return run(config, args.supervisor_pid)
 
 
 def _run_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import os
 import secrets
 import socket
@@ -60,6 +61,17 @@ class QueueSpec:
 
 QueueInput = str | tuple[str, int | str | None] | QueueSpec
 """One queue entry: ``"name"``, ``"name:10"``, ``("name", 10)`` or a ``QueueSpec``."""
+
+
+def check_timeout(value: object, option: str = "timeout") -> float | None:
+    """A job time limit in seconds: ``None`` (no limit) or a positive finite number
+    (``ValueError`` otherwise); shared by ``job_timeout``, ``@worker`` and enqueue."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not 0 < value < math.inf:
+        raise ValueError(f"{option} must be a positive number of seconds or None, got {value!r}")
+    return float(value)
 
 
 def parse_concurrency(option: str, value: object) -> int | None:
@@ -241,10 +253,11 @@ def _validate(config: Config) -> None:
         raise ConfigError("metrics_port", port, "expected a port number 0-65535")
     if not config.metrics_prefix.replace("_", "a").isalnum():
         raise ConfigError("metrics_prefix", config.metrics_prefix, "letters, digits and _ only")
-    timeout = config.job_timeout
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
-                                or not 0 < timeout < float("inf")):
-        raise ConfigError("job_timeout", timeout, "expected a positive number of seconds or None")
+    try:
+        check_timeout(config.job_timeout, "job_timeout")
+    except ValueError:
+        raise ConfigError("job_timeout", config.job_timeout,
+                          "expected a positive number of seconds or None") from None
     if config.namespace.endswith(":"):
         raise ConfigError("namespace", config.namespace, "must not end with ':'")
 

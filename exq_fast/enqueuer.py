@@ -29,12 +29,12 @@ import redis
 
 from . import scripts
 from ._phash2 import unique_token as exq_unique_token
-from .config import Config
+from .config import Config, check_timeout
 from .connection import connect
 from .job import encode, new_jid, now_seconds, strip_elixir
 from .keys import Keys
 from .queue import Conflict, EnqueueResult, Push, push, push_all
-from .registry import check_backtrace, check_timeout
+from .registry import check_backtrace
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack

@@ -38,16 +38,16 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .config import check_timeout
 from .job import normalize_class
 
 __all__ = ["DEFAULT_REGISTRY", "Perform", "Registry", "UnknownWorker", "WorkerSpec",
-           "check_backtrace", "check_timeout"]
+           "check_backtrace"]
 
 Perform = Callable[..., Any]
 """What the runtime calls with the job's ``*args`` (a coroutine it returns is awaited)."""
@@ -66,16 +66,6 @@ class UnknownWorker(LookupError):
         super().__init__(message if reason is None else f"{message} ({reason})")
         self.job_class = job_class
         self.reason = reason
-
-
-def check_timeout(value: object, option: str = "timeout") -> float | None:
-    """A job timeout in seconds: ``None`` (no limit) or a positive finite number."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) \
-            or not 0 < value < math.inf:
-        raise ValueError(f"{option} must be a positive number of seconds or None, got {value!r}")
-    return float(value)
 
 
 def check_backtrace(value: object, option: str = "backtrace") -> bool | int:

@@ -115,13 +115,13 @@ def _orphaned(supervisor_pid: int | None) -> bool:
     return supervisor_pid is not None and os.getppid() != supervisor_pid
 
 
-def run(config: Config, worker_modules: Sequence[str], supervisor_pid: int | None = None) -> int:
+def run(config: Config, supervisor_pid: int | None = None) -> int:
     """Run a node until SIGTERM/SIGINT (or a TERM signal through Redis); 0 on a clean stop.
 
-    A second SIGTERM/SIGINT during the graceful stop stops at once; SIGTSTP
+    The caller has imported the worker modules (``import_worker_modules``). A
+    second SIGTERM/SIGINT during the graceful stop stops at once; SIGTSTP
     quiets the node (no more fetching), as Sidekiq's TSTP.
     """
-    import_worker_modules(worker_modules)
     stop = threading.Event()
     exq = Exq(config)
 

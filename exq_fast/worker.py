@@ -251,14 +251,14 @@ class WorkerServer:
             if not (deadline.fired or deadline.interrupted):
                 return result
             _close(result)
-        self._outcome(assigns, job, result, error)
+        self._outcome(assigns, running, result, error)
         return None
 
-    def _outcome(self, assigns: dict[str, Any], job: Job, result: Any,
+    def _outcome(self, assigns: dict[str, Any], running: Running, result: Any,
                  error: BaseException | None) -> None:
         """Record the job's result, or its failure (timeout and cancel come first)."""
-        running = self.running.get(assigns["flight"].field)
-        deadline = running.deadline if running is not None else None
+        job: Job = assigns["job"]
+        deadline = running.deadline  # set by _dispatch for every job it ran
         if deadline is not None:
             self.watchdog.finish(deadline)
         if deadline is not None and deadline.interrupted:
@@ -324,7 +324,7 @@ class WorkerServer:
 
         def finish() -> None:
             try:
-                self._outcome(pipeline.assigns, job, result, error)
+                self._outcome(pipeline.assigns, running, result, error)
                 self._after(pipeline)
             except BaseException:  # a bug must not kill the thread
                 logger.exception("internal error after an async job; it stays in the "
