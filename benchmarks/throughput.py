@@ -23,7 +23,7 @@ positive means slower with metrics. One pair of runs is noisy: read a few percen
 either way as no measurable difference.
 
 Timing: from ``Exq.start()`` (scripts loaded, backups recovered, threads started)
-until ``exq.stats.totals["processed"] == N``, i.e. until the stats batch acking
+until ``exq.acks.totals["processed"] == N``, i.e. until the stats batch acking
 the last job has been applied in Redis; for the yardstick, from its first
 RPOPLPUSH to its last LREM. "ratio" is jobs/s divided by the yardstick's jobs/s.
 
@@ -370,7 +370,7 @@ def run_yardstick(bench: Bench, jobs: int) -> Result:
 
 def wait_processed(exq: Exq, jobs: int) -> None:
     """Sleep-poll until the node has acked ``jobs`` jobs; fail on a failed job or a timeout."""
-    totals = exq.stats.totals
+    totals = exq.acks.totals
     deadline = time.monotonic() + max(MIN_DRAIN_TIMEOUT, jobs * SECONDS_PER_JOB_TIMEOUT)
     while totals["processed"] < jobs:
         if totals["failed"]:

@@ -15,12 +15,12 @@ in-progress records; move this node's backup lists back to the front of their
 queues (jobs an earlier process with this node id fetched and never acked);
 recover the backup lists of dead nodes (on this host: any whose process is
 gone, so a restart under a new id still re-runs its predecessor's jobs at
-once); then start the stats writer, the executor, the fetcher, the scheduler,
+once); then start the ack writer, the executor, the fetcher, the scheduler,
 the node pinger and the heartbeat with its dead-node monitor.
 
 Stop order (``stop()``, SIGTERM under ``exq-fast run``): stop fetching; wait up
 to ``shutdown_timeout`` for running jobs; stop the scheduler and heartbeat;
-flush the stats (the acks of every finished job); put the jobs still
+flush the ack writer (the acks of every finished job); put the jobs still
 unfinished back at the front of their queues, uncounted (a graceful stop is
 not a crash: no job moves towards the poison limit); remove this node's
 records; interrupt the jobs still running (``NodeStopped`` raised in their
@@ -38,7 +38,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from types import FrameType
@@ -50,19 +50,19 @@ from prometheus_client import CollectorRegistry
 from . import define, nodes, scripts
 from . import queue as jobqueue
 from ._version import __version__
+from .acks import AckWriter
 from .config import Config
 from .connection import connect
 from .enqueuer import EnqueueOptions, Enqueuer, WorkerRef
-from .heartbeat import Heartbeat, NodePinger, RunningJob
+from .fetcher import Fetcher
+from .heartbeat import Heartbeat, NodePinger
+from .inflight import InFlight, InFlightJobs
 from .keys import Keys
-from .manager import Manager
 from .metrics import ClusterCollector, Metrics, MetricsServer, serve_metrics
 from .middleware import Middleware, Services, default_chain
 from .queue import EnqueueResult
 from .registry import DEFAULT_REGISTRY, Registry
-from .retry import sidekiq_backoff
 from .scheduler import Scheduler
-from .stats import StatsWriter
 from .worker import WorkerServer
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("exq_fast")
 
 MAX_THREADS = 100_000
-"""The thread pool's cap: never reached, since the manager bounds jobs in flight."""
+"""The thread pool's cap: never reached, since the fetcher bounds jobs in flight."""
 
 
 def _registry(workers: Registry | Mapping[str, object] | None,
@@ -106,39 +106,39 @@ class Exq:
             self.metrics.registry.register(
                 ClusterCollector(self.redis, self.keys, self.config.metrics_prefix))
         self.metrics_server: MetricsServer | None = None
-        self.stats = StatsWriter(self.redis, self.keys, self.config.node_id,
-                                 flush_interval_ms=self.config.stats_flush_interval,
-                                 batch_size=self.config.stats_batch_size,
-                                 on_error=self._redis_error)
         # Threads are started on demand and reused, so the pool's cap only has
-        # to be above what the manager's per-queue limits let run at once,
+        # to be above what the fetcher's per-queue limits let run at once,
         # including queues subscribed later.
         self.executor = ThreadPoolExecutor(MAX_THREADS, thread_name_prefix="exq-worker")
-        self.manager = Manager(self.redis, self.keys, self.config, self.executor, self._run_job,
-                               on_error=self._redis_error)
-        self.manager.on_recovered = self._recovered
-        self.stats.listeners.append(self.manager)
-        if self.config.metrics_enabled:
-            self.stats.listeners.append(self.metrics)
-        services = Services(self.redis, self.keys, self.config, self.stats, self.manager,
-                            self.registry, self.config.backoff or sidekiq_backoff)
-        chain: Sequence[Middleware] = self.config.middleware or default_chain()
-        self.server = WorkerServer(services, chain, submit=self.executor.submit)
+        self.inflight = InFlightJobs()
+        self.fetcher = Fetcher(self.redis, self.keys, self.config, self.inflight,
+                               submit=self.executor.submit, run_job=self._run_job,
+                               on_error=self._redis_error, on_recovered=self._recovered)
+        self.acks = AckWriter(self.redis, self.keys, self.config.node_id,
+                              flush_interval_ms=self.config.stats_flush_interval,
+                              batch_size=self.config.stats_batch_size,
+                              on_error=self._redis_error,
+                              listeners=(self.fetcher, self.metrics)
+                              if self.config.metrics_enabled else (self.fetcher,))
+        chain: Sequence[Middleware] = default_chain() if self.config.middleware is None \
+            else self.config.middleware
+        self.server = WorkerServer(Services(self.redis, self.keys, self.config), self.registry,
+                                   chain, acks=self.acks, on_end=self.fetcher.job_ended,
+                                   submit=self.executor.submit)
         self.scheduler = Scheduler(self.redis, self.keys, self.config, on_error=self._redis_error)
         self.pinger = NodePinger(self.redis, self.keys, self.config, _NodeState(self),
                                  on_error=self._redis_error, identity=self.identity)
-        self.heartbeat = Heartbeat(
-            self.redis, self.keys, self.config, on_error=self._redis_error,
-            on_recovered=lambda node, queue, n: self._recovered(queue, "heartbeat", n),
-            identity=self.identity)
-        self.heartbeat.on_poisoned = lambda queue, n: self._recovered(queue, "poison", n)
+        self.heartbeat = Heartbeat(self.redis, self.keys, self.config,
+                                   on_error=self._redis_error, on_recovered=self._recovered,
+                                   identity=self.identity)
         self.stopped = threading.Event()
         self._started = False
         self._stop_lock = threading.Lock()
 
-    def _run_job(self, raw: bytes, queue: str, suspect: bool,
-                 on_end: Callable[[], None] | None = None) -> None:
-        self.server.run(raw, queue, suspect, on_end)
+    def _run_job(self, record: InFlight) -> None:
+        # The fetcher is built before the worker (the worker frees the fetcher's
+        # slots): this method is the fetcher's way to the worker.
+        self.server.run(record)
 
     def _redis_error(self, operation: str, exc: BaseException) -> None:
         with self._counts_lock:
@@ -180,15 +180,15 @@ class Exq:
         nodes.claim(self.redis, self.keys, self.config.node_id, self.identity,
                     self.heartbeat.window())
         self.redis.delete(self.keys.workers(self.config.node_id))
-        recovered = self.manager.recover_backups()
+        recovered = self.fetcher.recover_backups()
         if recovered:
             logger.info("re-enqueued %d jobs from this node's backup lists", recovered)
         # Dead nodes' jobs run again now, not at the monitor's first tick.
         self.heartbeat.monitor()
         logger.info("exq-fast node %s consuming %s (namespace %r)", self.config.node_id,
                     ", ".join(self.config.queue_names), self.config.namespace)
-        self.stats.start()
-        self.manager.start()
+        self.acks.start()
+        self.fetcher.start()
         if self.config.scheduler_enable:
             self.scheduler.start()
         self.pinger.start()
@@ -201,12 +201,12 @@ class Exq:
             if not self._started or self.stopped.is_set():
                 return True
             budget = self.config.shutdown_timeout / 1000 if timeout is None else timeout
-            self.manager.unsubscribe_all()
-            self.manager.stop_fetching()
-            idle = self.manager.wait_idle(budget)
+            self.fetcher.unsubscribe_all()
+            self.fetcher.stop_fetching()
+            idle = self.fetcher.wait_idle(budget)
             self.scheduler.stop()
             self.heartbeat.stop()
-            flushed = self.stats.stop()
+            flushed = self.acks.stop()
             self.pinger.stop()
             running = len(self.server.running)
             requeued = self._requeue_unfinished() if flushed else None
@@ -224,9 +224,9 @@ class Exq:
         done: list[int | None] = []
 
         def work() -> None:
-            self.manager.unsubscribe_all()
+            self.fetcher.unsubscribe_all()
             self.pinger.stop(0.0)  # no ping after the records are removed
-            self.stats.stop(timeout=budget / 2)
+            self.acks.stop(timeout=budget / 2)
             requeued = self._requeue_unfinished()
             done.append(requeued)
             self._remove_node(forget=requeued is not None)
@@ -363,19 +363,19 @@ class Exq:
 
     def subscribe(self, queue: str, concurrency: int | str | None = "default") -> None:
         """Start consuming ``queue`` at run time."""
-        self.manager.subscribe(queue, concurrency)
+        self.fetcher.subscribe(queue, concurrency)
 
     def unsubscribe(self, queue: str) -> None:
         """Stop consuming ``queue``; its running jobs finish."""
-        self.manager.unsubscribe(queue)
+        self.fetcher.unsubscribe(queue)
 
     def unsubscribe_all(self) -> None:
         """Stop consuming every queue (quiet)."""
-        self.manager.unsubscribe_all()
+        self.fetcher.unsubscribe_all()
 
     def subscriptions(self) -> list[str]:
         """The queues being consumed."""
-        return self.manager.subscriptions()
+        return self.fetcher.subscriptions()
 
     def enqueue(self, queue: str, worker_class: WorkerRef, args: Sequence[Any] = (),
                 **options: Unpack[EnqueueOptions]) -> EnqueueResult:
@@ -404,20 +404,19 @@ class _NodeState:
         self.exq = exq
 
     def busy(self) -> int:
-        return self.exq.manager.busy()
+        return self.exq.fetcher.busy()
 
     def subscriptions(self) -> list[str]:
-        return self.exq.manager.subscriptions()
+        return self.exq.fetcher.subscriptions()
 
     def total_concurrency(self) -> int:
-        return self.exq.manager.total_concurrency()
+        return self.exq.fetcher.total_concurrency()
 
     def stuck(self) -> int:
         return self.exq.server.watchdog.stuck_count()
 
-    def running_jobs(self) -> list[RunningJob]:
-        return [RunningJob(r.flight.field, r.flight.queue, r.flight.raw, r.flight.run_at,
-                           r.flight.jid) for r in list(self.exq.server.running.values())]
+    def running_jobs(self) -> list[InFlight]:
+        return list(self.exq.server.running.values())
 
     def on_signal(self, signal: str) -> None:
         if signal == "TSTP":
@@ -448,20 +447,20 @@ class _MetricsSource:
         self.exq = exq
 
     def in_progress(self) -> dict[str, int]:
-        return self.exq.manager.running_by_queue()
+        return self.exq.fetcher.running_by_queue()
 
     def concurrency(self) -> dict[str, int]:
-        return self.exq.manager.limits()
+        return self.exq.fetcher.limits()
 
     def oldest_running_age(self) -> float:
-        starts = [r.flight.run_at for r in list(self.exq.server.running.values())]
+        starts = [r.run_at for r in list(self.exq.server.running.values())]
         return max(time.time() - min(starts), 0.0) if starts else 0.0
 
     def stats_pending(self) -> int:
-        return self.exq.stats.pending()
+        return self.exq.acks.pending()
 
     def fetched(self) -> dict[str, int]:
-        return dict(self.exq.manager.fetched)
+        return dict(self.exq.fetcher.fetched)
 
     def recovered(self) -> dict[tuple[str, str], int]:
         with self.exq._counts_lock:
@@ -475,10 +474,10 @@ class _MetricsSource:
         return self.exq.pinger.last_success
 
     def fetch_paused(self) -> bool:
-        return self.exq.manager.paused
+        return self.exq.fetcher.paused
 
     def fetch_pauses(self) -> int:
-        return self.exq.manager.pauses
+        return self.exq.fetcher.pauses
 
     def stuck(self) -> int:
         return self.exq.server.watchdog.stuck_count()

@@ -33,7 +33,7 @@ def connection_kwargs(config: Config) -> dict[str, Any]:
         # backup list until the node restarts (issue 11). redis-py gives a client
         # built from host and port 10 retries by default (and one from a URL with
         # ?retry_on_timeout 1), so the policy is explicit on every path. Retrying
-        # is exq-fast's decision: the manager's fetch backoff and reconciliation,
+        # is exq-fast's decision: the fetcher's fetch backoff and reconciliation,
         # the stats writer's idempotent batches. No retry_on_error/retry_on_timeout.
         "retry": no_retry(),
     }

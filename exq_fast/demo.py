@@ -112,7 +112,7 @@ def _run(config: Config, count: int) -> int:
         elapsed = time.perf_counter() - started
         retry = exq.redis.zcard(exq.keys.retry)
         dead = exq.redis.zcard(exq.keys.dead)
-    totals = exq.stats.totals
+    totals = exq.acks.totals
     print(f"processed {totals['processed']}, failed {totals['failed']} "
           f"(retried {retry}, dead {dead}) in {elapsed:.2f} s: {done / elapsed:,.0f} jobs/s")
     print(f"start latency p50 {latencies.percentile(0.5) * 1000:.1f} ms, "
@@ -127,7 +127,7 @@ def _wait(exq: Exq, count: int, started: float, timeout: float = 120.0) -> int:
     shown = -1
     while done < count and time.perf_counter() - started < timeout:
         time.sleep(0.1)
-        done = exq.stats.totals["processed"] + exq.stats.totals["failed"]
+        done = exq.acks.totals["processed"] + exq.acks.totals["failed"]
         step = done * 10 // count
         if tty or step != shown:
             _progress(done, count, time.perf_counter() - started, tty)

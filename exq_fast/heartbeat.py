@@ -16,7 +16,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import redis
 from redis.client import Pipeline
@@ -25,8 +25,10 @@ from redis.typing import EncodableT, FieldT
 from . import nodes, queue, scripts
 from ._version import __version__
 from .api import Api
+from .background import RecoveredHook
 from .config import Config
 from .connection import text
+from .inflight import InFlight
 from .keys import Keys
 from .scheduler import BackgroundLoop, ErrorHook, Step
 
@@ -44,23 +46,6 @@ HEARTBEAT_RETRY_CAP = 5.0
 """After a failed heartbeat tick, retry after min(interval, this) seconds."""
 FORGET_ATTEMPTS = 5
 """Tries to drop a dead node's heartbeat when other nodes' beats keep racing us."""
-
-RecoveredHook = Callable[[str, str, int], None]
-"""Called with ``(dead node, queue, jobs moved)`` after a dead node's backup is recovered."""
-
-
-class RunningJob(NamedTuple):
-    """A job this node is running, as shown in the Sidekiq Busy page."""
-
-    field: str
-    """The hash field: a worker / thread id unique within this node."""
-    queue: str
-    raw: bytes
-    """The job exactly as fetched."""
-    run_at: float
-    """When it started, float seconds."""
-    jid: str | None
-
 
 class NodeState(Protocol):
     """What the pinger needs to know about the running node (the app implements it)."""
@@ -81,7 +66,7 @@ class NodeState(Protocol):
         """Jobs running that ignored their timeout (see ``timeouts``)."""
         ...
 
-    def running_jobs(self) -> list[RunningJob]:
+    def running_jobs(self) -> list[InFlight]:
         """The jobs running now."""
         ...
 
@@ -228,7 +213,7 @@ class NodePinger(BackgroundLoop):
             "stuck": self.state.stuck(),  # exq-fast's: jobs that ignored their timeout
         }
 
-    def _write_work(self, pipe: Pipeline, jobs: list[RunningJob]) -> None:
+    def _write_work(self, pipe: Pipeline, jobs: list[InFlight]) -> None:
         key = self.keys.sidekiq_work(self.node_id)
         pipe.delete(key)
         if jobs:
@@ -261,7 +246,7 @@ class NodePinger(BackgroundLoop):
         pipe.execute()
 
 
-def _work_json(job: RunningJob) -> str:
+def _work_json(job: InFlight) -> str:
     # The payload is shown, never parsed back: undecodable bytes become U+FFFD.
     payload = job.raw.decode("utf-8", "replace")
     return _compact({"queue": job.queue, "payload": payload, "run_at": int(job.run_at)})
@@ -299,8 +284,8 @@ class Heartbeat(BackgroundLoop):
                                          config.missed_heartbeats_allowed)
         self.policy = queue.RecoveryPolicy.of(config)
         self.on_recovered = on_recovered
-        self.on_poisoned: Callable[[str, int], None] | None = None
-        """Called with (queue, count) when jobs recovered too often go to the dead set."""
+        """Called with ``(queue, reason, count)``: reason ``heartbeat`` for jobs moved
+        back to their queue, ``poison`` for jobs recovered too often, now dead."""
 
     def steps(self) -> Sequence[Step]:
         """Two steps: ``"heartbeat"`` (beat) and ``"heartbeat_monitor"`` (monitor)."""
@@ -348,7 +333,9 @@ class Heartbeat(BackgroundLoop):
         for name in self._queues(record.node_id):
             count, poisoned = self._recover_queue(record, name)
             if count:
-                self._recovered(record.node_id, name, count)
+                logger.warning("heartbeat_monitor: re-enqueued %d job(s) of dead node %r "
+                               "to %r", count, record.node_id, name)
+                self._recovered(name, "heartbeat", count)
             if poisoned:
                 self._poisoned(record.node_id, name, poisoned)
             moved += count
@@ -366,8 +353,7 @@ class Heartbeat(BackgroundLoop):
         logger.warning("heartbeat_monitor: %d job(s) of dead node %r recovered %d times go "
                        "to the dead set", count, node, self.policy.max_recoveries)
         queue.bury_poison(self.client, self.keys, self.policy)
-        if self.on_poisoned is not None:
-            self.on_poisoned(name, count)
+        self._recovered(name, "poison", count)
 
     def _queues(self, node: str) -> list[str]:
         # Exq looks at the known and configured queues only; the node's own
@@ -376,13 +362,11 @@ class Heartbeat(BackgroundLoop):
         known |= queue.backup_queues(self.client, self.keys, node)
         return sorted(known | set(self.queue_names))
 
-    def _recovered(self, node: str, name: str, count: int) -> None:
-        logger.warning("heartbeat_monitor: re-enqueued %d job(s) of dead node %r to %r",
-                       count, node, name)
+    def _recovered(self, name: str, reason: str, count: int) -> None:
         if self.on_recovered is None:
             return
         try:
-            self.on_recovered(node, name, count)
+            self.on_recovered(name, reason, count)
         except Exception:
             # The jobs are already back in their queue; a broken hook changes nothing.
             logger.exception("heartbeat_monitor: on_recovered hook failed")

@@ -1,7 +1,7 @@
 """Prometheus metrics of one exq-fast node, and the ``/metrics`` endpoint.
 
 Counters mirror Redis exactly: they move when a stats batch is *applied*
-(``StatsWriter`` tells ``Metrics.batch_applied``), the same moment
+(``AckWriter`` tells ``Metrics.batch_applied``), the same moment
 ``stat:processed`` / ``stat:failed`` move, so over a run the sum over labels of
 ``exq_jobs_processed_total`` equals the ``stat:processed`` delta. The worker
 threads do no metric work at all: durations and latencies travel with the
@@ -44,9 +44,9 @@ from prometheus_client.registry import Collector
 
 from .config import Config, ConfigError
 from .connection import text
+from .inflight import InFlight
 from .keys import Keys
 from .scripts import Script
-from .stats import Done
 
 logger = logging.getLogger("exq_fast")
 
@@ -167,31 +167,33 @@ class Metrics:
                 self.registry.unregister(collector)
         self._registered.clear()
 
-    def batch_applied(self, done: Sequence[Done], seconds: float) -> None:
+    def batch_applied(self, done: Sequence[InFlight], seconds: float) -> None:
         """Mirror a stats batch that reached Redis (called by the flusher thread)."""
         self.flush_duration.observe(seconds)
         with self._lock:
             for item in done:
                 self._record(item)
 
-    def _record(self, item: Done) -> None:
-        key = (item.flight.queue, item.job_class)
+    def _record(self, record: InFlight) -> None:
+        outcome = record.outcome
+        if outcome is None or not outcome.ack or outcome.stat is None:
+            return  # not counted in Redis either (terminated, or an internal error)
+        key = (record.queue, record.job_class)
         series = self._series.get(key)
         if series is None:
             series = self._series[key] = _Series()
-        if item.stat == "processed":
+        if outcome.stat == "processed":
             series.processed += 1
-        elif item.stat == "failed":
-            series.failed += 1
         else:
-            return  # not counted in Redis either (terminated, or outlived the stop)
-        if item.fate == "retried":
+            series.failed += 1
+        if outcome.fate == "retried":
             series.retried += 1
-        elif item.fate == "dead":
+        elif outcome.fate == "dead":
             series.dead += 1
-        series.duration.observe(item.duration)
-        if item.latency is not None:
-            series.latency.observe(max(item.latency, 0.0))
+        series.duration.observe(record.duration)
+        latency = record.latency
+        if latency is not None:
+            series.latency.observe(max(latency, 0.0))
 
     def snapshot(self) -> list[tuple[tuple[str, str], _Series]]:
         """A consistent copy of every series (for the collector)."""

@@ -75,12 +75,12 @@ class _Status:
         self.last = (time.monotonic(), 0)
 
     def show(self) -> None:
-        now, totals = time.monotonic(), self.exq.stats.totals
+        now, totals = time.monotonic(), self.exq.acks.totals
         then, before = self.last
         rate = (totals["processed"] - before) / max(now - then, 1e-9)
         self.last = (now, totals["processed"])
         line = (f"processed {totals['processed']} ({rate:,.0f}/s)  failed {totals['failed']}  "
-                f"busy {self.exq.manager.busy()}  queues {','.join(self.exq.subscriptions())}")
+                f"busy {self.exq.fetcher.busy()}  queues {','.join(self.exq.subscriptions())}")
         sys.stderr.write("\r\x1b[K" + line)
         sys.stderr.flush()
 
@@ -151,8 +151,8 @@ def run(config: Config, supervisor_pid: int | None = None) -> int:
     if status is not None:
         status.clear()
     idle = exq.stop()
-    logger.info("stopped (processed %d, failed %d)", exq.stats.totals["processed"],
-                exq.stats.totals["failed"])
+    logger.info("stopped (processed %d, failed %d)", exq.acks.totals["processed"],
+                exq.acks.totals["failed"])
     if not idle:
         # Jobs that outlived shutdown_timeout stay in the backup list for the
         # next start; Python cannot stop their threads, so leave without them.

@@ -1,23 +1,35 @@
 """``WorkerServer``: the life of one job (Exq's ``Worker.Server`` contract).
 
-``run(raw, queue)`` is what the executor runs for each fetched job:
+``run(record)`` is what the executor runs for each fetched job (an
+``inflight.InFlight`` record). The worker's core, which no middleware can
+replace or break:
 
-1. note the job as running (the stats writer records it if it outlives a flush);
-2. ``before_work`` of each middleware in order (Job decodes and resolves the
-   worker; a halt skips the rest, a terminate stops everything);
-3. dispatch: ``perform(*args)`` on this thread, with ``current_job()`` set and
-   the job's time limit armed (see ``timeouts``). When it returns a coroutine
+1. note the job as running (the ack writer records it if it outlives a flush);
+2. **decode** the bytes (simdjson) and **resolve** the worker
+   (``Registry.lookup``: registered names and allowed modules only; nothing
+   named by a payload is imported);
+3. ``before_work`` of each middleware in order (a halt skips the rest, a
+   terminate stops everything: no run, no ack);
+4. **perform**: the worker on this thread, with ``current_job()`` set and the
+   job's time limit armed (see ``timeouts``). When it returns a coroutine
    (``async def``), the coroutine goes to the node's event loop (see ``aio``)
-   and this thread is free; steps 4 and 5 run on an executor thread when the
+   and this thread is free; steps 5 to 7 run on an executor thread when the
    coroutine ends. Until then the job holds its concurrency slot;
-4. ``after_processed_work`` or ``after_failed_work`` of each middleware;
-5. hand the pipeline's writes, ack and counter to the stats writer.
+5. **decide** its ``Outcome``: processed, or failed with its retry or dead
+   entry (``outcome.FailureRule``), or terminated;
+6. ``after_processed_work`` or ``after_failed_work`` of each middleware (they
+   see the outcome; Snooze may add writes to it);
+7. **finish**: hand the record to the ack writer (``AckWriter.job_done``: the
+   ack, the writes and the counter go into its next batch) and call
+   ``on_end(record)``, the one place the job's slot is freed.
 
 ``run`` never raises: an exception from a job -- ``BaseException``s such as
 ``SystemExit`` and ``KeyboardInterrupt`` included -- fails that job; an
-exception from a middleware hook is logged and, before dispatch, fails the job.
-A job over its time limit fails with ``JobTimeout``; a cancelled one (Exq's
-``CANCEL:`` signal, or ``task.cancel()`` of an async job) with ``Cancelled``.
+exception from a middleware hook is logged and, before perform, fails the job.
+An internal error leaves the job without an outcome: not acked, it stays in
+the backup list. A job over its time limit fails with ``JobTimeout``; a
+cancelled one (Exq's ``CANCEL:`` signal, or ``task.cancel()`` of an async job)
+with ``Cancelled``.
 """
 
 from __future__ import annotations
@@ -31,17 +43,18 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 
 from .aio import EventLoop, await_any
-from .job import Job, now_seconds
+from .inflight import InFlight
+from .job import InvalidJob, Job, decode, now_seconds
 from .middleware import Middleware, Pipeline, Services
-from .middleware.job import error_text
-from .middleware.manager import release
+from .outcome import FailureRule, Outcome, Status
 from .queue import RECOVERY_TTL, RecoveryPolicy, job_digest
-from .stats import Done, InFlight
+from .registry import Registry, UnknownWorker
+from .retry import sidekiq_backoff
 from .timeouts import INTERRUPTS, Deadline, JobTimeout, NodeStopped, Watchdog
 
 logger = logging.getLogger("exq_fast")
@@ -51,6 +64,16 @@ _current: contextvars.ContextVar[Job | None] = contextvars.ContextVar("exq_fast_
 
 Submit = Callable[[Callable[[], None]], object]
 """Runs a callable on an executor thread (``ThreadPoolExecutor.submit``)."""
+
+
+class AckSink(Protocol):
+    """Where the worker hands its records (``acks.AckWriter``)."""
+
+    def job_started(self, record: InFlight) -> None:
+        """The job starts."""
+
+    def job_done(self, record: InFlight) -> None:
+        """The job has its outcome: ack it in the next batch."""
 
 
 class Cancelled(Exception):  # Exq's word
@@ -63,21 +86,6 @@ class Cancelled(Exception):  # Exq's word
 def current_job() -> Job | None:
     """The job being run by the calling thread or task, or None outside a job."""
     return _current.get()
-
-
-class Running:
-    """A job in progress on this node: what heartbeats, cancel and timeouts need."""
-
-    __slots__ = ("deadline", "flight", "job", "on_end", "started", "task")
-
-    def __init__(self, flight: InFlight) -> None:
-        self.flight = flight
-        self.job: Job | None = None
-        self.started = time.perf_counter()
-        self.deadline: Deadline | None = None
-        self.task: asyncio.Task[Any] | None = None
-        """The job's task on the node's event loop (an async job, once started)."""
-        self.on_end: Callable[[], None] | None = None
 
 
 def _leave(deadline: Deadline) -> None:
@@ -95,53 +103,60 @@ def _leave(deadline: Deadline) -> None:
 
 
 class WorkerServer:
-    """Runs jobs through the middleware chain; shared by all executor threads."""
+    """Runs jobs through the worker's core and the middleware chain; shared by all
+    executor threads."""
 
-    def __init__(self, services: Services, middleware: Sequence[Middleware], *,
+    def __init__(self, services: Services, registry: Registry,
+                 middleware: Sequence[Middleware], *, acks: AckSink,
+                 on_end: Callable[[InFlight], None] | None = None,
                  submit: Submit | None = None, loop: EventLoop | None = None,
                  watchdog: Watchdog | None = None) -> None:
-        """``submit`` runs the end of an async job on an executor thread (default:
-        on the loop thread); ``loop`` and ``watchdog`` default to new ones."""
+        """``acks`` takes every record, ``on_end(record)`` is called once per job when
+        it has ended (async jobs included): it frees the slot. ``submit`` runs the end
+        of an async job on an executor thread (default: on the loop thread);
+        ``loop`` and ``watchdog`` default to new ones."""
+        config = services.config
         self.services = services
+        self.registry = registry
         self.middleware = tuple(middleware)
-        self.node_id = services.config.node_id
-        self.default_timeout = services.config.job_timeout
+        self.acks = acks
+        self.on_end = on_end
+        self.rule = FailureRule(services.keys, config, config.backoff or sidekiq_backoff)
+        self.default_timeout = config.job_timeout
         self.submit = submit
         self.loop = loop if loop is not None else EventLoop()
         self.watchdog = watchdog if watchdog is not None else Watchdog()
-        self.running: dict[str, Running] = {}
+        self.running: dict[str, InFlight] = {}
+        """The jobs running now, by their pid field (heartbeats, cancel, the stop)."""
         self._ids = itertools.count(1)
         self._unmarked = 0  # recovered jobs whose start mark Redis refused, this outage
         self._marks_lock = threading.Lock()
 
-    def run(self, raw: bytes, queue: str, suspect: bool = False,
-            on_end: Callable[[], None] | None = None) -> None:
+    def run(self, record: InFlight) -> None:
         """Run one fetched job to its end (an async job: to its hand-over to the
         loop). Never raises.
 
-        ``suspect``: the job was recovered from a backup before; it is marked
-        started in Redis first, so that if it kills this process the next
-        recovery counts it (poison detection, see ``queue.RecoveryPolicy``).
-        ``on_end`` is called when the job has ended, async jobs included.
+        A suspect (recovered from a backup before) is marked started in Redis
+        first, so that if it kills this process the next recovery counts it
+        (poison detection, see ``RecoveryPolicy``).
         """
-        flight = InFlight(f"#PID<0.{next(self._ids)}.0>", queue,
-                          self.services.keys.backup(self.node_id, queue), raw, now_seconds())
-        if suspect:
-            self._mark_started(raw)
-        running = self.running[flight.field] = Running(flight)
-        running.on_end = on_end
-        self.services.stats.job_started(flight)
-        pipeline = Pipeline({"job_serialized": raw, "queue": queue, "host": self.node_id,
-                             "services": self.services, "flight": flight})
+        record.field = f"#PID<0.{next(self._ids)}.0>"
+        record.run_at = now_seconds()
+        record.started = time.perf_counter()
+        if record.suspect:
+            self._mark_started(record.raw)
+        self.running[record.field] = record
+        self.acks.job_started(record)
         handed_over = False
         try:
-            handed_over = self._run(pipeline, running, suspect)
+            handed_over = self._run(Pipeline(record, self.services))
         except BaseException:  # a bug must not kill the thread
+            # No outcome, so no ack: the job stays in the backup list.
             logger.exception("internal error while running a job; it stays in the backup list")
-            pipeline.assigns["ack"] = False
+            record.outcome = None
         finally:
             if not handed_over:  # else the coroutine's end finishes it
-                self._finish(pipeline, running, suspect)
+                self._finish(record)
 
     def _mark_started(self, raw: bytes) -> None:
         services = self.services
@@ -165,7 +180,7 @@ class WorkerServer:
                                "marked", missed)
 
     def interrupt_running(self) -> int:
-        """At a stop, once the unfinished jobs are back in their queues and the stats
+        """At a stop, once the unfinished jobs are back in their queues and the ack
         writer is closed: raise ``NodeStopped`` in every sync job still inside its
         function, so that it does not run on to its end here while its queued copy
         runs elsewhere (async jobs are cancelled with the loop). Their outcome is
@@ -177,71 +192,79 @@ class WorkerServer:
     def cancel(self, jid: str) -> bool:
         """Ask the running job ``jid`` to stop: its ``cancelled`` turns true (a sync
         job checks it), an async job's task is cancelled. True if it runs here."""
-        for running in list(self.running.values()):
-            if running.job is not None and running.job.jid == jid:
-                running.job.cancelled = True
-                self.loop.call_soon(functools.partial(_cancel_task, running))
+        for record in list(self.running.values()):
+            if record.job is not None and record.job.jid == jid:
+                record.job.cancelled = True
+                self.loop.call_soon(functools.partial(_cancel_task, record))
                 return True
         return False
 
-    def _run(self, pipeline: Pipeline, running: Running, suspect: bool) -> bool:
+    # -- the core ---------------------------------------------------------------
+
+    def _run(self, pipeline: Pipeline) -> bool:
         """Up to the end of the job, or to its hand-over to the event loop (True)."""
-        if not self._before(pipeline):
+        error = self._resolve(pipeline.record)
+        error = self._before(pipeline, error)
+        if pipeline.terminated:
+            # Not run, not acked (a middleware's decision): it stays in the backup list.
+            pipeline.record.outcome = Outcome(Status.TERMINATED)
             return False
-        assigns = pipeline.assigns
-        running.job = assigns.get("job")
-        if "error" not in assigns:
-            awaitable = self._dispatch(assigns, running)
-            if awaitable is not None:
-                self._hand_over(pipeline, running, suspect, awaitable)
-                return True
-        self._after(pipeline)
-        return False
+        if error is not None:
+            self._conclude(pipeline, None, error)
+            return False
+        awaitable = self._perform(pipeline)
+        if awaitable is None:
+            return False
+        self._hand_over(pipeline, awaitable)
+        return True
 
-    def _after(self, pipeline: Pipeline) -> None:
-        assigns = pipeline.assigns
-        after = Pipeline(assigns, pipeline.writes)  # fresh, never halted
-        failed = "error" in assigns
-        for middleware in self.middleware:
-            self._hook(middleware, after, failed)
+    def _resolve(self, record: InFlight) -> Exception | None:
+        """Decode the job and find its worker; the error that fails it, if any."""
+        try:
+            record.job = decode(record.raw, with_args=True)
+        except InvalidJob as exc:
+            return exc  # not a job: the dead set at once (see outcome)
+        try:
+            record.spec = self.registry.lookup(record.job.job_class)
+        except UnknownWorker as exc:
+            return exc  # not run; the retry rule applies (see outcome)
+        return None
 
-    def _before(self, pipeline: Pipeline) -> bool:
+    def _before(self, pipeline: Pipeline, error: Exception | None) -> Exception | None:
+        """The before hooks, in order; the error that fails the job, if any."""
         for middleware in self.middleware:
             try:
                 middleware.before_work(pipeline)
             except Exception as exc:  # a broken hook fails the job
-                _fail(pipeline.assigns, exc)
-                return True
-            if pipeline.terminated:
-                return False
-            if pipeline.halted:
+                return error or exc
+            if pipeline.terminated or pipeline.halted:
                 break
-        return True
+        return error
 
-    def _timeout(self, assigns: dict[str, Any], job: Job) -> float | None:
+    def _timeout(self, record: InFlight, job: Job) -> float | None:
         """The job's limit: its payload's, else its worker's, else the config's."""
         if job.timeout is not None:
             return job.timeout
-        spec = assigns.get("worker_spec")
-        if spec is not None and spec.timeout is not None:
-            timeout: float = spec.timeout
-            return timeout
+        if record.spec is not None and record.spec.timeout is not None:
+            return record.spec.timeout
         return self.default_timeout
 
-    def _dispatch(self, assigns: dict[str, Any], running: Running) -> Awaitable[Any] | None:
+    def _perform(self, pipeline: Pipeline) -> Awaitable[Any] | None:
         """Call the worker on this thread. Returns the awaitable an async worker
         gave back (to run on the loop), or None when the job is over."""
-        job: Job = assigns["job"]
-        seconds = self._timeout(assigns, job)
+        record = pipeline.record
+        job, spec = record.job, record.spec
+        assert job is not None and spec is not None  # _resolve found both
+        seconds = self._timeout(record, job)
         # Every job gets a guard (a stop may interrupt it); only a limit is armed.
-        deadline = running.deadline = Deadline(seconds, job)
+        deadline = record.deadline = Deadline(seconds, job)
         token = _current.set(job)
         result: Any = None
         error: BaseException | None = None
         try:
             if seconds is not None:
                 self.watchdog.arm(deadline)  # from here a JobTimeout may land in this try
-            result = assigns["worker"](*job.args)
+            result = spec.perform(*job.args)
         except BaseException as exc:  # SystemExit etc. fail the job only
             error = exc
         # No call between the except and _leave: an interrupt must land inside one.
@@ -251,37 +274,66 @@ class WorkerServer:
             if not (deadline.fired or deadline.interrupted):
                 return result
             _close(result)
-        self._outcome(assigns, running, result, error)
+        self._performed(pipeline, result, error)
         return None
 
-    def _outcome(self, assigns: dict[str, Any], running: Running, result: Any,
-                 error: BaseException | None) -> None:
-        """Record the job's result, or its failure (timeout and cancel come first)."""
-        job: Job = assigns["job"]
-        deadline = running.deadline  # set by _dispatch for every job it ran
-        if deadline is not None:
-            self.watchdog.finish(deadline)
-        if deadline is not None and deadline.interrupted:
-            _fail(assigns, NodeStopped())  # after the stop: not recorded, see interrupt_running
-        elif deadline is not None and deadline.fired:
+    def _performed(self, pipeline: Pipeline, result: Any, error: BaseException | None) -> None:
+        """The job's call is over: timeout, stop and cancel come before its own result."""
+        record = pipeline.record
+        deadline, job = record.deadline, record.job
+        assert deadline is not None and job is not None  # set by _perform
+        self.watchdog.finish(deadline)
+        canceled = False
+        if deadline.interrupted:
+            error = NodeStopped()  # after the stop: not recorded, see interrupt_running
+        elif deadline.fired:
             timeout = JobTimeout(deadline.seconds)
             if isinstance(error, JobTimeout):  # raised in the job: keep where it was
                 timeout = timeout.with_traceback(error.__traceback__)
-            _fail(assigns, timeout)
+            error = timeout
         elif job.cancelled:
-            assigns["job_canceled"] = True
-            _fail(assigns, Cancelled())
-        elif error is not None:
-            _fail(assigns, error)
-        else:
-            assigns["result"] = result
+            error, canceled = Cancelled(), True
+        self._conclude(pipeline, result if error is None else None, error, canceled)
+
+    def _conclude(self, pipeline: Pipeline, result: Any, error: BaseException | None,
+                  canceled: bool = False) -> None:
+        """Decide the job's outcome, then run the after hooks."""
+        record = pipeline.record
+        pipeline.result, pipeline.error = result, error
+        record.outcome = Outcome(Status.PROCESSED) if error is None \
+            else self.rule.decide(record, error, canceled=canceled)
+        for middleware in self.middleware:
+            self._hook(middleware, pipeline, error is not None)
+
+    def _hook(self, middleware: Middleware, pipeline: Pipeline, failed: bool) -> None:
+        try:
+            if failed:
+                middleware.after_failed_work(pipeline)
+            else:
+                middleware.after_processed_work(pipeline)
+        except Exception:  # the outcome is decided: the other hooks and the ack go on
+            logger.exception("middleware %s failed", type(middleware).__name__)
+
+    def _finish(self, record: InFlight) -> None:
+        """Hand the record to the ack writer and free its slot (the one place)."""
+        try:
+            outcome = record.outcome
+            if record.suspect and outcome is not None and outcome.ack:
+                outcome.writes += RecoveryPolicy.started_commands(self.services.keys, record.raw)
+            record.duration = time.perf_counter() - record.started
+            self.acks.job_done(record)
+            del self.running[record.field]
+        finally:
+            # Whatever happened, the slot is freed: a leaked slot could never be recovered.
+            if self.on_end is not None:
+                self.on_end(record)
 
     # -- async jobs -------------------------------------------------------------
 
-    def _hand_over(self, pipeline: Pipeline, running: Running, suspect: bool,
-                   awaitable: Awaitable[Any]) -> None:
+    def _hand_over(self, pipeline: Pipeline, awaitable: Awaitable[Any]) -> None:
         """Run ``awaitable`` on the node's loop; finish the job when it ends."""
-        job: Job = pipeline.assigns["job"]
+        record = pipeline.record
+        job = record.job
 
         async def body() -> Any:
             _current.set(job)  # this task's own context: current_job() works inside
@@ -290,25 +342,23 @@ class WorkerServer:
             return await await_any(awaitable)
 
         def on_task(task: asyncio.Task[Any]) -> None:
-            running.task = task
-            task.add_done_callback(
-                lambda t: self._ended(pipeline, running, suspect, t, awaitable))
-            if running.deadline is not None:
-                running.deadline.attach(lambda: self.loop.call_soon(
-                    lambda: _cancel_task(running)))
-            if job.cancelled:
+            record.task = task
+            task.add_done_callback(lambda t: self._ended(pipeline, t, awaitable))
+            if record.deadline is not None:
+                record.deadline.attach(lambda: self.loop.call_soon(
+                    lambda: _cancel_task(record)))
+            if job is not None and job.cancelled:
                 task.cancel()
 
         try:
             self.loop.spawn(body, on_task)
         except RuntimeError as exc:  # the loop is stopped: the node is stopping
             _close(awaitable)
-            _fail(pipeline.assigns, exc)
-            self._after(pipeline)
-            self._finish(pipeline, running, suspect)
+            self._performed(pipeline, None, exc)
+            self._finish(record)
 
-    def _ended(self, pipeline: Pipeline, running: Running, suspect: bool,
-               task: asyncio.Task[Any], awaitable: Awaitable[Any]) -> None:
+    def _ended(self, pipeline: Pipeline, task: asyncio.Task[Any],
+               awaitable: Awaitable[Any]) -> None:
         """On the loop thread: the job's coroutine ended; finish it on an executor thread."""
         error: BaseException | None = None
         result: Any = None
@@ -318,20 +368,19 @@ class WorkerServer:
         else:
             error = task.exception()
             result = task.result() if error is None else None
-        job: Job = pipeline.assigns["job"]
-        if isinstance(error, Cancelled) and not job.cancelled:
-            job.cancelled = True  # task.cancel() from the job's own code
+        record = pipeline.record
+        if isinstance(error, Cancelled) and record.job is not None and not record.job.cancelled:
+            record.job.cancelled = True  # task.cancel() from the job's own code
 
         def finish() -> None:
             try:
-                self._outcome(pipeline.assigns, running, result, error)
-                self._after(pipeline)
+                self._performed(pipeline, result, error)
             except BaseException:  # a bug must not kill the thread
                 logger.exception("internal error after an async job; it stays in the "
                                  "backup list")
-                pipeline.assigns["ack"] = False
+                record.outcome = None
             finally:
-                self._finish(pipeline, running, suspect)
+                self._finish(record)
 
         if self.submit is None:
             finish()
@@ -343,45 +392,11 @@ class WorkerServer:
             # in its queue at the stop; it is not acked.
             logger.debug("async job ended after the node stopped: not acked")
 
-    def _hook(self, middleware: Middleware, pipeline: Pipeline, failed: bool) -> None:
-        try:
-            if failed:
-                middleware.after_failed_work(pipeline)
-            else:
-                middleware.after_processed_work(pipeline)
-        except Exception:  # the other hooks (and the ack) still run
-            logger.exception("middleware %s failed", type(middleware).__name__)
 
-    def _finish(self, pipeline: Pipeline, running: Running, suspect: bool) -> None:
-        try:
-            self._hand_to_stats(pipeline, running, suspect)
-        finally:
-            if running.on_end is not None:
-                running.on_end()
-
-    def _hand_to_stats(self, pipeline: Pipeline, running: Running, suspect: bool) -> None:
-        assigns = pipeline.assigns
-        flight = running.flight
-        job: Job | None = assigns.get("job")
-        if suspect and assigns.get("ack"):
-            pipeline.writes += RecoveryPolicy.started_commands(self.services.keys, flight.raw)
-        self.services.stats.job_done(Done(
-            flight, pipeline.writes, bool(assigns.get("ack")), assigns.get("stat"),
-            job_class=job.worker_name if job is not None and "worker" in assigns else "unknown",
-            fate=assigns.get("fate"), duration=time.perf_counter() - running.started,
-            latency=None if job is None or job.enqueued_at is None or job.retry_count
-            else flight.run_at - job.enqueued_at,
-        ))
-        del self.running[flight.field]
-        # The slot is freed even when no Manager middleware ran (terminate, or
-        # a chain without it): a leaked slot could never be recovered.
-        release(pipeline, "error" not in assigns)
-
-
-def _cancel_task(running: Running) -> None:
+def _cancel_task(record: InFlight) -> None:
     """On the loop thread: cancel the job's task, if it has one."""
-    if running.task is not None:
-        running.task.cancel()
+    if record.task is not None:
+        record.task.cancel()
 
 
 def _close(awaitable: Awaitable[Any]) -> None:
@@ -389,8 +404,3 @@ def _close(awaitable: Awaitable[Any]) -> None:
     close = getattr(awaitable, "close", None)
     if callable(close):
         close()
-
-
-def _fail(assigns: dict[str, Any], error: BaseException) -> None:
-    assigns["error"] = error
-    assigns["error_class"], assigns["error_message"] = error_text(error)

@@ -27,7 +27,10 @@ from exq_fast.app import Exq
 from exq_fast.config import Config
 from exq_fast.embedded import RedisServer, delete_namespace, find_redis
 from exq_fast.enqueuer import Enqueuer
+from exq_fast.inflight import InFlight
 from exq_fast.keys import Keys
+from exq_fast.outcome import Outcome, Status
+from exq_fast.retry import Command
 
 T = TypeVar("T")
 
@@ -190,6 +193,29 @@ class NodeFactory:
                     exq.metrics_server.stop()
                 exq.executor.shutdown(wait=False)
                 exq.redis.close()
+
+
+def in_flight(keys: Keys, node: str, n: int, queue: str = "q",
+              run_at: float = 1795867331.25) -> InFlight:
+    """A started job record as the worker leaves it, its bytes a small job ``W``."""
+    raw = json.dumps({"class": "W", "args": [n], "jid": f"j{n}", "queue": queue}).encode()
+    record = InFlight(raw, queue, keys.backup(node, queue))
+    record.field, record.run_at = f"#PID<0.{n}.0>", run_at
+    return record
+
+
+def finished(record: InFlight, stat: str = "processed",
+             writes: tuple[Command, ...] | list[Command] = ()) -> InFlight:
+    """``record`` with the outcome of a job that was processed or failed."""
+    status = Status.PROCESSED if stat == "processed" else Status.FAILED
+    record.outcome = Outcome(status, writes=list(writes))
+    return record
+
+
+def put_in_backup(client: redis.Redis, records: list[InFlight]) -> None:
+    """Put the jobs in their backup list, as a fetch would."""
+    for record in records:
+        client.lpush(record.backup, record.raw)
 
 
 def stat(client: redis.Redis, keys: Keys, kind: str) -> int:

@@ -248,7 +248,7 @@ def test_graph_sees_function_level_and_package_imports() -> None:
     assert "exq_fast/keys.py" in graph["exq_fast/embedded.py"]  # inside a function
     assert "exq_fast/__init__.py" in graph["exq_fast/cli.py"]  # from . import __version__
     assert "exq_fast/middleware/__init__.py" in graph["exq_fast/worker.py"]
-    assert "exq_fast/stats.py" in graph["exq_fast/middleware/base.py"]  # TYPE_CHECKING
+    assert "exq_fast/inflight.py" in graph["exq_fast/middleware/base.py"]  # TYPE_CHECKING
 
 
 # -- the checkers can fail -------------------------------------------------------------

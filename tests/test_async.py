@@ -160,7 +160,7 @@ def test_async_jobs_count_in_the_queue_concurrency_and_hold_no_thread(
         time.sleep(0.2)  # a chance for a sixth to start wrongly (checked below)
         # Then no more than 5 run, and they hold no executor thread
         assert running[0] == 5
-        assert exq.manager.busy() == 5
+        assert exq.fetcher.busy() == 5
         busy_threads = [t for t in threading.enumerate() if t.name.startswith("exq-worker")]
         assert all(not _in_job(t) for t in busy_threads)
         [loop] = loops  # one loop, the node's
@@ -273,7 +273,7 @@ def test_async_job_over_its_timeout_fails_with_job_timeout_and_is_retried(
         assert (entry["jid"], entry["error_class"]) == (jid, "JobTimeout")
         assert entry["retry_count"] == 1
         assert entry["timeout"] == 0.3
-        assert exq.manager.busy() == 0
+        assert exq.fetcher.busy() == 0
 
 
 def test_graceful_stop_waits_for_async_jobs_and_puts_back_the_late_ones(

@@ -1,7 +1,7 @@
 """Failure paths a user relies on and that nothing else executes.
 
 Broken user middleware (before and after hooks), a key of the wrong type inside
-a stats batch, a batch listener that raises, ``StatsWriter.stop`` while Redis is
+a stats batch, a batch listener that raises, ``AckWriter.stop`` while Redis is
 down, the ``exq-fast enqueue`` verb's options, the Sidekiq backoff's jitter, a
 re-subscribe while a queue's jobs run (Exq #310), and the "started" mark of a
 recovered (suspect) job. Every test runs against the real test Redis (or a
@@ -27,15 +27,16 @@ import redis
 
 from exq_fast import Middleware, Pipeline, current_job, retry
 from exq_fast._phash2 import unique_token
+from exq_fast.acks import AckWriter
 from exq_fast.config import Config
 from exq_fast.embedded import RedisServer
 from exq_fast.enqueuer import Enqueuer
+from exq_fast.inflight import InFlight
 from exq_fast.job import decode, encode
 from exq_fast.keys import Keys, StatKind
 from exq_fast.middleware import default_chain
 from exq_fast.queue import RECOVERY_TTL, job_digest
-from exq_fast.stats import Done, InFlight, StatsWriter
-from tests.conftest import NodeFactory, wait_for
+from tests.conftest import NodeFactory, finished, in_flight, put_in_backup, wait_for
 
 QUEUE = "fq"
 
@@ -100,21 +101,8 @@ def members(client: redis.Redis, key: str) -> list[tuple[dict[str, Any], float]]
 
 
 def chain_after_job(extra: Middleware) -> tuple[Middleware, ...]:
-    """The default chain with ``extra`` right after the Job middleware (the job is decoded)."""
-    chain = default_chain()
-    index = [type(m).__name__ for m in chain].index("JobMiddleware") + 1
-    return (*chain[:index], extra, *chain[index:])
-
-
-def make_flight(keys: Keys, node: str, n: int, queue: str = "q") -> InFlight:
-    raw = json.dumps({"class": "W", "args": [n], "jid": f"j{n}", "queue": queue}).encode()
-    return InFlight(f"#PID<0.{n}.0>", queue, keys.backup(node, queue), raw, time.time())
-
-
-def fetched(client: redis.Redis, flights: Sequence[InFlight]) -> None:
-    """Put the jobs in their backup list, as a fetch would."""
-    for flight in flights:
-        client.lpush(flight.backup, flight.raw)
+    """The default chain with ``extra`` first (the worker's core decoded the job already)."""
+    return (extra, *default_chain())
 
 
 def backup_len(client: redis.Redis, flights: Sequence[InFlight]) -> int:
@@ -213,15 +201,15 @@ def test_a_command_refused_with_wrongtype_is_skipped_and_the_rest_of_the_batch_l
     # Given a user broke two keys: the retry set is a string, stat:processed a list
     redis_client.set(keys.retry, b"not a zset")
     redis_client.rpush(keys.stat("processed"), b"not a counter")
-    writer = StatsWriter(redis_client, keys, "n1")
-    flights = [make_flight(keys, "n1", n) for n in range(3)]
-    fetched(redis_client, flights)
+    writer = AckWriter(redis_client, keys, "n1")
+    flights = [in_flight(keys, "n1", n) for n in range(3)]
+    put_in_backup(redis_client, flights)
 
     # When one batch holds a failed job whose retry write hits the broken retry key,
     # then a job with a dead-set write, then a plain job
-    writer.job_done(Done(flights[0], [("ZADD", keys.retry, "100", b"retry-me")], True, "failed"))
-    writer.job_done(Done(flights[1], [("ZADD", keys.dead, "200", b"bury-me")], True, "processed"))
-    writer.job_done(Done(flights[2], [], True, "processed"))
+    writer.job_done(finished(flights[0], "failed", [("ZADD", keys.retry, "100", b"retry-me")]))
+    writer.job_done(finished(flights[1], "processed", [("ZADD", keys.dead, "200", b"bury-me")]))
+    writer.job_done(finished(flights[2], "processed"))
     before = time.time()
     with caplog.at_level(logging.WARNING, logger="exq_fast"):
         assert writer.flush() is True
@@ -242,9 +230,9 @@ def test_a_command_refused_with_wrongtype_is_skipped_and_the_rest_of_the_batch_l
     assert writer.pending() == 0
 
     # And the next batch is not blocked either
-    late = make_flight(keys, "n1", 3)
-    fetched(redis_client, [late])
-    writer.job_done(Done(late, [], True, "failed"))
+    late = in_flight(keys, "n1", 3)
+    put_in_backup(redis_client, [late])
+    writer.job_done(finished(late, "failed"))
     assert writer.flush() is True
     assert backup_len(redis_client, [late]) == 0
     assert counter(redis_client, keys.stat("failed")) == 2
@@ -281,7 +269,7 @@ class BrokenListener:
     def __init__(self) -> None:
         self.calls = 0
 
-    def batch_applied(self, done: Sequence[Done], seconds: float) -> None:
+    def batch_applied(self, done: Sequence[InFlight], seconds: float) -> None:
         self.calls += 1
         raise RuntimeError("listener broke")
 
@@ -290,7 +278,7 @@ class CountingListener:
     def __init__(self) -> None:
         self.jobs = 0
 
-    def batch_applied(self, done: Sequence[Done], seconds: float) -> None:
+    def batch_applied(self, done: Sequence[InFlight], seconds: float) -> None:
         self.jobs += len(done)
 
 
@@ -299,15 +287,15 @@ def test_a_batch_listener_that_raises_stops_neither_the_flusher_nor_the_acks(
 ) -> None:
     # Given a running stats writer whose first listener raises on every batch
     broken, counting = BrokenListener(), CountingListener()
-    writer = StatsWriter(redis_client, keys, "n1", listeners=[broken, counting])
+    writer = AckWriter(redis_client, keys, "n1", listeners=[broken, counting])
     writer.start()
     try:
         for round_ in range(3):
             # When a round of jobs ends (each round waits for the previous one's batch)
-            flights = [make_flight(keys, "n1", round_ * 10 + n) for n in range(4)]
-            fetched(redis_client, flights)
+            flights = [in_flight(keys, "n1", round_ * 10 + n) for n in range(4)]
+            put_in_backup(redis_client, flights)
             for flight in flights:
-                writer.job_done(Done(flight, [], True, "processed"))
+                writer.job_done(finished(flight, "processed"))
             # Then its acks and counts land, and the next listener was still told
             wait_for(lambda flights=flights: backup_len(redis_client, flights) == 0,
                      what=f"round {round_} acked")
@@ -321,7 +309,7 @@ def test_a_batch_listener_that_raises_stops_neither_the_flusher_nor_the_acks(
         assert writer.stop(timeout=5) is True
 
 
-# -- 5. StatsWriter.stop() while Redis is down ------------------------------------------------
+# -- 5. AckWriter.stop() while Redis is down ------------------------------------------------
 
 
 def test_stop_while_redis_is_down_returns_false_in_bounded_time_without_raising(
@@ -330,14 +318,15 @@ def test_stop_while_redis_is_down_returns_false_in_bounded_time_without_raising(
     # Given a running stats writer that acked a first job, then Redis crashes
     client = redis.Redis.from_url(private_redis.url, socket_timeout=1, socket_connect_timeout=1)
     keys = Keys("exq")
-    writer = StatsWriter(client, keys, "n1")
+    failures: list[str] = []
+    writer = AckWriter(client, keys, "n1", on_error=lambda op, exc: failures.append(op))
     writer.start()
-    first, second = make_flight(keys, "n1", 1), make_flight(keys, "n1", 2)
-    fetched(client, [first, second])
-    writer.job_done(Done(first, [], True, "processed"))
+    first, second = in_flight(keys, "n1", 1), in_flight(keys, "n1", 2)
+    put_in_backup(client, [first, second])
+    writer.job_done(finished(first, "processed"))
     wait_for(lambda: client.lrange(first.backup, 0, -1) == [second.raw], what="first acked")
     private_redis.kill()
-    writer.job_done(Done(second, [], True, "processed"))
+    writer.job_done(finished(second, "processed"))
 
     # When the writer is stopped with a 0.5 s budget
     outcome: dict[str, object] = {}
@@ -361,9 +350,9 @@ def test_stop_while_redis_is_down_returns_false_in_bounded_time_without_raising(
     assert elapsed < 3.5, elapsed
     # and the unacked job was kept, not dropped as if acked; a late ack is refused
     assert writer.pending() == 1
-    assert writer.errors >= 1
+    assert failures and set(failures) == {"stats_flush"}
     assert writer.totals["processed"] == 1
-    writer.job_done(Done(make_flight(keys, "n1", 3), [], True, "processed"))
+    writer.job_done(finished(in_flight(keys, "n1", 3), "processed"))
     assert writer.pending() == 1
     client.close()
 
@@ -577,7 +566,7 @@ def test_resubscribe_never_requeues_running_jobs_but_recovers_strays_when_idle(
     # When they finish, each was run exactly once and acked
     gate.set()
     wait_for(lambda: counter(redis_client, keys.stat("processed")) == 3, what="all acked")
-    wait_for(lambda: exq.manager.busy() == 0, what="the node idle")
+    wait_for(lambda: exq.fetcher.busy() == 0, what="the node idle")
     assert sorted(j for j in gated.snapshot() if j) == sorted(cast(list[str], jids))
     assert redis_client.llen(backup_key) == 0
 
@@ -666,7 +655,7 @@ def test_start_marks_refused_by_redis_are_logged_once_per_outage(
         # When they run
         wait_for(lambda: runs.count() == 5, what="the 5 jobs ran", detail=lambda: (
             f"ran {runs.count()}, queued {client.llen(keys.queue(QUEUE))}, fetched "
-            f"{client.llen(keys.backup(config.node_id, QUEUE))}, busy {exq.manager.busy()}, "
+            f"{client.llen(keys.backup(config.node_id, QUEUE))}, busy {exq.fetcher.busy()}, "
             f"Redis errors {exq.redis_errors}"))
         # Then each ran, and the refused marks were logged once, not 5 times
         refused = [r for r in caplog.records if "could not mark" in r.getMessage()]

@@ -86,7 +86,7 @@ def test_fetching_pauses_while_acks_are_refused_and_resumes_when_they_land(
     assert scrape(exq).value("exq_fetch_paused") == 0
     # When Redis is out of memory: the ack batches are refused
     client.config_set("maxmemory", 1)
-    wait_for(lambda: exq.stats.errors > 0, what="an ack batch refused")
+    wait_for(lambda: exq.redis_errors.get("stats_flush", 0) > 0, what="an ack batch refused")
     peak = 0
     deadline = time.monotonic() + 1.5  # the pause is announced after 1 s
     while time.monotonic() < deadline:
@@ -94,11 +94,11 @@ def test_fetching_pauses_while_acks_are_refused_and_resumes_when_they_land(
         time.sleep(0.005)
     # Then the node stopped fetching at the bound, with jobs still queued
     assert peak <= BOUND - 1, f"{peak} jobs fetched and unacked (bound {BOUND - 1})"
-    fetched, queued = exq.manager.fetched["q"], client.llen(keys.queue("q"))
+    fetched, queued = exq.fetcher.fetched["q"], client.llen(keys.queue("q"))
     time.sleep(0.5)
-    assert exq.manager.fetched["q"] == fetched, "nothing fetched while paused"
+    assert exq.fetcher.fetched["q"] == fetched, "nothing fetched while paused"
     assert client.llen(keys.queue("q")) == queued > 0
-    assert exq.manager.finished_unacked() >= BATCH
+    assert exq.fetcher.finished_unacked() >= BATCH
     # And it says so once, in the log and the metrics
     m = scrape(exq)
     assert m.value("exq_fetch_paused") == 1
@@ -109,11 +109,11 @@ def test_fetching_pauses_while_acks_are_refused_and_resumes_when_they_land(
     # Then the acks land, fetching resumes (one line) and every job completes
     wait_for(lambda: processed(client, keys) == 600, 30, "600 jobs processed")
     wait_for(lambda: backup_len(client, keys, node_id) == 0, what="backup empty")
-    assert not exq.manager.paused
+    assert not exq.fetcher.paused
     m = scrape(exq)
     assert (m.value("exq_fetch_paused"), m.value("exq_fetch_pauses_total")) == (0, 1)
     assert (lines(caplog, PAUSED), lines(caplog, RESUMED)) == (1, 1)
-    assert exq.manager.finished_unacked() == 0
+    assert exq.fetcher.finished_unacked() == 0
 
 
 def test_a_node_with_more_slots_than_a_batch_is_never_held_back(
@@ -160,7 +160,7 @@ def test_a_read_only_redis_stops_fetching_and_loses_nothing(
     client.execute_command("REPLICAOF", "127.0.0.1", free_port())
     with pytest.raises(redis.exceptions.ReadOnlyError):
         client.set("probe", 1)
-    wait_for(lambda: exq.manager.errors > 0 and exq.stats.errors > 0,
+    wait_for(lambda: {"fetch", "stats_flush"} <= set(exq.redis_errors),
              what="a fetch and an ack batch refused")
     # Then the fetch script is refused too (its RPOP is a write): nothing more is taken,
     # so the unacked jobs stay within the bound without a pause

@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from exq_fast import Config, Exq
 from exq_fast.job import InvalidJob, Job, decode, normalize_class
 from exq_fast.keys import Keys, StatKind
-from exq_fast.middleware.job import INVALID_CLASS
+from exq_fast.outcome import INVALID_CLASS
 from exq_fast.retry import is_dead
 from tests.conftest import wait_for
 
@@ -524,7 +524,7 @@ def test_a_node_survives_thousands_of_malformed_payloads(
                  timeout=40, what="every payload to be run or buried")
         # and the node is still running and still serving jobs
         assert not exq.stopped.is_set()
-        assert exq.manager._thread is not None and exq.manager._thread.is_alive()
+        assert exq.fetcher._thread is not None and exq.fetcher._thread.is_alive()
         exq.enqueue(QUEUE, RECORD, ["after-the-flood"])
         wait_for(lambda: log.tags["after-the-flood"] == 1, timeout=10, what="a later job")
         wait_for(lambda: stat(redis_client, keys, "processed") == len(corpus.valid) + 1,
@@ -555,7 +555,7 @@ def test_a_node_survives_thousands_of_malformed_payloads(
     # and nothing is left in flight
     assert redis_client.llen(keys.backup(config.node_id, QUEUE)) == 0
     assert redis_client.llen(keys.queue(QUEUE)) == 0
-    assert exq.stats.totals == {"processed": len(corpus.valid) + 1, "failed": expected_failed}
+    assert exq.acks.totals == {"processed": len(corpus.valid) + 1, "failed": expected_failed}
 
 
 # -- the codec under hypothesis --------------------------------------------------------------

@@ -25,7 +25,8 @@ from exq_fast import nodes, queue
 from exq_fast.api import Api
 from exq_fast.config import Config
 from exq_fast.embedded import RedisServer, free_port
-from exq_fast.heartbeat import Heartbeat, NodePinger, RunningJob
+from exq_fast.heartbeat import Heartbeat, NodePinger
+from exq_fast.inflight import InFlight
 from exq_fast.keys import Keys
 from tests.conftest import fixture_json, wait_for
 
@@ -49,7 +50,7 @@ class FakeState:
     """A NodeState with fixed answers, recording the signals it gets."""
 
     queues: list[str] = field(default_factory=lambda: ["fxq"])
-    jobs: list[RunningJob] = field(default_factory=list)
+    jobs: list[InFlight] = field(default_factory=list)
     concurrency: int = 10
     received: list[str] = field(default_factory=list)
     fail_on: str | None = None
@@ -66,7 +67,7 @@ class FakeState:
     def stuck(self) -> int:
         return 0
 
-    def running_jobs(self) -> list[RunningJob]:
+    def running_jobs(self) -> list[InFlight]:
         return list(self.jobs)
 
     def on_signal(self, signal: str) -> None:
@@ -75,11 +76,15 @@ class FakeState:
         self.received.append(signal)
 
 
-def inflight_jobs() -> list[RunningJob]:
-    """The two jobs running in Exq's inflight fixture, as RunningJobs."""
+def inflight_jobs() -> list[InFlight]:
+    """The two jobs running in Exq's inflight fixture, as in-flight records."""
     raws = INFLIGHT["backup_list"]["members_lrange_order"]
-    return [RunningJob(f"thread-{i}", "fxq", raw.encode(), 1795867331.39 + i,
-                       json.loads(raw)["jid"]) for i, raw in enumerate(raws)]
+    records = []
+    for i, raw in enumerate(raws):
+        record = InFlight(raw.encode(), "fxq", "unused-backup-key")
+        record.field, record.run_at = f"thread-{i}", 1795867331.39 + i
+        records.append(record)
+    return records
 
 
 def namespace_keys(client: redis.Redis, keys: Keys) -> set[str]:
@@ -477,7 +482,7 @@ def test_a_dead_nodes_backup_goes_back_to_the_front_of_its_queues(
     moved = hb.run_once()
     # Then the jobs are popped next, in their original order, before the later one
     assert moved == 25
-    assert recovered == [("dead-node", "q1", 15), ("dead-node", "q2", 10)]
+    assert recovered == [("q1", "heartbeat", 15), ("q2", "heartbeat", 10)]
     q1 = [redis_client.rpop(keys.queue("q1")) for _ in range(16)]
     assert q1 == [job("q1", n) for n in range(15)] + [b"later"]
     assert [redis_client.rpop(keys.queue("q2")) for _ in range(10)] == [

@@ -432,7 +432,7 @@ def test_cluster_collector_reads_redis_wide_figures(
     wait_for(lambda: stat(redis_client, keys, "processed") == 3
              and stat(redis_client, keys, "failed") == 2, what="5 jobs done")
     enqueuer.enqueue("work", "T.Gate", [])
-    wait_for(lambda: exq.manager.busy() + other.manager.busy() == 1, what="the gated job runs")
+    wait_for(lambda: exq.fetcher.busy() + other.fetcher.busy() == 1, what="the gated job runs")
     exq.pinger.tick()
     other.pinger.tick()  # the busy counts are those of the last ping
     m = scrape(exq)
@@ -668,7 +668,7 @@ def test_metrics_disabled_leaves_job_counters_at_zero_while_jobs_run(
     wait_for(lambda: stat(redis_client, keys, "processed") == 4
              and stat(redis_client, keys, "failed") == 1, what="5 jobs done in Redis")
     enqueuer.enqueue("qa", "T.Ok", [])
-    wait_for(lambda: exq.stats.totals == {"processed": 5, "failed": 1}, what="a 6th job counted")
+    wait_for(lambda: exq.acks.totals == {"processed": 5, "failed": 1}, what="a 6th job counted")
     m = scrape(exq)
 
     # Then the job counters and histograms stayed at zero
@@ -676,7 +676,7 @@ def test_metrics_disabled_leaves_job_counters_at_zero_while_jobs_run(
                  "exq_job_duration_seconds_count", "exq_job_queue_latency_seconds_count",
                  "exq_stats_flush_duration_seconds_count"):
         assert m.value(name) == 0, name
-    assert exq.stats.totals == {"processed": 5, "failed": 1}
+    assert exq.acks.totals == {"processed": 5, "failed": 1}
 
 
 # -- 8. label cardinality ------------------------------------------------------------------

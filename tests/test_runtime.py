@@ -173,7 +173,7 @@ def test_every_fixture_payload_runs_once_with_its_exact_args(
 
     # When a node consumes those queues
     exq = runtime.start(runtime.config(queues=queues), workers)
-    wait_for(lambda: exq.stats.totals["processed"] == len(payloads), what="all jobs acked")
+    wait_for(lambda: exq.acks.totals["processed"] == len(payloads), what="all jobs acked")
 
     # Then each payload ran exactly as many times as it was pushed, with exactly its args
     runs = recorder.snapshot()
@@ -183,7 +183,7 @@ def test_every_fixture_payload_runs_once_with_its_exact_args(
         assert typed(run.args) == expected_args[run.raw], run.raw
         assert run.worker == json.loads(run.raw)["class"]
     # ... and nothing is left behind: no retry, no death, no backup, counts exact
-    assert exq.stats.totals == {"processed": len(payloads), "failed": 0}
+    assert exq.acks.totals == {"processed": len(payloads), "failed": 0}
     assert redis_client.zcard(keys.retry) == 0
     assert redis_client.zcard(keys.dead) == 0
     for queue in queues:
@@ -236,7 +236,7 @@ def test_sidekiq_extra_fields_survive_retry_and_death(
         assert entry["retry_count"] == 1
     assert Counter(recorder.jids()) == {o["jid"]: 2 for o in originals}
     assert redis_client.zcard(keys.retry) == 0
-    wait_for(lambda: exq.stats.totals["failed"] == 4, what="4 failures counted")
+    wait_for(lambda: exq.acks.totals["failed"] == 4, what="4 failures counted")
 
 
 # -- 3. Redis shapes compared with Exq 0.23.0's --------------------------------------
@@ -257,7 +257,7 @@ def test_stat_keys_have_the_shapes_and_values_of_exq(
         exq.enqueue("fxq", "Bench.FailingWorker", [i, "fail"], max_retries=0)
 
     # When all ran and the stats are flushed
-    wait_for(lambda: exq.stats.totals == {"processed": 5, "failed": 3}, what="stats flushed")
+    wait_for(lambda: exq.acks.totals == {"processed": 5, "failed": 3}, what="stats flushed")
 
     # Then the stat keys are exactly Exq's shapes, with Exq's values and TTLs
     def shapes_and_values(entries: dict[str, tuple[int, int]], ns: str, node: str
@@ -381,7 +381,7 @@ def test_in_flight_keys_have_the_shapes_of_exq(
 
     # When both jobs finish
     release.set()
-    wait_for(lambda: exq.stats.totals["processed"] == 2, what="both jobs acked")
+    wait_for(lambda: exq.acks.totals["processed"] == 2, what="both jobs acked")
 
     # Then the backup list and the workers hash are gone, the registry stays
     names = key_names(redis_client, namespace)
@@ -485,14 +485,14 @@ def test_job_outliving_shutdown_timeout_is_put_back_uncounted_and_runs_at_next_s
 
     # When the old job's thread ends (its late completion is not acked) ...
     release.set()
-    wait_for(lambda: old.manager.busy() == 0, what="old thread done")
+    wait_for(lambda: old.fetcher.busy() == 0, what="old thread done")
     assert redis_client.lrange(keys.queue("q"), 0, -1) == [raw]
     assert redis_client.get(keys.stat("processed")) is None
     # ... and a new node starts
     new = runtime.start(config, {"Stop.Long": recorder.worker("Stop.Long", gate=release)})
 
     # Then it runs the job again and acks it
-    wait_for(lambda: new.stats.totals["processed"] == 1, what="job re-run and acked")
+    wait_for(lambda: new.acks.totals["processed"] == 1, what="job re-run and acked")
     assert recorder.jids() == [jid, jid]
     assert redis_client.llen(keys.backup(node_id, "q")) == 0
     assert redis_client.llen(keys.queue("q")) == 0
@@ -513,7 +513,7 @@ def test_stop_with_short_jobs_returns_true_and_unregisters_the_node(
     assert exq.stop() is True
 
     # Then every job is acked and counted, and the node's keys are gone
-    assert exq.stats.totals == {"processed": 20, "failed": 0}
+    assert exq.acks.totals == {"processed": 20, "failed": 0}
     assert redis_client.get(keys.stat("processed")) == b"20"
     assert redis_client.llen(keys.backup(node_id, "q")) == 0
     assert redis_client.exists(keys.node(node_id), keys.workers(node_id)) == 0
@@ -702,18 +702,18 @@ def test_redis_restart_mid_run_loses_nothing_and_counts_converge(
         wait_for(lambda: holding() == concurrency, timeout=15, what="20 jobs at the gate")
         server.kill()
         crash_gate.set()
-        wait_for(lambda: exq.stats.errors > 0 and exq.manager.errors > 0,
+        wait_for(lambda: {"fetch", "stats_flush"} <= set(exq.redis_errors),
                  what="the node failing to ack and to fetch")
         server.start()
 
         # Then every job ran (at least once), and the counters in Redis equal the
         # executions exactly
         wait_for(lambda: len(seen) == total, timeout=15, what="every jid ran")
-        wait_for(lambda: exq.stats.pending() == 0 and exq.manager.busy() == 0,
+        wait_for(lambda: exq.acks.pending() == 0 and exq.fetcher.busy() == 0,
                  what="all acks flushed")
         assert seen == jids
         assert int(client.get(keys.stat("processed")) or 0) == executions
-        assert exq.stats.totals["processed"] == executions
+        assert exq.acks.totals["processed"] == executions
         assert client.llen(keys.backup("restart-node", "jobs")) == 0
         assert client.llen(keys.queue("jobs")) == 0
         assert exq.stop() is True
@@ -854,7 +854,7 @@ def test_poison_payloads_go_to_dead_and_valid_jobs_run_once(
     # When a node consumes them
     exq = runtime.start(runtime.config(queues=[("poison", 10)]),
                         {"Poison.Ok": recorder.worker("Poison.Ok")})
-    wait_for(lambda: exq.stats.totals == {"processed": 200, "failed": 200}, timeout=15,
+    wait_for(lambda: exq.acks.totals == {"processed": 200, "failed": 200}, timeout=15,
              what="400 payloads handled")
 
     # Then every valid job ran once, every malformed one is in the dead set, verbatim

@@ -148,7 +148,7 @@ def test_sync_job_over_its_limit_sees_cancelled_first_then_gets_job_timeout(
         assert entry["retry_count"] == 1
         assert seen == ["JobTimeout", True, "cleanup"]
         assert 0.25 < elapsed < 5
-        assert exq.manager.busy() == 0
+        assert exq.fetcher.busy() == 0
 
 
 def test_limit_precedence_payload_then_worker_then_config(
@@ -234,7 +234,7 @@ def test_job_ignoring_its_timeout_keeps_its_slot_and_is_reported(
         # Then it is reported as stuck: log, metric, node record
         wait_for(lambda: "ignored its timeout" in caplog.text, timeout=10, what="stuck log")
         assert jid in caplog.text
-        assert exq.manager.busy() == 1  # the slot stays taken
+        assert exq.fetcher.busy() == 1  # the slot stays taken
         metrics = _scrape(exq)
         assert "exq_jobs_stuck 1.0" in metrics
         info = wait_for(lambda: _node_info(redis_client, keys, exq).get("stuck") == 1,

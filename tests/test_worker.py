@@ -110,17 +110,15 @@ class Recorder(Middleware):
         self.log.append((self.name, "before_work", None))
 
     def after_processed_work(self, pipeline: Pipeline) -> None:
-        self.log.append((self.name, "after_processed_work", pipeline.assigns.get("result")))
+        self.log.append((self.name, "after_processed_work", pipeline.result))
 
     def after_failed_work(self, pipeline: Pipeline) -> None:
-        self.log.append((self.name, "after_failed_work", pipeline.assigns.get("error")))
+        self.log.append((self.name, "after_failed_work", pipeline.error))
 
 
-def chain_with(*extra: Middleware, after: str = "JobMiddleware") -> tuple[Middleware, ...]:
-    """The default chain with ``extra`` inserted right after the middleware named ``after``."""
-    chain = default_chain()
-    index = [type(m).__name__ for m in chain].index(after) + 1
-    return (*chain[:index], *extra, *chain[index:])
+def chain_with(*extra: Middleware) -> tuple[Middleware, ...]:
+    """``extra`` followed by the default chain (the job is decoded before any middleware)."""
+    return (*extra, *default_chain())
 
 
 # -- 1. a successful job ------------------------------------------------------------------
@@ -156,7 +154,7 @@ def test_worker_runs_with_exact_args_then_is_acked_and_counted(
         assert redis_client.zcard(keys.retry) == 0
         assert redis_client.zcard(keys.dead) == 0
         assert isinstance(jid, str)
-        wait_for(lambda: exq.stats.totals["processed"] == 1)
+        wait_for(lambda: exq.acks.totals["processed"] == 1)
 
 
 def test_class_worker_gets_a_new_instance_per_job(
@@ -525,6 +523,39 @@ def test_custom_middleware_hooks_run_in_chain_order_with_result_and_error(
         assert log[-1][2] is failure
 
 
+@pytest.mark.parametrize("chain", [(), "recorder"], ids=["empty chain", "user hook only"])
+def test_a_chain_without_any_built_in_middleware_still_acks_and_counts_every_job(
+    make_config: ConfigFactory, redis_client: redis.Redis, keys: Keys, chain: Any
+) -> None:
+    # Given a node whose chain holds none of the built-in middleware
+    log: list[tuple[str, str, Any]] = []
+    middleware = () if chain == () else (Recorder("only", log),)
+
+    def perform(outcome: str) -> str:
+        if outcome == "fail":
+            raise ValueError("nope")
+        return outcome
+
+    with node(make_config, {"W": perform}, middleware=middleware) as exq:
+        # When a job succeeds, one fails with retries left, one fails with none,
+        # a payload is not JSON and one names no worker
+        for raw in (raw_job("W", ["ok"]), raw_job("W", ["fail"], retry=5),
+                    raw_job("W", ["fail"], retry=0), b"not json {",
+                    raw_job("Nobody.Knows", [], retry=5)):
+            redis_client.lpush(keys.queue(QUEUE), raw)
+        # Then every job is counted and acked: nothing is left in the backup list
+        wait_for(lambda: (stat(redis_client, keys, "processed"),
+                          stat(redis_client, keys, "failed")) == (1, 4), what="5 jobs counted")
+        wait_for(lambda: backup(redis_client, exq) == [], what="every job acked")
+        # and each failure went where the retry rule sends it
+        retries = sorted(json.loads(m)["class"] for m in redis_client.zrange(keys.retry, 0, -1))
+        dead = sorted(json.loads(m)["class"] for m in redis_client.zrange(keys.dead, 0, -1))
+        assert retries == ["Nobody.Knows", "W"]
+        assert dead == ["ExqFast.InvalidPayload", "W"]
+    if middleware:
+        assert [hook for _, hook, _ in log].count("after_failed_work") == 4
+
+
 def test_halt_skips_the_remaining_before_hooks_but_the_job_runs_and_after_hooks_run(
     make_config: ConfigFactory, redis_client: redis.Redis, keys: Keys
 ) -> None:
@@ -565,7 +596,7 @@ def test_terminate_stops_the_job_keeps_it_in_backup_and_frees_the_slot(
 
     class Terminator(Middleware):
         def before_work(self, pipeline: Pipeline) -> None:
-            if pipeline.assigns["job"].args[0] == "stop":
+            if pipeline.job is not None and pipeline.job.args[0] == "stop":
                 pipeline.terminate()
                 terminated.set()
 

@@ -1,30 +1,25 @@
-"""Middleware: the pipeline type and the built-in chain.
+"""Middleware: the pipeline type and the optional built-in chain.
 
-Default order, Exq's plus Snooze (which must stand before Unique):
-Stats, Job, Manager, Snooze, Unique, Logger.
+Default order: Snooze, Unique, Logger (Snooze must stand before Unique: a
+snoozed job keeps its lock). Exq's Stats, Job and Manager middleware are not
+middleware here: counting, decoding, the ack/retry/dead decision and the slot
+are the worker's core (see ``worker``).
 """
 
 from __future__ import annotations
 
-from .base import Middleware, Pipeline, Services, SlotManager
-from .job import JobMiddleware
+from .base import Middleware, Pipeline, Services
 from .logger import LoggerMiddleware
-from .manager import ManagerMiddleware
 from .snooze import Snooze, SnoozeMiddleware
-from .stats import StatsMiddleware
 from .unique import UniqueMiddleware
 
 __all__ = [
-    "JobMiddleware",
     "LoggerMiddleware",
-    "ManagerMiddleware",
     "Middleware",
     "Pipeline",
     "Services",
-    "SlotManager",
     "Snooze",
     "SnoozeMiddleware",
-    "StatsMiddleware",
     "UniqueMiddleware",
     "default_chain",
 ]
@@ -32,11 +27,4 @@ __all__ = [
 
 def default_chain() -> list[Middleware]:
     """A new instance of the default middleware chain."""
-    return [
-        StatsMiddleware(),
-        JobMiddleware(),
-        ManagerMiddleware(),
-        SnoozeMiddleware(),
-        UniqueMiddleware(),
-        LoggerMiddleware(),
-    ]
+    return [SnoozeMiddleware(), UniqueMiddleware(), LoggerMiddleware()]

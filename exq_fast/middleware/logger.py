@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import time
 
+from ..outcome import error_text, failure_traceback
 from .base import Middleware, Pipeline
-from .job import failure_traceback
 
 logger = logging.getLogger("exq_fast.job")
 
@@ -24,26 +24,23 @@ class LoggerMiddleware(Middleware):
 
     def before_work(self, pipeline: Pipeline) -> None:
         if logger.isEnabledFor(logging.DEBUG):
-            pipeline.assigns["started"] = time.perf_counter()
             logger.debug("start %s", _describe(pipeline))
 
     def after_processed_work(self, pipeline: Pipeline) -> None:
         if logger.isEnabledFor(logging.DEBUG):
-            started = pipeline.assigns.get("started", time.perf_counter())
-            elapsed = (time.perf_counter() - started) * 1000
+            elapsed = (time.perf_counter() - pipeline.record.started) * 1000
             logger.debug("done %s in %.1f ms", _describe(pipeline), elapsed)
 
     def after_failed_work(self, pipeline: Pipeline) -> None:
-        assigns = pipeline.assigns
-        error = assigns.get("error")
-        tb = failure_traceback(assigns)
+        error = pipeline.error
+        tb = failure_traceback(pipeline.record, error)
         exc_info = (type(error), error, tb) if error is not None and tb is not None else None
-        logger.warning("failed %s: %s", _describe(pipeline),
-                       assigns.get("error_message", "?"), exc_info=exc_info)
+        message = error_text(error)[1] if error is not None else "?"
+        logger.warning("failed %s: %s", _describe(pipeline), message, exc_info=exc_info)
 
 
 def _describe(pipeline: Pipeline) -> str:
-    job = pipeline.assigns.get("job")
+    job = pipeline.job
     if job is None:
-        return f"payload on queue {pipeline.assigns['queue']!r}"
+        return f"payload on queue {pipeline.queue!r}"
     return f"{job.job_class} jid={job.jid}"

@@ -16,15 +16,15 @@ class Snooze:
 
 
 class SnoozeMiddleware(Middleware):
-    """Exq 0.21's snooze: back to the retry set, ``retry_count`` unchanged, counted processed.
+    """Exq 0.21's snooze: back to the retry set, ``retry_count`` unchanged, counted
+    processed (the outcome's ``fate`` becomes ``"snoozed"``).
 
     Must stand before the Unique middleware: a snoozed job keeps its lock.
     """
 
     def after_processed_work(self, pipeline: Pipeline) -> None:
-        result = pipeline.assigns.get("result")
-        if isinstance(result, Snooze):
-            services = pipeline.assigns["services"]
-            job = pipeline.assigns["job"]
-            pipeline.writes += snooze_commands(services.keys, job, result.seconds)
-            pipeline.assigns["snoozed"] = True
+        result, job = pipeline.result, pipeline.job
+        if isinstance(result, Snooze) and job is not None:
+            outcome = pipeline.outcome
+            outcome.writes += snooze_commands(pipeline.services.keys, job, result.seconds)
+            outcome.fate = "snoozed"

@@ -34,17 +34,17 @@ class UniqueMiddleware(Middleware):
     ``expiry``: never (the lock expires)."""
 
     def before_work(self, pipeline: Pipeline) -> None:
-        job = pipeline.assigns.get("job")
+        job = pipeline.job
         if job is not None and job.unique_until == "start" and job.retry_count == 0:
-            _release(pipeline.assigns["services"], job)
+            _release(pipeline.services, job)
 
     def after_processed_work(self, pipeline: Pipeline) -> None:
-        job = pipeline.assigns.get("job")
+        job = pipeline.job
         if job is not None and job.unique_until == "success" \
-                and not pipeline.assigns.get("snoozed"):
-            _release(pipeline.assigns["services"], job)
+                and pipeline.outcome.fate != "snoozed":
+            _release(pipeline.services, job)
 
     def after_failed_work(self, pipeline: Pipeline) -> None:
-        job = pipeline.assigns.get("job")
-        if job is not None and job.unique_until == "success" and pipeline.assigns.get("dead"):
-            _release(pipeline.assigns["services"], job)
+        job = pipeline.job
+        if job is not None and job.unique_until == "success" and pipeline.outcome.fate == "dead":
+            _release(pipeline.services, job)

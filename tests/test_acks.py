@@ -1,4 +1,4 @@
-"""StatsWriter: acks and counters in batches, at most once, converging after outages."""
+"""AckWriter: acks and counters in batches, at most once, converging after outages."""
 
 from __future__ import annotations
 
@@ -8,29 +8,19 @@ import time
 import redis
 
 from exq_fast import scripts
+from exq_fast.acks import AckWriter
 from exq_fast.embedded import RedisServer
 from exq_fast.keys import Keys
-from exq_fast.stats import Done, InFlight, StatsWriter
-
-
-def make_flight(keys: Keys, node: str, n: int, queue: str = "q") -> InFlight:
-    raw = json.dumps({"class": "W", "args": [n], "jid": f"j{n}", "queue": queue}).encode()
-    return InFlight(f"#PID<0.{n}.0>", queue, keys.backup(node, queue), raw, 1795867331.25)
-
-
-def fetched(client: redis.Redis, flights: list[InFlight]) -> None:
-    """Put the jobs in their backup list, as a fetch would."""
-    for flight in flights:
-        client.lpush(flight.backup, flight.raw)
+from tests.conftest import finished, in_flight, put_in_backup
 
 
 def test_acks_and_counts_reach_redis(redis_client: redis.Redis, keys: Keys) -> None:
-    writer = StatsWriter(redis_client, keys, "n1")
-    flights = [make_flight(keys, "n1", i) for i in range(10)]
-    fetched(redis_client, flights)
+    writer = AckWriter(redis_client, keys, "n1")
+    flights = [in_flight(keys, "n1", i) for i in range(10)]
+    put_in_backup(redis_client, flights)
     for i, flight in enumerate(flights):
         writer.job_started(flight)
-        writer.job_done(Done(flight, [], True, "processed" if i < 7 else "failed"))
+        writer.job_done(finished(flight, "processed" if i < 7 else "failed"))
     before = time.time()
     assert writer.flush()
     after = time.time()
@@ -53,15 +43,15 @@ def test_acks_and_counts_reach_redis(redis_client: redis.Redis, keys: Keys) -> N
 def test_a_job_outliving_a_flush_gets_an_in_progress_record(
     redis_client: redis.Redis, keys: Keys
 ) -> None:
-    writer = StatsWriter(redis_client, keys, "n1")
-    flight = make_flight(keys, "n1", 1)
-    fetched(redis_client, [flight])
+    writer = AckWriter(redis_client, keys, "n1")
+    flight = in_flight(keys, "n1", 1)
+    put_in_backup(redis_client, [flight])
     writer.job_started(flight)
     assert writer.flush()
     record = json.loads(redis_client.hget(keys.workers("n1"), flight.field) or b"{}")
     assert record == {"host": "n1", "payload": flight.raw.decode(), "pid": flight.field,
                       "queue": "q", "run_at": 1795867331.25}
-    writer.job_done(Done(flight, [], True, "processed"))
+    writer.job_done(finished(flight, "processed"))
     assert writer.flush()
     assert not redis_client.exists(keys.workers("n1"))
     assert redis_client.llen(flight.backup) == 0
@@ -70,10 +60,10 @@ def test_a_job_outliving_a_flush_gets_an_in_progress_record(
 def test_a_job_ending_within_one_flush_writes_no_record(
     redis_client: redis.Redis, keys: Keys
 ) -> None:
-    writer = StatsWriter(redis_client, keys, "n1")
-    flight = make_flight(keys, "n1", 1)
+    writer = AckWriter(redis_client, keys, "n1")
+    flight = in_flight(keys, "n1", 1)
     writer.job_started(flight)
-    writer.job_done(Done(flight, [], True, "processed"))
+    writer.job_done(finished(flight, "processed"))
     batch = writer._build()
     assert batch is not None
     assert "HSET" not in batch.args and "HDEL" not in batch.args
@@ -81,18 +71,18 @@ def test_a_job_ending_within_one_flush_writes_no_record(
 
 
 def test_writes_go_before_the_ack(redis_client: redis.Redis, keys: Keys) -> None:
-    writer = StatsWriter(redis_client, keys, "n1")
-    flight = make_flight(keys, "n1", 1)
-    writer.job_done(Done(flight, [("ZADD", keys.retry, "1", b"job")], True, "failed"))
+    writer = AckWriter(redis_client, keys, "n1")
+    flight = in_flight(keys, "n1", 1)
+    writer.job_done(finished(flight, "failed", [("ZADD", keys.retry, "1", b"job")]))
     batch = writer._build()
     assert batch is not None
     assert batch.args.index("ZADD") < batch.args.index("LREM")
 
 
 def test_a_batch_applied_twice_counts_once(redis_client: redis.Redis, keys: Keys) -> None:
-    writer = StatsWriter(redis_client, keys, "n1")
-    flight = make_flight(keys, "n1", 1)
-    writer.job_done(Done(flight, [], True, "processed"))
+    writer = AckWriter(redis_client, keys, "n1")
+    flight = in_flight(keys, "n1", 1)
+    writer.job_done(finished(flight, "processed"))
     batch = writer._build()
     assert batch is not None
     marker = [keys.batch_marker("n1")]
@@ -104,14 +94,14 @@ def test_a_batch_applied_twice_counts_once(redis_client: redis.Redis, keys: Keys
 
 
 def test_batches_are_capped_at_batch_size(redis_client: redis.Redis, keys: Keys) -> None:
-    writer = StatsWriter(redis_client, keys, "n1", batch_size=100)
+    writer = AckWriter(redis_client, keys, "n1", batch_size=100)
     for i in range(250):
-        writer.job_done(Done(make_flight(keys, "n1", i), [], True, "processed"))
+        writer.job_done(finished(in_flight(keys, "n1", i), "processed"))
     sizes = []
     while writer.pending():
         batch = writer._build()
         assert batch is not None
-        sizes.append(batch.jobs)
+        sizes.append(len(batch.done))
         writer._applied(batch)
     assert sizes == [100, 100, 50]
 
@@ -119,19 +109,20 @@ def test_batches_are_capped_at_batch_size(redis_client: redis.Redis, keys: Keys)
 def test_a_failed_flush_keeps_its_counts_and_converges(private_redis: RedisServer) -> None:
     client = redis.Redis.from_url(private_redis.url, socket_timeout=1, socket_connect_timeout=1)
     keys = Keys("exq")
-    writer = StatsWriter(client, keys, "n1")
-    flights = [make_flight(keys, "n1", i) for i in range(20)]
-    fetched(client, flights)
+    failures: list[str] = []
+    writer = AckWriter(client, keys, "n1", on_error=lambda op, exc: failures.append(op))
+    flights = [in_flight(keys, "n1", i) for i in range(20)]
+    put_in_backup(client, flights)
     for flight in flights[:10]:
-        writer.job_done(Done(flight, [], True, "processed"))
+        writer.job_done(finished(flight, "processed"))
     assert writer.flush()
     private_redis.kill()
     for flight in flights[10:]:
-        writer.job_done(Done(flight, [], True, "processed"))
+        writer.job_done(finished(flight, "processed"))
     assert not writer.flush()
-    assert writer.errors == 1 and writer.pending() == 10
+    assert failures == ["stats_flush"] and writer.pending() == 10
     private_redis.start()  # no persistence: the first ten are gone with the restart
-    fetched(client, flights[10:])
+    put_in_backup(client, flights[10:])
     assert writer.flush()
     assert client.get(keys.stat("processed")) == b"10"
     assert client.llen(keys.backup("n1", "q")) == 0
@@ -142,16 +133,16 @@ def test_a_failed_flush_keeps_its_counts_and_converges(private_redis: RedisServe
 def test_stop_flushes_what_is_left_and_then_refuses_late_acks(
     redis_client: redis.Redis, keys: Keys
 ) -> None:
-    writer = StatsWriter(redis_client, keys, "n1")
+    writer = AckWriter(redis_client, keys, "n1")
     writer.start()
-    flight = make_flight(keys, "n1", 1)
-    fetched(redis_client, [flight])
-    writer.job_done(Done(flight, [], True, "processed"))
+    flight = in_flight(keys, "n1", 1)
+    put_in_backup(redis_client, [flight])
+    writer.job_done(finished(flight, "processed"))
     assert writer.stop(timeout=5)
     assert redis_client.get(keys.stat("processed")) == b"1"
     assert not redis_client.exists(keys.batch_marker("n1"))
-    late = make_flight(keys, "n1", 2)
-    fetched(redis_client, [late])
-    writer.job_done(Done(late, [], True, "processed"))  # a job that outlived stop
+    late = in_flight(keys, "n1", 2)
+    put_in_backup(redis_client, [late])
+    writer.job_done(finished(late, "processed"))  # a job that outlived stop
     assert writer.pending() == 0
     assert redis_client.lrange(late.backup, 0, -1) == [late.raw]

@@ -1,31 +1,36 @@
-"""``StatsWriter``: acks, stat counters and in-progress records, one batch at a time.
+"""``AckWriter``: the ack of every job, with its retry/dead writes and the counters,
+in one atomic batch at a time.
 
-Worker threads never talk to Redis on the success path. They append events to
-a deque; a flusher thread turns what accumulated into one atomic, idempotent
-batch (``scripts.apply_batch``), at most ``stats_batch_size`` finished jobs per
-batch, flushed ``stats_flush_interval`` ms after work appears. A batch holds,
-in order:
+This is where the at-least-once guarantee is kept. A job is **acked** when the
+batch holding its ``LREM`` from this node's backup list is applied in Redis;
+until then it is in the backup list and runs again after a crash.
+
+Worker threads never talk to Redis on the success path. They hand their
+``InFlight`` records over (``job_started``, ``job_done``: a deque append); the
+``exq-stats`` thread turns what accumulated into one batch -- at most
+``stats_batch_size`` finished jobs, flushed ``stats_flush_interval`` ms after
+work appears -- sent as one ``APPLY_BATCH`` script call. A batch holds, in
+order:
 
 1. ``HSET <node>:workers`` for jobs still running that are not recorded yet
    (a job that starts and ends between two flushes needs no record at all);
-2. per finished job: its retry/dead/snooze writes, then its **ack**
-   (``LREM`` of the exact fetched bytes from the backup list), then ``HDEL``
-   of its in-progress record if one was written;
+2. per finished job: its ``Outcome.writes`` (retry/dead/snooze entries), then
+   its **ack** (``LREM`` of the exact fetched bytes), then ``HDEL`` of its
+   in-progress record if one was written. A job whose outcome is not acked
+   (terminated, or an internal error) gets neither the writes nor the ack;
 3. the counters, aggregated: ``INCRBY`` of ``stat:processed|failed``, the
    per-day key and the per-second ``_rt`` key (``EXPIRE 120``).
 
-When a job is acked: when the batch holding its LREM is applied. A crash
-before that (process killed between the end of ``perform`` and the flush)
-leaves the job in the backup list: it runs again at the next start, or through
-a live node's heartbeat monitor.
+A crash before the batch is applied (process killed between the end of the job
+and the flush) leaves the job in the backup list: it runs again at the next
+start, or through a live node's heartbeat monitor.
 
 A failed flush (Redis down, OOM, timeout) keeps the batch and retries it with
 backoff; the batch id makes a retry after a lost reply a no-op, so the counts
 in Redis converge exactly once Redis is back. Meanwhile finished jobs pile up
-behind it, unacked: the manager, told of every batch that lands (a
-``BatchListener``), stops fetching once ``batch_size`` of them wait, so a
-crash re-runs at most ``batch_size`` + the node's concurrency jobs
-(``Manager._held_back``).
+behind it, unacked: the fetcher, told of every batch that lands (a
+``BatchListener``), stops fetching once ``batch_size`` of them wait (see
+``fetcher.Fetcher._held_back``).
 """
 
 from __future__ import annotations
@@ -37,73 +42,32 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import redis
 
 from . import scripts
+from .background import ErrorHook
+from .inflight import InFlight
 from .job import encode, now_seconds
 from .keys import RT_STAT_TTL, Keys, StatKind
 from .retry import Command
 
 logger = logging.getLogger("exq_fast")
 
-ErrorHook = Callable[[str, BaseException], None]
-
-
-class InFlight:
-    """A job this node is running: what its in-progress record and ack need."""
-
-    __slots__ = ("backup", "field", "jid", "queue", "raw", "run_at", "written")
-
-    def __init__(self, field: str, queue: str, backup: str, raw: bytes, run_at: float) -> None:
-        self.field = field
-        self.queue = queue
-        self.backup = backup
-        self.raw = raw
-        self.run_at = run_at
-        self.jid: str | None = None
-        self.written = False
-
-    def record(self, host: str) -> bytes:
-        """Exq's in-progress JSON (docs/wire-format.md §8.3); ``payload`` is the job as fetched."""
-        return encode({
-            "host": host,
-            "payload": self.raw.decode("utf-8", "replace"),
-            "pid": self.field,
-            "queue": self.queue,
-            "run_at": self.run_at,
-        })
-
-
-class Done:
-    """A finished job: its writes (before the ack), whether to ack, which counter.
-
-    ``job_class``, ``fate`` (``"retried"``, ``"dead"`` or None), ``duration``
-    and ``latency`` are for the metrics, which move when the batch is applied.
-    """
-
-    __slots__ = ("ack", "duration", "fate", "flight", "job_class", "latency", "stat", "writes")
-
-    def __init__(self, flight: InFlight, writes: Sequence[Command], ack: bool,
-                 stat: StatKind | None, *, job_class: str = "unknown", fate: str | None = None,
-                 duration: float = 0.0, latency: float | None = None) -> None:
-        self.flight = flight
-        self.writes = writes
-        self.ack = ack
-        self.stat = stat
-        self.job_class = job_class
-        self.fate = fate
-        self.duration = duration
-        self.latency = latency
-
 
 class BatchListener(Protocol):
-    """Told of every batch that reached Redis (the metrics mirror it)."""
+    """Told of every batch that reached Redis (the fetcher and the metrics)."""
 
-    def batch_applied(self, done: Sequence[Done], seconds: float) -> None:
+    def batch_applied(self, done: Sequence[InFlight], seconds: float) -> None:
         """``done``: the finished jobs the batch held; ``seconds``: the flush's duration."""
+
+
+def ack_command(record: InFlight) -> Command:
+    """The ack: remove the exact fetched bytes from the job's backup list. Count -1
+    searches from the tail, where the oldest fetched jobs sit."""
+    return ("LREM", record.backup, -1, record.raw)
 
 
 class _Batch:
@@ -113,20 +77,15 @@ class _Batch:
         self.batch_id = batch_id
         self.args: list[Any] = [batch_id]
         self.counts: dict[StatKind, int] = {"processed": 0, "failed": 0}
-        self.done: list[Done] = []
-
-    @property
-    def jobs(self) -> int:
-        """Finished jobs in this batch."""
-        return len(self.done)
+        self.done: list[InFlight] = []
 
     def add(self, command: Sequence[Any]) -> None:
         self.args.append(len(command))
         self.args.extend(command)
 
 
-class StatsWriter:
-    """The flusher thread and the events that feed it. See the module docstring."""
+class AckWriter:
+    """The ``exq-stats`` thread and the records that feed it. See the module doc."""
 
     def __init__(self, client: redis.Redis, keys: Keys, node_id: str, *,
                  flush_interval_ms: int = 5, batch_size: int = 2000,
@@ -140,10 +99,10 @@ class StatsWriter:
         self.flush_interval = flush_interval_ms / 1000
         self.batch_size = batch_size
         self.on_error = on_error
-        self.listeners = list(listeners)
+        self.listeners = tuple(listeners)
         self.totals: dict[StatKind, int] = {"processed": 0, "failed": 0}
-        self.errors = 0
-        self._events: deque[InFlight | Done] = deque()
+        # (record, ended): each job comes when it starts, then when it ends.
+        self._events: deque[tuple[InFlight, bool]] = deque()
         self._running: dict[str, InFlight] = {}
         self._retry: _Batch | None = None
         self._ids = (f"{uuid.uuid4().hex[:12]}-{n}" for n in itertools.count())
@@ -154,22 +113,22 @@ class StatsWriter:
 
     # -- called by worker threads --------------------------------------------
 
-    def job_started(self, flight: InFlight) -> None:
+    def job_started(self, record: InFlight) -> None:
         """Note a running job (its record is written only if it outlives a flush)."""
-        self._events.append(flight)
+        self._events.append((record, False))
 
-    def job_done(self, done: Done) -> None:
-        """Queue a finished job's writes, ack and counter for the next batch."""
+    def job_done(self, record: InFlight) -> None:
+        """Queue a finished job (its ``outcome`` set) for the next batch."""
         if self._closed:
             # Stopped already (the job outlived shutdown_timeout): no ack, so
-            # the job stays in the backup list and runs again at next start.
+            # the job stays in the backup list and runs again from there.
             return
-        self._events.append(done)
+        self._events.append((record, True))
         self._wake.set()
 
     def pending(self) -> int:
         """Events not yet applied to Redis (a gauge for metrics and tests)."""
-        return len(self._events) + (self._retry.jobs if self._retry else 0)
+        return len(self._events) + (len(self._retry.done) if self._retry else 0)
 
     # -- the flusher ---------------------------------------------------------
 
@@ -232,11 +191,11 @@ class StatsWriter:
         if self._retry is None:
             logger.warning("stats flush failed, will retry: %s", exc)
         self._retry = batch
-        self.errors += 1
         if self.on_error is not None:
             self.on_error("stats_flush", exc)
 
     def _applied(self, batch: _Batch, seconds: float = 0.0) -> None:
+        """The batch is in Redis: its jobs are acked. Tell the listeners."""
         if self._retry is not None:
             logger.warning("stats flush recovered")
         self._retry = None
@@ -250,43 +209,46 @@ class StatsWriter:
 
     def _build(self) -> _Batch | None:
         done = self._drain()
-        records = [f for f in self._running.values() if not f.written]
+        records = [r for r in self._running.values() if not r.written]
         if not done and not records:
             return None
         batch = _Batch(next(self._ids))
-        for flight in records:
-            batch.add(("HSET", self.workers_key, flight.field, flight.record(self.node_id)))
-            flight.written = True
-        for item in done:
-            self._add_done(batch, item)
+        for record in records:
+            batch.add(("HSET", self.workers_key, record.field, _progress(record, self.node_id)))
+            record.written = True
+        for record in done:
+            self._add_done(batch, record)
         self._add_counts(batch, now_seconds())
         return batch
 
-    def _drain(self) -> list[Done]:
-        done: list[Done] = []
-        events = self._events
+    def _drain(self) -> list[InFlight]:
+        done: list[InFlight] = []
+        events, running = self._events, self._running
         while events and len(done) < self.batch_size:
-            event = events.popleft()
-            if isinstance(event, InFlight):
-                self._running[event.field] = event
+            record, ended = events.popleft()
+            if not ended:
+                running[record.field] = record
             else:
                 # Started and ended within one flush: no record, no HDEL.
-                self._running.pop(event.flight.field, None)
-                done.append(event)
+                running.pop(record.field, None)
+                done.append(record)
         return done
 
-    def _add_done(self, batch: _Batch, item: Done) -> None:
-        flight = item.flight
-        for command in item.writes:
-            batch.add(command)
-        if item.ack:
-            # Count -1: search from the tail, where the oldest fetched jobs sit.
-            batch.add(("LREM", flight.backup, -1, flight.raw))
-        if flight.written:
-            batch.add(("HDEL", self.workers_key, flight.field))
-        if item.stat is not None:
-            batch.counts[item.stat] += 1
-        batch.done.append(item)
+    def _add_done(self, batch: _Batch, record: InFlight) -> None:
+        outcome = record.outcome
+        # The decision to ack: an outcome that acks (every status but terminated).
+        # No outcome (an internal error) or a terminated job: no write and no ack,
+        # the job stays in the backup list and runs again.
+        if outcome is not None and outcome.ack:
+            for command in outcome.writes:
+                batch.add(command)
+            batch.add(ack_command(record))
+            stat = outcome.stat
+            if stat is not None:
+                batch.counts[stat] += 1
+        if record.written:
+            batch.add(("HDEL", self.workers_key, record.field))
+        batch.done.append(record)
 
     def _add_counts(self, batch: _Batch, at: float) -> None:
         for kind, count in batch.counts.items():
@@ -297,3 +259,14 @@ class StatsWriter:
             batch.add(("INCRBY", rt, count))
             batch.add(("EXPIRE", rt, RT_STAT_TTL))
             batch.add(("INCRBY", self.keys.stat_day(kind, at), count))
+
+
+def _progress(record: InFlight, host: str) -> bytes:
+    """Exq's in-progress JSON (docs/wire-format.md §8.3); ``payload`` is the job as fetched."""
+    return encode({
+        "host": host,
+        "payload": record.raw.decode("utf-8", "replace"),
+        "pid": record.field,
+        "queue": record.queue,
+        "run_at": record.run_at,
+    })

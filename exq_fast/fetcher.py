@@ -1,4 +1,4 @@
-"""``Manager``: the fetch loop, per-queue concurrency, subscriptions.
+"""``Fetcher``: the fetch loop, per-queue concurrency slots, subscriptions.
 
 One fetcher thread moves jobs from ``queue:<q>`` to this node's backup list
 ``queue:backup::<node>::<q>`` -- as many as every subscribed queue has free
@@ -9,18 +9,22 @@ when every queue is full; wait ``poll_timeout`` x 10 after a Redis error, then
 carry on (redis-py reconnects; no job is lost: a fetched job is in the backup
 list before it is handed out).
 
-A fetch whose reply is lost (connection cut, Redis crash after the script ran)
-has moved jobs into the backup list that this process never saw. So the
-manager tracks the fetched jobs it has not seen acked, and after a failed
-fetch it reconciles: whatever sits in the backup list of those queues and is
-not tracked was fetched by the lost call, and is run now rather than left for
-the next start.
+Each fetched job becomes an ``inflight.InFlight`` record, tracked by
+``inflight.InFlightJobs`` until its ack lands. A fetch whose reply is lost
+(connection cut, Redis crash after the script ran) has moved jobs into the
+backup list that this process never saw: after a failed fetch the fetcher
+reconciles -- whatever sits in the backup list of those queues and is not
+tracked was fetched by the lost call, and is run now rather than left for the
+next start. Quarantined jobs go to ``inflight.Quarantine`` (one at a time).
+
+A job's slot is taken when it is fetched and freed when it ends
+(``job_ended``, which the worker calls once per job, whatever happened).
 
 Fetching also pauses while acks cannot be written (Redis out of memory or
 read-only, a network that lets only reads through): once ``stats_batch_size``
 finished jobs wait for their ack, no job is fetched until a batch lands, so
 the jobs fetched and unacked -- what a crash re-runs -- stay bounded by one
-batch plus the concurrency (see ``Manager._held_back``).
+batch plus the concurrency (see ``Fetcher._held_back``).
 """
 
 from __future__ import annotations
@@ -28,33 +32,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
-from typing import Protocol
 
 import redis
 
 from . import queue as jobqueue
+from .background import ErrorHook, RecoveredHook
 from .config import Config
+from .inflight import InFlight, InFlightJobs, Quarantine, Submit
 from .keys import Keys
 from .scripts import FETCH_BATCH_LIMIT
-from .stats import Done
 
 logger = logging.getLogger("exq_fast")
 
 UNLIMITED_IN_FLIGHT = 1000
 """Most jobs of one queue in flight when its concurrency is unlimited."""
 
-class RunJob(Protocol):
-    """Runs one job: its bytes, its queue, whether it is a suspect (recovered
-    before), and what to call once it has ended (an async job ends after the
-    call returns)."""
-
-    def __call__(self, raw: bytes, queue: str, suspect: bool,
-                 on_end: Callable[[], None] | None = None) -> None: ...
-
-ErrorHook = Callable[[str, BaseException], None]
+RunJob = Callable[[InFlight], None]
+"""Runs one fetched job on an executor thread (``WorkerServer.run``); never raises."""
 
 PAUSE_NOTICE = 1.0
 """Seconds fetching must be held back by unacked jobs before the pause is logged and
@@ -76,44 +71,40 @@ class QueueState:
         return max(cap - self.running, 0)
 
 
-class Manager:
-    """Fetches jobs for the subscribed queues and frees slots as jobs end."""
+class Fetcher:
+    """Fetches jobs for the subscribed queues while they have free slots."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, config: Config, executor: Executor,
-                 run_job: RunJob, on_error: ErrorHook | None = None) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, config: Config, inflight: InFlightJobs,
+                 *, submit: Submit, run_job: RunJob, on_error: ErrorHook | None = None,
+                 on_recovered: RecoveredHook | None = None) -> None:
+        """``submit`` runs a callable on an executor thread; ``run_job`` runs one job
+        there; ``on_error(operation, exc)`` hears of every failed fetch;
+        ``on_recovered(queue, reason, count)`` of every backup job re-enqueued."""
         self.client = client
         self.keys = keys
         self.config = config
-        self.executor = executor
+        self.inflight = inflight
+        self.submit = submit
         self.run_job = run_job
         self.on_error = on_error
+        self.on_recovered = on_recovered
+        self.quarantine = Quarantine(submit, run_job)
         self.poll_timeout = config.poll_timeout / 1000
-        self.errors = 0
-        self._failing = False  # a fetch failed and none has succeeded since
-        self.fetched: dict[str, int] = {}
-        """Jobs fetched since start, per queue."""
-        self.on_recovered: Callable[[str, str, int], None] | None = None
-        """Called with (queue, reason, count) when backup jobs are re-enqueued."""
-        self._states: dict[str, QueueState] = {}
-        # Fetched jobs not yet acked in Redis, per queue (see the module doc).
-        self._tracked: dict[str, Counter[bytes]] = {}
-        self._tracked_lock = threading.Lock()
-        self._unsure: set[str] = set()
         self.policy = jobqueue.RecoveryPolicy.of(config)
-        self._held: deque[tuple[bytes, str]] = deque()
-        self._quarantine_lock = threading.Lock()
-        self._quarantine_busy = False
-        self._subscribed: list[str] = []
-        self._subscribe_lock = threading.Lock()
         self.max_unacked = config.stats_batch_size
         """Finished jobs that may wait for their ack before fetching pauses."""
-        # Jobs dispatched whose batch has not reached Redis (under _cond).
-        self._unacked = 0
-        self._held_since: float | None = None  # when fetching was first held back
+        self.fetched: dict[str, int] = {}
+        """Jobs fetched since start, per queue."""
         self.paused = False
         """True while fetching is paused because acks do not reach Redis (logged)."""
         self.pauses = 0
         """Pauses since start."""
+        self._failing = False  # a fetch failed and none has succeeded since
+        self._unsure: set[str] = set()  # queues whose last fetch reply was lost
+        self._held_since: float | None = None  # when fetching was first held back
+        self._states: dict[str, QueueState] = {}
+        self._subscribed: list[str] = []
+        self._subscribe_lock = threading.Lock()
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -125,7 +116,7 @@ class Manager:
         for spec in self.config.queue_specs:
             self._states[spec.name] = QueueState(spec.concurrency)
             self._subscribed.append(spec.name)
-        self._thread = threading.Thread(target=self._loop, name="exq-manager", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="exq-fetcher", daemon=True)
         self._thread.start()
 
     def recover_backups(self) -> int:
@@ -181,8 +172,7 @@ class Manager:
                 state = self._states.setdefault(queue, QueueState(limit))
                 state.limit = limit
                 subscribed = queue in self._subscribed
-                with self._tracked_lock:
-                    idle = state.running == 0 and not self._tracked.get(queue)
+                idle = state.running == 0 and not self.inflight.any_of(queue)
             # Recovered *before* the queue is subscribed: once it is, the fetcher
             # may move jobs into the backup list, and a recovery then would put
             # them back in the queue while they run -- they would run twice.
@@ -209,8 +199,10 @@ class Manager:
         with self._cond:
             return list(self._subscribed)
 
+    # -- slots -------------------------------------------------------------------
+
     def busy(self) -> int:
-        """Jobs running now, all queues."""
+        """Jobs running now (or fetched and waiting to start), all queues."""
         return sum(state.running for state in list(self._states.values()))
 
     def running_by_queue(self) -> dict[str, int]:
@@ -228,11 +220,27 @@ class Manager:
         """The sum of the subscribed queues' limits (unlimited counts as the in-flight cap)."""
         return sum(self.limits().values())
 
-    def job_terminated(self, queue: str, success: bool) -> None:
-        """Free one slot of ``queue`` (the Manager middleware calls this)."""
+    def job_ended(self, record: InFlight) -> None:
+        """The job has ended, whatever happened to it (the worker calls this once per
+        job): free its slot, and start the next quarantined job if it was one."""
         with self._cond:
-            self._states[queue].running -= 1
+            self._states[record.queue].running -= 1
             self._cond.notify_all()
+        if record.quarantined:
+            self.quarantine.ended()
+
+    def batch_applied(self, done: Sequence[InFlight], seconds: float) -> None:
+        """A batch landed (the ack writer calls this): its jobs stop waiting for their
+        ack, and a fetch loop held back by unacked jobs may go on."""
+        self.inflight.acked(done)
+        with self._cond:
+            if self._held_since is not None:
+                self._cond.notify_all()
+
+    def finished_unacked(self) -> int:
+        """Jobs that finished here and whose ack (or retry/dead write) is not in Redis yet."""
+        with self._cond:
+            return max(self.inflight.unacked() - self.busy(), 0)
 
     # -- the fetch loop ------------------------------------------------------------
 
@@ -257,22 +265,17 @@ class Manager:
                     if not self._stopping:
                         self._cond.wait(delay)
 
-    def finished_unacked(self) -> int:
-        """Jobs that finished here and whose ack (or retry/dead write) is not in Redis yet."""
-        with self._cond:
-            return max(self._unacked - self.busy(), 0)
-
     def _held_back(self) -> bool:
         """Whether fetching waits for acks; the caller holds ``_cond``.
 
         The decision: no fetch while ``max_unacked`` (``stats_batch_size``)
-        jobs have finished and wait for their ack (``_unacked`` counts the
-        jobs dispatched whose batch has not landed; minus those running or
-        waiting to start, it is the finished ones). Running jobs do not count,
-        so a node whose concurrency is above the batch size is never held back
-        by its own work, and a healthy stats writer, which takes a whole batch
-        per flush, holds it back for a flush at most. ``batch_applied`` wakes
-        the loop when a batch lands; ``poll_timeout`` is the ceiling.
+        jobs have finished and wait for their ack (``InFlightJobs.unacked``
+        counts the jobs fetched whose batch has not landed; minus those running
+        or waiting to start, it is the finished ones). Running jobs do not
+        count, so a node whose concurrency is above the batch size is never
+        held back by its own work, and a healthy ack writer, which takes a whole
+        batch per flush, holds it back for a flush at most. ``batch_applied``
+        wakes the loop when a batch lands; ``poll_timeout`` is the ceiling.
 
         The promise: a fetch happens only while fewer than B = max_unacked
         finished jobs wait for their ack, and takes at most the free slots,
@@ -287,7 +290,7 @@ class Manager:
         terminated (no ack, on purpose) stay in the backup list and are not
         counted; a lost fetch reply is reconciled before the next decision.
         """
-        finished = self._unacked - self.busy()
+        finished = self.inflight.unacked() - self.busy()
         if finished < self.max_unacked:
             if self._held_since is not None:
                 self._resume()
@@ -340,7 +343,6 @@ class Manager:
         return 0.0 if dispatched else self.poll_timeout
 
     def _fetch_failed(self, exc: BaseException) -> None:
-        self.errors += 1
         if not self._failing:
             logger.warning("fetch failed, retrying every %.1f s: %s", self.poll_timeout * 10, exc)
         self._failing = True
@@ -351,80 +353,29 @@ class Manager:
         """Run the jobs a lost fetch moved into our backup lists (see the module doc)."""
         for queue in sorted(self._unsure):
             backup = self.keys.backup(self.config.node_id, queue)
-            # The lock keeps acks from being forgotten between the LRANGE and
-            # the comparison: a job acked meanwhile is either still listed and
-            # still tracked, or gone from both.
-            with self._tracked_lock:
-                present: Counter[bytes] = Counter(
-                    raw for raw in self.client.lrange(backup, 0, -1) if isinstance(raw, bytes))
-                lost = present - self._tracked.get(queue, Counter())
-            orphans = list(lost.elements())
+            orphans = self.inflight.orphans(self.client, queue, backup)
             if orphans:
                 logger.warning("running %d jobs of %r fetched by a call whose reply was lost",
                                len(orphans), queue)
                 self._dispatch(queue, jobqueue.Fetched(orphans))
             self._unsure.discard(queue)
 
-    def batch_applied(self, done: Sequence[Done], seconds: float) -> None:
-        """Forget the jobs whose ack reached Redis (the stats writer calls this).
-
-        Every finished job of the batch, acked or not, stops waiting for its
-        ack; a fetch loop held back by unacked jobs is woken.
-        """
-        with self._cond:
-            self._unacked = max(self._unacked - len(done), 0)
-            if self._held_since is not None:
-                self._cond.notify_all()
-        with self._tracked_lock:
-            for item in done:
-                if item.ack:
-                    tracked = self._tracked.get(item.flight.queue)
-                    if tracked is not None:
-                        tracked[item.flight.raw] -= 1
-                        if tracked[item.flight.raw] <= 0:
-                            del tracked[item.flight.raw]
-
     def _dispatch(self, queue: str, fetched: jobqueue.Fetched) -> int:
+        """Track the fetched jobs, take their slots, hand each to the executor."""
         jobs = fetched.jobs
         if not jobs:
             return 0
-        with self._tracked_lock:
-            self._tracked.setdefault(queue, Counter()).update(jobs)
+        self.inflight.fetched(queue, jobs)
         with self._cond:
             self._states[queue].running += len(jobs)
-            self._unacked += len(jobs)
-        submit, run_job = self.executor.submit, self.run_job
+        backup = self.keys.backup(self.config.node_id, queue)
+        submit, run_job = self.submit, self.run_job
         for index, raw in enumerate(jobs):
-            if index in fetched.quarantined:
-                self._quarantine(raw, queue)
+            record = InFlight(raw, queue, backup, suspect=index in fetched.suspects,
+                              quarantined=index in fetched.quarantined)
+            if record.quarantined:
+                self.quarantine.put(record)
             else:
-                submit(run_job, raw, queue, index in fetched.suspects)
+                submit(run_job, record)
         self.fetched[queue] = self.fetched.get(queue, 0) + len(jobs)
         return len(jobs)
-
-    # -- quarantine: suspects one crash from the dead set run one at a time ------
-
-    def _quarantine(self, raw: bytes, queue: str) -> None:
-        # A job that crashed its node on every recent run is run alone among
-        # the quarantined, so if this node dies now, the next recovery counts
-        # only the job that was actually running -- not the ones that merely
-        # shared a fetch with it. Waiting ones sit fetched, in the backup list.
-        with self._quarantine_lock:
-            self._held.append((raw, queue))
-            if self._quarantine_busy:
-                return
-            self._quarantine_busy = True
-        self._run_next_quarantined()
-
-    def _run_next_quarantined(self) -> None:
-        with self._quarantine_lock:
-            if not self._held:
-                self._quarantine_busy = False
-                return
-            raw, queue = self._held.popleft()
-        self.executor.submit(self._run_quarantined, raw, queue)
-
-    def _run_quarantined(self, raw: bytes, queue: str) -> None:
-        # The next one starts when this one has *ended* (an async job ends
-        # after run_job returns); run_job never raises and always calls on_end.
-        self.run_job(raw, queue, True, self._run_next_quarantined)

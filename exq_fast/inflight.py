@@ -1,0 +1,189 @@
+"""One record per job in flight, and the tracking of fetched jobs until their ack.
+
+``InFlight`` is the one record of a job this node has fetched and not yet seen
+acked. The fetcher creates it with the exact fetched bytes; the worker fills in
+what it learns while running the job (its decoded ``Job``, its worker, its time
+guard, its task, its ``Outcome``); the ack writer puts its ack in a batch; the
+node pinger, ``cancel``, the metrics and the stop read it. Nothing else
+describes a running job.
+
+``InFlightJobs`` remembers which fetched jobs have not been acked yet, per
+queue, so that:
+
+* the fetcher can pause while too many finished jobs wait for their ack
+  (``finished_unacked``; the bound is stated in ``fetcher.Fetcher._held_back``);
+* a fetch whose reply was lost can be reconciled (``orphans``): whatever sits in
+  the backup list and is not tracked was moved there by the lost call;
+* a re-subscribe recovers a queue's backup list only while none of its jobs is
+  in flight (Exq #310).
+
+``Quarantine`` runs the quarantined suspects (one crash from the dead set, see
+``store.recovery.RecoveryPolicy``) one at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from .job import Job
+    from .outcome import Outcome
+    from .registry import WorkerSpec
+    from .timeouts import Deadline
+
+
+class InFlight:
+    """A job this node fetched, from the fetch to the batch holding its ack."""
+
+    __slots__ = ("backup", "deadline", "duration", "field", "job", "outcome", "quarantined",
+                 "queue", "raw", "run_at", "spec", "started", "suspect", "task", "written")
+
+    def __init__(self, raw: bytes, queue: str, backup: str, *, suspect: bool = False,
+                 quarantined: bool = False) -> None:
+        self.raw = raw
+        """The job exactly as fetched: what the ack removes from the backup list."""
+        self.queue = queue
+        self.backup = backup
+        """The backup list the fetch moved it to (``queue:backup::<node>::<queue>``)."""
+        self.suspect = suspect
+        """Recovered from a backup list before (poison detection)."""
+        self.quarantined = quarantined
+        """One crash from the dead set: run alone (see ``Quarantine``)."""
+        self.field = ""
+        """Exq's pid field ``#PID<0.N.0>``, unique on this node; set when it starts."""
+        self.run_at = 0.0
+        """When it started, float seconds since the epoch."""
+        self.started = 0.0
+        """When it started, ``time.perf_counter()``."""
+        self.duration = 0.0
+        """Seconds from start to end (set when it ends)."""
+        self.job: Job | None = None
+        """The decoded job (None until decoded, or for a payload that is not a job)."""
+        self.spec: WorkerSpec | None = None
+        """The worker that runs it (None until resolved, or when no worker knows it)."""
+        self.deadline: Deadline | None = None
+        """Its time guard while its worker runs (see ``timeouts``)."""
+        self.task: asyncio.Task[Any] | None = None
+        """Its task on the node's event loop (an async job, once started)."""
+        self.outcome: Outcome | None = None
+        """What became of it (None while it runs; still None after an internal error)."""
+        self.written = False
+        """Whether the ack writer wrote its in-progress record (``<node>:workers``)."""
+
+    @property
+    def jid(self) -> str | None:
+        """The job's jid, once decoded."""
+        return self.job.jid if self.job is not None else None
+
+    @property
+    def job_class(self) -> str:
+        """The worker's name for the metrics, ``"unknown"`` when none ran it."""
+        return self.job.worker_name if self.job is not None and self.spec is not None \
+            else "unknown"
+
+    @property
+    def latency(self) -> float | None:
+        """Seconds from enqueue to start, for a first attempt only."""
+        job = self.job
+        if job is None or job.enqueued_at is None or job.retry_count:
+            return None
+        return self.run_at - job.enqueued_at
+
+
+class InFlightJobs:
+    """The fetched jobs whose ack has not reached Redis, per queue (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._raw: dict[str, Counter[bytes]] = {}
+        self._count = 0
+
+    def fetched(self, queue: str, jobs: Iterable[bytes]) -> None:
+        """Track jobs just moved into this node's backup list of ``queue``."""
+        jobs = list(jobs)
+        with self._lock:
+            self._raw.setdefault(queue, Counter()).update(jobs)
+            self._count += len(jobs)
+
+    def acked(self, records: Iterable[InFlight]) -> None:
+        """Forget jobs whose batch reached Redis, acked or not (a terminated job
+        stays in the backup list on purpose and is not waited for)."""
+        with self._lock:
+            for record in records:
+                self._count -= 1
+                if record.outcome is None or not record.outcome.ack:
+                    continue  # its bytes stay in the backup list: still tracked
+                tracked = self._raw.get(record.queue)
+                if tracked is not None:
+                    tracked[record.raw] -= 1
+                    if tracked[record.raw] <= 0:
+                        del tracked[record.raw]
+            self._count = max(self._count, 0)
+
+    def unacked(self) -> int:
+        """Jobs fetched whose batch has not reached Redis (running ones included)."""
+        with self._lock:
+            return self._count
+
+    def any_of(self, queue: str) -> bool:
+        """Whether a job of ``queue`` is tracked here (running, or awaiting its ack)."""
+        with self._lock:
+            return bool(self._raw.get(queue))
+
+    def orphans(self, client: redis.Redis, queue: str, backup: str) -> list[bytes]:
+        """The jobs in ``backup`` that are not tracked: moved there by a fetch whose
+        reply was lost."""
+        # The lock keeps acks from being forgotten between the LRANGE and the
+        # comparison: a job acked meanwhile is either still listed and still
+        # tracked, or gone from both.
+        with self._lock:
+            present: Counter[bytes] = Counter(
+                raw for raw in client.lrange(backup, 0, -1) if isinstance(raw, bytes))
+            lost = list((present - self._raw.get(queue, Counter())).elements())
+        return lost
+
+
+Submit = Callable[..., object]
+"""Runs a callable with arguments on an executor thread (``ThreadPoolExecutor.submit``)."""
+
+
+class Quarantine:
+    """Runs quarantined jobs one at a time.
+
+    A job that crashed its node on every recent run is run alone among the
+    quarantined, so that if this node dies now, the next recovery counts only
+    the job that was actually running -- not the ones that merely shared a
+    fetch with it. The waiting ones sit fetched, in the backup list.
+    """
+
+    def __init__(self, submit: Submit, run_job: Callable[[InFlight], None]) -> None:
+        self._submit = submit
+        self._run_job = run_job
+        self._held: deque[InFlight] = deque()
+        self._lock = threading.Lock()
+        self._busy = False
+
+    def put(self, record: InFlight) -> None:
+        """Run ``record`` once no other quarantined job runs."""
+        with self._lock:
+            self._held.append(record)
+            if self._busy:
+                return
+            self._busy = True
+        self.ended()
+
+    def ended(self) -> None:
+        """A quarantined job has ended (an async one after its coroutine): start the next."""
+        with self._lock:
+            if not self._held:
+                self._busy = False
+                return
+            record = self._held.popleft()
+        self._submit(self._run_job, record)
