@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from exq_fast import Exq, current_job
-from exq_fast.admin import Api, Entry, NodeInfo, Stats
+from exq_fast.admin import Api, Entry, JobSet, NodeInfo, SetName, Stats
 from exq_fast.config import Config
 from exq_fast.embedded import RedisServer, delete_namespace
 from exq_fast.enqueuer import Enqueuer
@@ -599,6 +599,100 @@ def test_clear_sets_and_clear_failed(api: Api, redis_client: redis.Redis, keys: 
     redis_client.zadd(keys.dead, {loaded.dead[0][0]: 1.0})
     assert api.dead.clear() == 1
     assert api.dead.page() == []
+
+
+# -- one JobSet type for the three sets ------------------------------------------------
+
+
+class ScriptKeysRecorder(redis.Redis):
+    """A real client that also notes the KEYS of every script it runs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.script_keys: list[list[str]] = []
+
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:  # type: ignore[override]
+        self.script_keys.append([k.decode() if isinstance(k, bytes) else str(k)
+                                 for k in keys_and_args[:numkeys]])
+        return super().evalsha(sha, numkeys, *keys_and_args)
+
+
+SET_NAMES: tuple[SetName, ...] = ("retry", "schedule", "dead")
+
+
+def set_view(api: Api, name: SetName) -> JobSet:
+    return {"retry": api.retries, "schedule": api.scheduled, "dead": api.dead}[name]
+
+
+def set_members() -> list[tuple[bytes, float]]:
+    """Four members as another library might store them: key order, spacing and a
+    unicode escape that a re-encoding would change; one names no queue, one is junk."""
+    return [
+        (b'{"queue":"fxq","class":"A","args":[1],"jid":"j-1","enqueued_at":1.5}', 100.25),
+        (b'{"jid": "j-2", "queue": "fxq", "class": "B", "args": ["\\u00e9"]}', 200.5),
+        (b'{"jid":"j-3","class":"C","args":[]}', 300.0),
+        (b"not json at all", 400.0),
+    ]
+
+
+@pytest.mark.parametrize("name", SET_NAMES)
+def test_each_set_is_the_same_job_set_listing_finding_and_removing_exact_bytes(
+    api: Api, redis_client: redis.Redis, keys: Keys, name: SetName
+) -> None:
+    # Given four members in the set ``name``
+    view = set_view(api, name)
+    members = set_members()
+    redis_client.zadd(view.key, dict(members))
+    order = list(reversed(members)) if name == "dead" else members
+
+    # When it is listed, searched and two members are removed
+    listed = view.page()
+    found, at_score = view.find("j-2"), view.find("j-2", 200.5)
+    removed = view.remove([members[0][0], members[3][0], b'{"jid":"j-1"}'])
+
+    # Then it is a JobSet on P(<name>), listed in its order with exact bytes and scores
+    assert type(view) is JobSet and view.key == keys.p(name)
+    assert [(e.raw, e.score) for e in listed] == order
+    assert listed[-1 if name == "dead" else 0].job is not None
+    assert [e.job for e in listed if e.raw == b"not json at all"] == [None]
+    assert found == at_score == Entry(members[1][0], None, 200.5)
+    assert view.find("j-2", 200.0) is None
+    # and only the exact bytes named were removed
+    assert removed == 2
+    assert redis_client.zrange(view.key, 0, -1, withscores=True) == [members[1], members[2]]
+    assert view.size() == 2
+
+
+@pytest.mark.parametrize("name", SET_NAMES)
+def test_each_set_requeues_byte_for_byte_with_only_keys_as_script_keys(
+    config: Config, redis_url: str, redis_client: redis.Redis, keys: Keys, name: SetName
+) -> None:
+    # Given four members in the set ``name``, seen through a client noting script KEYS
+    recorder = ScriptKeysRecorder.from_url(redis_url)
+    members = set_members()
+    with Api(config, client=recorder) as api:
+        view = set_view(api, name)
+        redis_client.zadd(view.key, dict(members))
+
+        # When one member is requeued by jid, then all the others
+        one = view.requeue_jid("j-2")
+        rest = view.requeue_all()
+        again = view.requeue([members[0][0]])
+    recorder.close()
+
+    # Then each moved once, byte for byte, to the front of its queue (default when it
+    # names none or is not JSON); the set is gone
+    assert (one, rest, again) == (1, 3, 0)
+    later = [members[i][0] for i in ((3, 2, 0) if name == "dead" else (0, 2, 3))]
+    by_queue = {"fxq": [m for m in later if b'"fxq"' in m], "default": []}
+    by_queue["default"] = [m for m in later if m not in by_queue["fxq"]]
+    assert redis_client.lrange(keys.queue("fxq"), 0, -1) == [
+        *reversed(by_queue["fxq"]), members[1][0]]
+    assert redis_client.lrange(keys.queue("default"), 0, -1) == list(reversed(by_queue["default"]))
+    assert redis_client.smembers(keys.queues) == {b"fxq", b"default"}
+    assert not redis_client.exists(view.key)
+    # and every KEYS argument was the set's key: the prefix and queue name went in ARGV
+    assert recorder.script_keys and all(k == [keys.p(name)] for k in recorder.script_keys)
 
 
 # -- stats -----------------------------------------------------------------------------

@@ -135,7 +135,7 @@ class JobSet(Members):
         for start in range(0, len(members), REQUEUE_CHUNK):
             chunk = members[start:start + REQUEUE_CHUNK]
             moved += int(scripts.scheduler_dequeue_jobs(
-                self._redis, [self.key, self._keys.prefix, FALLBACK_QUEUE], chunk))
+                self._redis, [self.key], [self._keys.prefix, FALLBACK_QUEUE, *chunk]))
         return moved
 
 
