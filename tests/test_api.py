@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from exq_fast import Exq, current_job
-from exq_fast.admin import Api, Entry, JobSet, NodeInfo, SetName, Stats
+from exq_fast.admin import Api, Entry, JobSet, NodeInfo, SetName, Stats, prune_dead_nodes
 from exq_fast.config import Config
 from exq_fast.embedded import RedisServer, delete_namespace
 from exq_fast.enqueuer import Enqueuer
@@ -900,6 +900,29 @@ def test_prune_dead_nodes_removes_a_dead_entry_and_keeps_a_live_one(
     assert redis_client.hlen(keys.workers("vm")) == 2
     assert [n.identity for n in api.processes.nodes()] == ["vm"]
     assert api.processes.prune_dead_nodes() == []
+
+
+def test_prune_dead_nodes_is_a_plain_function_of_a_client_and_keys(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    # Given, without any Api, a live node and a stopped one with both in-progress hashes
+    redis_client.sadd(keys.processes, "live", "gone")
+    redis_client.hset(keys.node("live"), mapping={"info": '{"busy":0}', "busy": "0"})
+    redis_client.hset(keys.workers("live"), "#PID<0.1.0>", '{"queue":"q"}')
+    redis_client.hset(keys.workers("gone"), "#PID<0.2.0>", '{"queue":"q"}')
+    redis_client.hset(keys.sidekiq_work("gone"), "tid", '{"queue":"q"}')
+    live_before = (redis_client.hgetall(keys.node("live")),
+                   redis_client.hgetall(keys.workers("live")))
+
+    # When the prune runs on the bare client (as the node pinger does)
+    pruned = prune_dead_nodes(redis_client, keys)
+
+    # Then the stopped node and its hashes are gone; the live one is byte for byte kept
+    assert pruned == ["gone"]
+    assert redis_client.smembers(keys.processes) == {b"live"}
+    assert redis_client.exists(keys.workers("gone"), keys.sidekiq_work("gone")) == 0
+    assert (redis_client.hgetall(keys.node("live")),
+            redis_client.hgetall(keys.workers("live"))) == live_before
 
 
 def test_clear_processes_and_signals_to_an_exq_node(
