@@ -62,7 +62,7 @@ import redis
 from _common import chunks, describe_server
 
 from exq_fast import __version__
-from exq_fast.api import Api
+from exq_fast.admin import Api
 from exq_fast.config import Config
 from exq_fast.embedded import RedisServer
 from exq_fast.enqueuer import Enqueuer
@@ -385,9 +385,9 @@ def read_totals(url: str, record: redis.Redis, nodes: Sequence[Node]) -> Totals:
     """Read the counters, set sizes, queue and backup lengths, and the execution record."""
     keys = Keys(NAMESPACE)
     with Api(Config(redis_url=url, namespace=NAMESPACE)) as api:
-        processed, failed = api.stat("processed"), api.stat("failed")
-        retry, dead = api.retry_size(), api.dead_size()
-        waiting = api.queue_size(QUEUE)
+        processed, failed = api.stats.total("processed"), api.stats.total("failed")
+        retry, dead = api.retries.size(), api.dead.size()
+        waiting = api.queues.queue(QUEUE).size()
         unacked = sum(int(api.redis.llen(keys.backup(n.node_id, QUEUE))) for n in nodes)
     kinds = Counter({k.decode() if isinstance(k, bytes) else k: int(v)
                      for k, v in record.hgetall("kinds").items()})

@@ -2,7 +2,9 @@
 schedule / dead sets, processes, requeue, remove, clear, signal, prune).
 
 Each handler takes the parsed ``argparse.Namespace`` and returns the exit code;
-what it reads comes from ``Api`` and is rendered by ``cli_output``. Errors the
+what it reads comes from the views of ``exq_fast.admin.Api`` (a ``Queue`` or a
+``JobSet`` is the target of ``remove`` / ``clear``) and is rendered by
+``cli_output``. Errors the
 user can act on are raised as ``CliError`` subclasses, one line each:
 ``UsageError`` (exit 2), ``NotFound`` (exit 1: unknown queue, jid or node) and
 ``Declined`` (exit 1: the operator answered no).
@@ -18,11 +20,10 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from . import cli_output as out
-from .api import Api, Entry, NodeAlive
+from .admin import Api, Entry, JobSet, NodeAlive, Queue
 from .config import Config
 
 PAGE = 1000
@@ -95,93 +96,86 @@ def confirm(args: argparse.Namespace, question: str) -> None:
 # -- targets: a queue, or the retry / schedule / dead set -----------------------------
 
 
-Pager = Callable[[Api, int, int], list[Entry]]
+Target = Queue | JobSet
+"""What ``remove`` and ``clear`` act on: a queue or a sorted set."""
+
+_SET_TITLES = {"retry": ("the retry set", "RETRY AT"),
+               "schedule": ("the scheduled set", "RUN AT"),
+               "dead": ("the dead set", "DIED AT")}
+"""Each set's label in messages and the title of its time column."""
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    """What ``remove`` and ``clear`` act on: a queue or a sorted set."""
-
-    label: str
-    page: Pager
-    size: Callable[[Api], int]
-    remove: Callable[[Api, list[bytes], bool], int]
-    clear: Callable[[Api], int]
+def job_set(api: Api, name: str) -> JobSet:
+    """The sorted set a verb names: ``retry``, ``scheduled`` or ``dead``."""
+    return {"retry": api.retries, "scheduled": api.scheduled, "dead": api.dead}[name]
 
 
-@dataclass(frozen=True, slots=True)
-class SetTarget(Target):
-    """The retry, schedule or dead set: also listed with a time column and requeued."""
-
-    time_title: str
-    requeue: Callable[[Api, list[bytes]], int]
-    requeue_all: Callable[[Api], int]
+def label(target: Target) -> str:
+    """How messages name ``target``: ``queue 'q'``, ``the retry set``, ..."""
+    if isinstance(target, Queue):
+        return f"queue {target.name!r}"
+    return _SET_TITLES[target.name][0]
 
 
-SETS: dict[str, SetTarget] = {
-    "retry": SetTarget(
-        "the retry set", lambda api, o, s: api.retries(offset=o, size=s), Api.retry_size,
-        lambda api, raws, unique: api.remove_retry(raws, clear_unique_tokens=unique),
-        Api.clear_retries, "RETRY AT", Api.requeue_retry, Api.requeue_all_retries),
-    "scheduled": SetTarget(
-        "the scheduled set", lambda api, o, s: api.scheduled(offset=o, size=s),
-        Api.scheduled_size,
-        lambda api, raws, unique: api.remove_scheduled(raws, clear_unique_tokens=unique),
-        Api.clear_scheduled, "RUN AT", Api.requeue_scheduled, Api.requeue_all_scheduled),
-    "dead": SetTarget(
-        "the dead set", lambda api, o, s: api.dead(offset=o, size=s), Api.dead_size,
-        lambda api, raws, unique: api.remove_dead(raws, clear_unique_tokens=unique),
-        Api.clear_dead, "DIED AT", Api.requeue_dead, Api.requeue_all_dead),
-}
-"""The sorted sets by the name the verbs take."""
-
-
-def queue_target(name: str) -> Target:
-    """The queue ``name`` as a target of ``remove`` / ``clear``."""
-    return Target(
-        f"queue {name!r}", lambda api, o, s: api.jobs(name, offset=o, size=s),
-        lambda api: api.queue_size(name),
-        lambda api, raws, unique: api.remove_jobs(name, raws, clear_unique_tokens=unique),
-        lambda api: api.clear_queue(name))
-
-
-def _target(args: argparse.Namespace) -> Target:
+def _check_target(args: argparse.Namespace) -> None:
     if args.target == "queue":
         if not args.queue:
             raise UsageError(f"'{args.verb} queue' needs the queue's name, "
                              f"e.g. '{args.verb} queue default'")
-        return queue_target(args.queue)
-    if args.queue is not None:
+    elif args.queue is not None:
         raise UsageError(f"unexpected argument {args.queue!r}: only '{args.verb} queue' "
                          "takes a queue name")
-    return SETS[args.target]
+
+
+@contextmanager
+def open_target(args: argparse.Namespace) -> Iterator[Target]:
+    """The queue or set a ``remove`` / ``clear`` names, on an open ``Api``; a queue
+    must exist (``NotFound``)."""
+    _check_target(args)
+    with open_api(args) as api:
+        if args.target != "queue":
+            yield job_set(api, args.target)
+            return
+        check_queue(api, args.queue)
+        yield api.queues.queue(args.queue)
 
 
 def check_queue(api: Api, name: str) -> None:
     """Raise ``NotFound`` for a queue that is neither known nor holds jobs."""
-    known = api.queues()
-    if name not in known and api.queue_size(name) == 0:
+    known = api.queues.names()
+    if name not in known and api.queues.queue(name).size() == 0:
         raise NotFound(f"no queue named {name!r} (known: {', '.join(known) or 'none'})")
 
 
-def _scan(api: Api, page: Pager) -> Iterator[Entry]:
+def _scan(target: Target) -> Iterator[Entry]:
     offset = 0
-    while entries := page(api, offset, PAGE):
+    while entries := target.page(offset=offset, size=PAGE):
         yield from entries
         offset += len(entries)
 
 
-def find_jids(api: Api, target: Target, jids: Sequence[str]) -> list[Entry]:
+def find_jids(target: Target, jids: Sequence[str]) -> list[Entry]:
     """Every member of ``target`` whose jid is one of ``jids`` (the exact bytes stored);
     ``NotFound`` naming the first jid that has none."""
     wanted = set(jids)
-    found = [entry for entry in _scan(api, target.page) if entry.jid in wanted]
+    found = [entry for entry in _scan(target) if entry.jid in wanted]
     seen = {entry.jid for entry in found}
     missing = [jid for jid in dict.fromkeys(jids) if jid not in seen]
     if missing:
         others = f" (nor {', '.join(missing[1:])})" if len(missing) > 1 else ""
-        raise NotFound(f"no job with jid {missing[0]} in {target.label}{others}")
+        raise NotFound(f"no job with jid {missing[0]} in {label(target)}{others}")
     return found
+
+
+def confirm_all(args: argparse.Namespace, target: Target, verb: str) -> bool:
+    """Confirm ``verb`` on every job of ``target``; False (said on stdout) when it is
+    empty, so there is nothing to do."""
+    total = target.size()
+    if total == 0:
+        print(f"nothing to {verb}: {label(target)} is empty")
+        return False
+    confirm(args, f"{verb} {_all_jobs(total)} of {label(target)}")
+    return True
 
 
 def _jobs(count: int) -> str:
@@ -225,9 +219,9 @@ def stats(args: argparse.Namespace) -> int:
     if args.days < 0:
         raise UsageError("--days must not be negative")
     with open_api(args) as api:
-        numbers = api.stats()
-        processed = api.daily_stats("processed", args.days) if args.days else {}
-        failed = api.daily_stats("failed", args.days) if args.days else {}
+        numbers = api.stats.summary()
+        processed = api.stats.daily("processed", args.days) if args.days else {}
+        failed = api.stats.daily("failed", args.days) if args.days else {}
     return _emit(args, lambda: out.stats_record(numbers, processed, failed),
                  lambda: out.stats_table(numbers, processed, failed))
 
@@ -236,10 +230,10 @@ def queues(args: argparse.Namespace) -> int:
     """``queues``: each known queue's size and latency."""
     with open_api(args) as api:
         flight: dict[str, int] = {}
-        for backup in api.backups():
+        for backup in api.processes.backups():
             flight[backup.queue] = flight.get(backup.queue, 0) + backup.size
-        rows = [(name, size, api.queue_latency(name), flight.get(name, 0))
-                for name, size in api.queue_sizes().items()]
+        rows = [(name, size, api.queues.queue(name).latency(), flight.get(name, 0))
+                for name, size in api.queues.sizes().items()]
     return _emit(args, lambda: [{"name": n, "size": s, "latency": lat, "in_flight": f}
                                 for n, s, lat, f in rows],
                  lambda: out.queues_table(rows))
@@ -250,8 +244,9 @@ def jobs(args: argparse.Namespace) -> int:
     _check_page(args)
     with open_api(args) as api:
         check_queue(api, args.queue)
-        entries = api.jobs(args.queue, offset=args.offset, size=args.size)
-        total = api.queue_size(args.queue)
+        queue = api.queues.queue(args.queue)
+        entries = queue.page(offset=args.offset, size=args.size)
+        total = queue.size()
     return _emit(args, lambda: [out.entry_record(e) for e in entries],
                  lambda: out.jobs_table(entries), _page_note(args.offset, len(entries), total))
 
@@ -260,22 +255,23 @@ def set_listing(args: argparse.Namespace) -> int:
     """``retries`` / ``scheduled`` / ``dead``: a page of the set, with scores;
     ``--backtrace`` (retries, dead): each job's ``error_backtrace`` under its row."""
     _check_page(args)
-    target = SETS[args.set_name]
     backtrace = bool(getattr(args, "backtrace", False))
     with open_api(args) as api:
-        entries = target.page(api, args.offset, args.size)
-        total = target.size(api)
+        target = job_set(api, args.set_name)
+        entries = target.page(offset=args.offset, size=args.size)
+        total = target.size()
+    time_title = _SET_TITLES[target.name][1]
     return _emit(args, lambda: [out.entry_record(e) for e in entries],
-                 lambda: out.set_table(entries, target.time_title, backtrace),
+                 lambda: out.set_table(entries, time_title, backtrace),
                  _page_note(args.offset, len(entries), total))
 
 
 def processes(args: argparse.Namespace) -> int:
     """``processes``: the live nodes and the jobs they are running."""
     with open_api(args) as api:
-        nodes = api.nodes()
-        running = api.processes()
-        backups = api.backups()
+        nodes = api.processes.nodes()
+        running = api.processes.running()
+        backups = api.processes.backups()
     return _emit(args, lambda: {"nodes": [out.node_record(n) for n in nodes],
                                 "running": [out.process_record(p) for p in running],
                                 "in_flight": [out.backup_record(b) for b in backups]},
@@ -289,15 +285,15 @@ def backups(args: argparse.Namespace) -> int:
     """``backups [--requeue NODE]``: every node's jobs in flight; put a dead node's back."""
     with open_api(args) as api:
         if args.requeue is None:
-            lists = api.backups()
+            lists = api.processes.backups()
             return _emit(args, lambda: [out.backup_record(b) for b in lists],
                          lambda: out.backups_table(lists))
-        held = sum(b.size for b in api.backups() if b.node_id == args.requeue)
+        held = sum(b.size for b in api.processes.backups() if b.node_id == args.requeue)
         if not held:
             raise NotFound(f"node {args.requeue!r} has no jobs in flight (see 'backups')")
         confirm(args, f"put {_jobs(held)} of node {args.requeue!r} back in their queues")
         try:
-            moved = api.requeue_backups(args.requeue)
+            moved = api.processes.requeue_backups(args.requeue)
         except NodeAlive as exc:
             raise UsageError(str(exc)) from None
     print(f"put {_jobs(moved)} of node {args.requeue!r} back at the front of their queues")
@@ -309,49 +305,37 @@ def backups(args: argparse.Namespace) -> int:
 
 def requeue(args: argparse.Namespace) -> int:
     """``requeue SET (--jid J... | --all)``: move members, byte for byte, to their queues."""
-    target = SETS[args.target]
     with open_api(args) as api:
+        target = job_set(api, args.target)
         if args.all:
-            total = target.size(api)
-            if total == 0:
-                print(f"nothing to requeue: {target.label} is empty")
+            if not confirm_all(args, target, "requeue"):
                 return 0
-            confirm(args, f"requeue {_all_jobs(total)} of {target.label}")
-            moved = target.requeue_all(api)
+            moved = target.requeue_all()
         else:
-            found = find_jids(api, target, args.jid)
-            moved = target.requeue(api, [entry.raw for entry in found])
-    print(f"requeued {_jobs(moved)} from {target.label}")
+            moved = target.requeue([entry.raw for entry in find_jids(target, args.jid)])
+    print(f"requeued {_jobs(moved)} from {label(target)}")
     return 0
 
 
 def remove(args: argparse.Namespace) -> int:
     """``remove TARGET --jid J...``: delete the members with those jids."""
-    target = _target(args)
-    with open_api(args) as api:
-        if args.target == "queue":
-            check_queue(api, args.queue)
-        found = find_jids(api, target, args.jid)
-        confirm(args, f"remove {_jobs(len(found))} from {target.label}")
-        removed = target.remove(api, [entry.raw for entry in found], args.clear_unique)
+    with open_target(args) as target:
+        found = find_jids(target, args.jid)
+        confirm(args, f"remove {_jobs(len(found))} from {label(target)}")
+        removed = target.remove([entry.raw for entry in found],
+                                clear_unique_tokens=args.clear_unique)
     unlocked = " (unique locks released)" if args.clear_unique else ""
-    print(f"removed {_jobs(removed)} from {target.label}{unlocked}")
+    print(f"removed {_jobs(removed)} from {label(target)}{unlocked}")
     return 0
 
 
 def clear(args: argparse.Namespace) -> int:
     """``clear TARGET``: delete every job of a queue (its name kept) or of a set."""
-    target = _target(args)
-    with open_api(args) as api:
-        if args.target == "queue":
-            check_queue(api, args.queue)
-        total = target.size(api)
-        if total == 0:
-            print(f"nothing to delete: {target.label} is empty")
+    with open_target(args) as target:
+        if not confirm_all(args, target, "delete"):
             return 0
-        confirm(args, f"delete {_all_jobs(total)} of {target.label}")
-        deleted = target.clear(api)
-    print(f"deleted {_jobs(deleted)} from {target.label}")
+        deleted = target.clear()
+    print(f"deleted {_jobs(deleted)} from {label(target)}")
     return 0
 
 
@@ -377,19 +361,19 @@ def signal(args: argparse.Namespace) -> int:
 
 def check_node(api: Api, node: str) -> None:
     """Raise ``NotFound`` for a node that is not registered and alive."""
-    known = [info.identity for info in api.nodes()]
+    known = [info.identity for info in api.processes.nodes()]
     if node not in known:
         raise NotFound(f"no live node named {node!r} (known: {', '.join(known) or 'none'})")
 
 
 def _send(api: Api, node: str, action: str, jid: str | None) -> None:
     if action == "quiet":
-        api.quiet(node)
+        api.processes.quiet(node)
     elif action == "stop":
-        api.stop(node)
+        api.processes.stop(node)
     else:
         try:
-            api.cancel(node, jid or "")
+            api.processes.cancel(node, jid or "")
         except LookupError as exc:
             raise NotFound(str(exc)) from None
 
@@ -397,7 +381,7 @@ def _send(api: Api, node: str, action: str, jid: str | None) -> None:
 def prune(args: argparse.Namespace) -> int:
     """``prune``: unregister the nodes that have stopped (their hash has expired)."""
     with open_api(args) as api:
-        removed = api.prune_dead_nodes()
+        removed = api.processes.prune_dead_nodes()
     if not removed:
         print("no dead nodes to prune")
     else:

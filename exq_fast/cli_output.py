@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from .api import Entry, NodeInfo, ProcessInfo, Stats
+from .admin import Entry, NodeInfo, ProcessInfo, Stats
 from .nodes import Backup
 from .retry import decode_backtrace
 

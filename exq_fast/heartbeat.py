@@ -24,7 +24,7 @@ from redis.typing import EncodableT, FieldT
 
 from . import nodes, queue, scripts
 from ._version import __version__
-from .api import Api
+from .admin.processes import prune_dead_nodes
 from .background import RecoveredHook
 from .config import Config
 from .connection import text
@@ -231,9 +231,8 @@ class NodePinger(BackgroundLoop):
     def prune(self) -> list[str]:
         """Remove the registry members whose node hash is gone (and their in-progress
         hashes); return them. A live node's records are never touched (see
-        ``Api.prune_dead_nodes``, the one implementation)."""
-        with Api(self.config, client=self.client) as api:
-            return api.prune_dead_nodes()
+        ``admin.processes.prune_dead_nodes``, the one implementation)."""
+        return prune_dead_nodes(self.client, self.keys)
 
     def remove(self) -> None:
         """Unregister this node at a graceful stop: registry membership, node

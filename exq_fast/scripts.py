@@ -103,10 +103,12 @@ end
 return {#members, moved}
 """
 
+# The admin's requeue of given members: KEYS [zset], ARGV [prefix, fallback queue,
+# then the members] (the prefix and the queue name are not keys, so not in KEYS).
 SCHEDULER_DEQUEUE_JOBS = _MOVE_MEMBER + """
 local moved = 0
-for _, member in ipairs(ARGV) do
-  moved = moved + move(KEYS[1], KEYS[2], KEYS[3], member)
+for i = 3, #ARGV do
+  moved = moved + move(KEYS[1], ARGV[1], ARGV[2], ARGV[i])
 end
 return moved
 """

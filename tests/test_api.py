@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from exq_fast import Exq, current_job
-from exq_fast.api import Api, Entry, NodeInfo, Stats
+from exq_fast.admin import Api, Entry, JobSet, NodeInfo, SetName, Stats, prune_dead_nodes
 from exq_fast.config import Config
 from exq_fast.embedded import RedisServer, delete_namespace
 from exq_fast.enqueuer import Enqueuer
@@ -215,27 +215,27 @@ def test_queue_listing_sizes_and_pages_are_newest_first(
     loaded = load_payloads(redis_client, keys, version)
 
     # When an operator lists the queues and pages through one
-    everything = api.jobs(loaded.queue, size=1000)
-    page = api.jobs(loaded.queue, offset=2, size=3)
+    everything = api.queues.queue(loaded.queue).page(size=1000)
+    page = api.queues.queue(loaded.queue).page(offset=2, size=3)
 
     # Then the queue shows every job, newest first, byte for byte, each decoded
-    assert api.queues() == [loaded.queue]
-    assert api.queue_sizes() == {loaded.queue: len(loaded.enqueued)}
-    assert api.queue_size(loaded.queue) == len(loaded.enqueued)
+    assert api.queues.names() == [loaded.queue]
+    assert api.queues.sizes() == {loaded.queue: len(loaded.enqueued)}
+    assert api.queues.queue(loaded.queue).size() == len(loaded.enqueued)
     assert [e.raw for e in everything] == loaded.listed
     assert [e.jid for e in everything] == [jid_of(raw) for raw in loaded.listed]
     assert all(e.job is not None and e.score is None for e in everything)
     assert [e.raw for e in page] == loaded.listed[2:5]
-    assert api.jobs(loaded.queue, offset=len(loaded.enqueued)) == []
-    assert api.jobs(loaded.queue, size=0) == []
-    assert [e.raw for e in api.jobs_by_queue(size=2)[loaded.queue]] == loaded.listed[:2]
+    assert api.queues.queue(loaded.queue).page(offset=len(loaded.enqueued)) == []
+    assert api.queues.queue(loaded.queue).page(size=0) == []
+    assert [e.raw for e in api.queues.jobs_by_queue(size=2)[loaded.queue]] == loaded.listed[:2]
     # the oldest job has waited since it was enqueued (in 2026): a positive latency
-    assert api.queue_latency(loaded.queue) > 0
+    assert api.queues.queue(loaded.queue).latency() > 0
     # and an unknown queue is simply empty, as in Exq
-    assert api.jobs("nope") == []
-    assert api.queue_size("nope") == 0
-    assert api.queue_latency("nope") == 0.0
-    assert api.find_job("nope", jid_of(loaded.enqueued[0])) is None
+    assert api.queues.queue("nope").page() == []
+    assert api.queues.queue("nope").size() == 0
+    assert api.queues.queue("nope").latency() == 0.0
+    assert api.queues.queue("nope").find(jid_of(loaded.enqueued[0])) is None
 
 
 def test_escapes_and_extra_fields_survive_the_listing(
@@ -245,8 +245,8 @@ def test_escapes_and_extra_fields_survive_the_listing(
     loaded = load_payloads(redis_client, keys, SIDEKIQ)
 
     # When the operator reads those entries
-    edge = api.find_job("default", jid_of(loaded.enqueued[12]))
-    extra = api.find_job("default", jid_of(loaded.enqueued[7]))
+    edge = api.queues.queue("default").find(jid_of(loaded.enqueued[12]))
+    extra = api.queues.queue("default").find(jid_of(loaded.enqueued[7]))
 
     # Then the bytes are the stored ones and every field is readable
     assert edge is not None and edge.raw == loaded.enqueued[12]
@@ -261,14 +261,14 @@ def test_find_job_by_jid(api: Api, redis_client: redis.Redis, keys: Keys) -> Non
     loaded = load_payloads(redis_client, keys, EXQ23)
 
     # When the operator looks jobs up by jid
-    custom = api.find_job("fxq", "fx-custom-jid-0001")
-    first = api.find_job("fxq", jid_of(loaded.enqueued[0]))
+    custom = api.queues.queue("fxq").find("fx-custom-jid-0001")
+    first = api.queues.queue("fxq").find(jid_of(loaded.enqueued[0]))
 
     # Then the matching member comes back exactly; an unknown jid finds nothing
     assert custom is not None and custom.raw == loaded.enqueued[8]
     assert first is not None and first.raw == loaded.enqueued[0]
     assert first.job is not None and first.job.args == [1, "two"]
-    assert api.find_job("fxq", "no-such-jid") is None
+    assert api.queues.queue("fxq").find("no-such-jid") is None
 
 
 def test_remove_jobs_removes_exactly_the_raw_members(
@@ -278,18 +278,20 @@ def test_remove_jobs_removes_exactly_the_raw_members(
     loaded = load_payloads(redis_client, keys, EXQ23)
     gone = [loaded.enqueued[0], loaded.enqueued[3]]
 
+    fxq = api.queues.queue("fxq")
+
     # When two jobs are removed by their raw bytes (twice)
-    first = api.remove_jobs("fxq", gone)
-    again = api.remove_jobs("fxq", gone)
+    first = fxq.remove(gone)
+    again = fxq.remove(gone)
 
     # Then they are gone once, the others are untouched and in order
     assert (first, again) == (2, 0)
-    assert api.queue_size("fxq") == 9
-    assert [e.raw for e in api.jobs("fxq")] == [r for r in loaded.listed if r not in gone]
+    assert fxq.size() == 9
+    assert [e.raw for e in fxq.page()] == [r for r in loaded.listed if r not in gone]
     # a re-encoded copy (same job, other bytes) is not a member
     copy = json.dumps(json.loads(loaded.enqueued[1])).encode()
-    assert api.remove_jobs("fxq", [copy]) == 0
-    assert api.remove_jobs("nope", [loaded.enqueued[1]]) == 0
+    assert fxq.remove([copy]) == 0
+    assert api.queues.queue("nope").remove([loaded.enqueued[1]]) == 0
 
 
 def test_remove_jobs_releases_unique_locks_only_when_asked_and_still_held(
@@ -302,10 +304,10 @@ def test_remove_jobs_releases_unique_locks_only_when_asked_and_still_held(
     assert set(locks) == {token_of(unique_a), token_of(unique_b)}
 
     # When job A is removed without clearing, then put back and removed with clearing
-    assert api.remove_jobs("fxq", [unique_a]) == 1
+    assert api.queues.queue("fxq").remove([unique_a]) == 1
     kept = redis_client.get(keys.unique(token_of(unique_a)))
     redis_client.lpush(keys.queue("fxq"), unique_a)
-    assert api.remove_jobs("fxq", [unique_a], clear_unique_tokens=True) == 1
+    assert api.queues.queue("fxq").remove([unique_a], clear_unique_tokens=True) == 1
 
     # Then the lock stayed the first time and was released the second
     assert kept == jid_of(unique_a).encode()
@@ -314,7 +316,7 @@ def test_remove_jobs_releases_unique_locks_only_when_asked_and_still_held(
 
     # When B's lock has meanwhile passed to another job, and B is removed with clearing
     redis_client.set(keys.unique(token_of(unique_b)), "other-jid")
-    assert api.remove_jobs("fxq", [unique_b], clear_unique_tokens=True) == 1
+    assert api.queues.queue("fxq").remove([unique_b], clear_unique_tokens=True) == 1
 
     # Then the other job's lock is untouched (compare-and-delete)
     assert redis_client.get(keys.unique(token_of(unique_b))) == b"other-jid"
@@ -327,21 +329,21 @@ def test_clear_queue_keeps_the_name_and_remove_queue_forgets_it(
     load_payloads(redis_client, keys, EXQ13)
 
     # When the queue is cleared
-    cleared = api.clear_queue("fxq")
+    cleared = api.queues.queue("fxq").clear()
 
     # Then its jobs are gone but the queue is still known
     assert cleared == 8
-    assert api.queue_sizes() == {"fxq": 0}
+    assert api.queues.sizes() == {"fxq": 0}
 
     # When jobs come back and the queue is removed
     redis_client.lpush(keys.queue("fxq"), *fixture_lines(f"{EXQ13}/enqueued.jsonl")[:2])
-    removed = api.remove_queue("fxq")
+    removed = api.queues.queue("fxq").delete()
 
     # Then both the jobs and the name are gone; unknown queues are no error
     assert removed == 2
-    assert api.queues() == []
+    assert api.queues.names() == []
     assert redis_client.exists(keys.queue("fxq")) == 0
-    assert (api.clear_queue("nope"), api.remove_queue("nope")) == (0, 0)
+    assert (api.queues.queue("nope").clear(), api.queues.queue("nope").delete()) == (0, 0)
 
 
 def test_members_that_are_not_jobs_are_listed_and_handled(
@@ -354,19 +356,19 @@ def test_members_that_are_not_jobs_are_listed_and_handled(
     redis_client.zadd(keys.dead, {raw: 100.0 + i for i, raw in enumerate(junk)})
 
     # When the operator lists, finds, removes and requeues
-    listed = api.jobs("fxq", size=100)
-    dead = api.dead(size=100)
+    listed = api.queues.queue("fxq").page(size=100)
+    dead = api.dead.page(size=100)
 
     # Then the junk is listed with no job, and never breaks a find
     assert [e.raw for e in listed[:4]] == list(reversed(junk))
     assert [e.job for e in listed[:4]] == [None] * 4
     assert all(e.jid is None and e.to_dict() is None for e in listed[:4])
     assert len(dead) == len(loaded.dead) + 4
-    assert api.find_job("fxq", jid_of(loaded.enqueued[0])) is not None
-    assert api.find_dead("no-such-jid") is None
-    assert api.remove_jobs("fxq", junk[:2]) == 2
+    assert api.queues.queue("fxq").find(jid_of(loaded.enqueued[0])) is not None
+    assert api.dead.find("no-such-jid") is None
+    assert api.queues.queue("fxq").remove(junk[:2]) == 2
     # a member that names no queue is requeued to "default", byte for byte
-    assert api.requeue_dead([junk[0]]) == 1
+    assert api.dead.requeue([junk[0]]) == 1
     assert redis_client.lrange(keys.queue("default"), 0, -1) == [junk[0]]
 
 
@@ -381,7 +383,7 @@ def test_sets_list_soonest_first_and_dead_newest_first(
     loaded = load_payloads(redis_client, keys, version)
 
     # When the operator lists them
-    retries, scheduled, dead = api.retries(), api.scheduled(), api.dead()
+    retries, scheduled, dead = api.retries.page(), api.scheduled.page(), api.dead.page()
 
     # Then retry and schedule are soonest first, dead newest first, with scores
     def pairs(entries: list[Entry]) -> list[tuple[bytes, float | None]]:
@@ -394,13 +396,13 @@ def test_sets_list_soonest_first_and_dead_newest_first(
     assert pairs(scheduled) == expected(loaded.scheduled)
     assert pairs(dead) == list(reversed(expected(loaded.dead)))
     assert all(e.job is not None for e in retries + scheduled + dead)
-    assert (api.retry_size(), api.scheduled_size(), api.dead_size()) == (
+    assert (api.retries.size(), api.scheduled.size(), api.dead.size()) == (
         len(loaded.retry), len(loaded.scheduled), len(loaded.dead))
     # paging
-    assert pairs(api.dead(offset=1, size=1)) == list(reversed(expected(loaded.dead)))[1:2]
-    assert pairs(api.scheduled(offset=1, size=2)) == expected(loaded.scheduled)[1:3]
-    assert api.retries(size=0) == []
-    assert api.retries(offset=100) == []
+    assert pairs(api.dead.page(offset=1, size=1)) == list(reversed(expected(loaded.dead)))[1:2]
+    assert pairs(api.scheduled.page(offset=1, size=2)) == expected(loaded.scheduled)[1:3]
+    assert api.retries.page(size=0) == []
+    assert api.retries.page(offset=100) == []
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -409,8 +411,9 @@ def test_find_in_sets_by_jid_with_and_without_score(
 ) -> None:
     # Given the three sets of a real library (a retried job is in retry twice)
     loaded = load_payloads(redis_client, keys, version)
-    finders = ((api.find_retry, loaded.retry, False), (api.find_scheduled, loaded.scheduled, False),
-               (api.find_dead, loaded.dead, True))
+    finders = ((api.retries.find, loaded.retry, False),
+               (api.scheduled.find, loaded.scheduled, False),
+               (api.dead.find, loaded.dead, True))
 
     for find, members, newest_first in finders:
         for member, score in members:
@@ -442,19 +445,19 @@ def test_remove_from_sets_by_raw_member(
 
     # When one member of each is removed (twice)
     results = [
-        (api.remove_retry([loaded.retry[0][0]]), api.remove_retry([loaded.retry[0][0]])),
-        (api.remove_scheduled([loaded.scheduled[0][0]]),
-         api.remove_scheduled([loaded.scheduled[0][0]])),
-        (api.remove_dead([loaded.dead[0][0]]), api.remove_dead([loaded.dead[0][0]])),
+        (api.retries.remove([loaded.retry[0][0]]), api.retries.remove([loaded.retry[0][0]])),
+        (api.scheduled.remove([loaded.scheduled[0][0]]),
+         api.scheduled.remove([loaded.scheduled[0][0]])),
+        (api.dead.remove([loaded.dead[0][0]]), api.dead.remove([loaded.dead[0][0]])),
     ]
 
     # Then each went once and the rest stayed
     assert results == [(1, 0)] * 3
-    assert [e.raw for e in api.retries()] == [m for m, _ in soonest_first(loaded.retry[1:])]
-    assert api.scheduled_size() == len(loaded.scheduled) - 1
-    assert api.dead_size() == len(loaded.dead) - 1
-    assert api.find_dead(jid_of(loaded.dead[0][0]), loaded.dead[0][1]) is None
-    assert api.remove_retry([]) == 0
+    assert [e.raw for e in api.retries.page()] == [m for m, _ in soonest_first(loaded.retry[1:])]
+    assert api.scheduled.size() == len(loaded.scheduled) - 1
+    assert api.dead.size() == len(loaded.dead) - 1
+    assert api.dead.find(jid_of(loaded.dead[0][0]), loaded.dead[0][1]) is None
+    assert api.retries.remove([]) == 0
 
 
 def test_remove_retry_with_clear_unique_tokens_releases_the_lock(
@@ -466,7 +469,7 @@ def test_remove_retry_with_clear_unique_tokens_releases_the_lock(
     redis_client.zadd(keys.retry, {unique: 1795867400.5})
 
     # When it is removed from retry with clear_unique_tokens
-    removed = api.remove_retry([unique], clear_unique_tokens=True)
+    removed = api.retries.remove([unique], clear_unique_tokens=True)
 
     # Then the job and its lock are gone
     assert removed == 1
@@ -482,20 +485,20 @@ def test_requeue_dead_moves_the_exact_bytes_and_keeps_the_error(
     member, score = loaded.dead[-1]
 
     # When the operator requeues it (twice)
-    moved, again = api.requeue_dead([member]), api.requeue_dead([member])
+    moved, again = api.dead.requeue([member]), api.dead.requeue([member])
 
     # Then it moved once, byte for byte, to the head of its queue, error fields kept
     assert (moved, again) == (1, 0)
     assert redis_client.lindex(keys.queue(loaded.queue), 0) == member
-    head = api.jobs(loaded.queue, size=1)[0]
+    head = api.queues.queue(loaded.queue).page(size=1)[0]
     error = head.to_dict()
     assert error is not None
     assert error["error_class"] == ("ArgumentError" if version == SIDEKIQ else "ExqGenericError")
     assert error["error_message"]
     assert "failed_at" in error
-    assert api.dead_size() == len(loaded.dead) - 1
-    assert api.find_dead(jid_of(member), score) is None
-    assert api.requeue_dead([b'{"jid":"not-a-member"}']) == 0
+    assert api.dead.size() == len(loaded.dead) - 1
+    assert api.dead.find(jid_of(member), score) is None
+    assert api.dead.requeue([b'{"jid":"not-a-member"}']) == 0
 
 
 def test_requeue_retry_scheduled_and_retry_job(
@@ -503,22 +506,22 @@ def test_requeue_retry_scheduled_and_retry_job(
 ) -> None:
     # Given Exq 0.23's retry and schedule sets and an empty queue
     loaded = load_payloads(redis_client, keys, EXQ23)
-    api.clear_queue("fxq")
+    api.queues.queue("fxq").clear()
 
     # When one retry is requeued, the schedule emptied and a retry retried by jid
-    first = api.requeue_retry([loaded.retry[0][0]])
-    scheduled = api.requeue_all_scheduled()
+    first = api.retries.requeue([loaded.retry[0][0]])
+    scheduled = api.scheduled.requeue_all()
     job_c = loaded.retry[1][0]
-    retried = api.retry_job(jid_of(job_c))
+    retried = api.retries.requeue_jid(jid_of(job_c))
 
     # Then exactly those members are in the queue, unchanged, newest first
     assert (first, scheduled, retried) == (1, 3, 1)
     moved = [loaded.retry[0][0], *[m for m, _ in soonest_first(loaded.scheduled)], job_c]
-    assert [e.raw for e in api.jobs("fxq")] == list(reversed(moved))
-    assert (api.retry_size(), api.scheduled_size()) == (1, 0)
-    assert api.retry_job("no-such-jid") == 0
-    assert api.retry_job(jid_of(job_c)) == 0
-    assert api.requeue_all_scheduled() == 0
+    assert [e.raw for e in api.queues.queue("fxq").page()] == list(reversed(moved))
+    assert (api.retries.size(), api.scheduled.size()) == (1, 0)
+    assert api.retries.requeue_jid("no-such-jid") == 0
+    assert api.retries.requeue_jid(jid_of(job_c)) == 0
+    assert api.scheduled.requeue_all() == 0
 
 
 def test_requeue_all_pages_through_a_large_set(
@@ -530,16 +533,16 @@ def test_requeue_all_pages_through_a_large_set(
     redis_client.zadd(keys.dead, members)
 
     # When every dead job is requeued
-    moved = api.requeue_all_dead()
+    moved = api.dead.requeue_all()
 
     # Then all moved, none twice, to their own queues
     assert moved == 1234
-    assert api.dead_size() == 0
-    assert api.queue_sizes() == {"q0": 617, "q1": 617}
+    assert api.dead.size() == 0
+    assert api.queues.sizes() == {"q0": 617, "q1": 617}
     queued = redis_client.lrange(keys.queue("q0"), 0, -1) + redis_client.lrange(
         keys.queue("q1"), 0, -1)
     assert sorted(queued) == sorted(members)
-    assert api.requeue_all_retries() == 0
+    assert api.retries.requeue_all() == 0
 
 
 def test_concurrent_requeues_of_the_same_member_move_it_once(
@@ -556,7 +559,7 @@ def test_concurrent_requeues_of_the_same_member_move_it_once(
         with Api(config) as api:
             raws = [m for m, _ in loaded.dead]
             barrier.wait(5)
-            moved = api.requeue_dead(raws)
+            moved = api.dead.requeue(raws)
         with lock:
             results.append(moved)
 
@@ -582,20 +585,114 @@ def test_clear_sets_and_clear_failed(api: Api, redis_client: redis.Redis, keys: 
     load_stats(redis_client, keys, EXQ23)
 
     # When retries and the schedule are cleared
-    cleared = (api.clear_retries(), api.clear_scheduled())
+    cleared = (api.retries.clear(), api.scheduled.clear())
 
     # Then they are empty and the dead set and counters untouched
     assert cleared == (len(loaded.retry), len(loaded.scheduled))
-    assert (api.retry_size(), api.scheduled_size(), api.dead_size()) == (0, 0, 2)
+    assert (api.retries.size(), api.scheduled.size(), api.dead.size()) == (0, 0, 2)
 
     # When the failures are cleared (Exq's clear_failed)
-    assert api.clear_failed() == 2
+    assert api.stats.clear_failed() == 2
 
     # Then the failed counter is 0 and the dead set gone; processed is kept
-    assert (api.stat("failed"), api.stat("processed"), api.dead_size()) == (0, 5, 0)
+    assert (api.stats.total("failed"), api.stats.total("processed"), api.dead.size()) == (0, 5, 0)
     redis_client.zadd(keys.dead, {loaded.dead[0][0]: 1.0})
-    assert api.clear_dead() == 1
-    assert api.dead() == []
+    assert api.dead.clear() == 1
+    assert api.dead.page() == []
+
+
+# -- one JobSet type for the three sets ------------------------------------------------
+
+
+class ScriptKeysRecorder(redis.Redis):
+    """A real client that also notes the KEYS of every script it runs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.script_keys: list[list[str]] = []
+
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:  # type: ignore[override]
+        self.script_keys.append([k.decode() if isinstance(k, bytes) else str(k)
+                                 for k in keys_and_args[:numkeys]])
+        return super().evalsha(sha, numkeys, *keys_and_args)
+
+
+SET_NAMES: tuple[SetName, ...] = ("retry", "schedule", "dead")
+
+
+def set_view(api: Api, name: SetName) -> JobSet:
+    return {"retry": api.retries, "schedule": api.scheduled, "dead": api.dead}[name]
+
+
+def set_members() -> list[tuple[bytes, float]]:
+    """Four members as another library might store them: key order, spacing and a
+    unicode escape that a re-encoding would change; one names no queue, one is junk."""
+    return [
+        (b'{"queue":"fxq","class":"A","args":[1],"jid":"j-1","enqueued_at":1.5}', 100.25),
+        (b'{"jid": "j-2", "queue": "fxq", "class": "B", "args": ["\\u00e9"]}', 200.5),
+        (b'{"jid":"j-3","class":"C","args":[]}', 300.0),
+        (b"not json at all", 400.0),
+    ]
+
+
+@pytest.mark.parametrize("name", SET_NAMES)
+def test_each_set_is_the_same_job_set_listing_finding_and_removing_exact_bytes(
+    api: Api, redis_client: redis.Redis, keys: Keys, name: SetName
+) -> None:
+    # Given four members in the set ``name``
+    view = set_view(api, name)
+    members = set_members()
+    redis_client.zadd(view.key, dict(members))
+    order = list(reversed(members)) if name == "dead" else members
+
+    # When it is listed, searched and two members are removed
+    listed = view.page()
+    found, at_score = view.find("j-2"), view.find("j-2", 200.5)
+    removed = view.remove([members[0][0], members[3][0], b'{"jid":"j-1"}'])
+
+    # Then it is a JobSet on P(<name>), listed in its order with exact bytes and scores
+    assert type(view) is JobSet and view.key == keys.p(name)
+    assert [(e.raw, e.score) for e in listed] == order
+    assert listed[-1 if name == "dead" else 0].job is not None
+    assert [e.job for e in listed if e.raw == b"not json at all"] == [None]
+    assert found == at_score == Entry(members[1][0], None, 200.5)
+    assert view.find("j-2", 200.0) is None
+    # and only the exact bytes named were removed
+    assert removed == 2
+    assert redis_client.zrange(view.key, 0, -1, withscores=True) == [members[1], members[2]]
+    assert view.size() == 2
+
+
+@pytest.mark.parametrize("name", SET_NAMES)
+def test_each_set_requeues_byte_for_byte_with_only_keys_as_script_keys(
+    config: Config, redis_url: str, redis_client: redis.Redis, keys: Keys, name: SetName
+) -> None:
+    # Given four members in the set ``name``, seen through a client noting script KEYS
+    recorder = ScriptKeysRecorder.from_url(redis_url)
+    members = set_members()
+    with Api(config, client=recorder) as api:
+        view = set_view(api, name)
+        redis_client.zadd(view.key, dict(members))
+
+        # When one member is requeued by jid, then all the others
+        one = view.requeue_jid("j-2")
+        rest = view.requeue_all()
+        again = view.requeue([members[0][0]])
+    recorder.close()
+
+    # Then each moved once, byte for byte, to the front of its queue (default when it
+    # names none or is not JSON); the set is gone
+    assert (one, rest, again) == (1, 3, 0)
+    later = [members[i][0] for i in ((3, 2, 0) if name == "dead" else (0, 2, 3))]
+    by_queue = {"fxq": [m for m in later if b'"fxq"' in m], "default": []}
+    by_queue["default"] = [m for m in later if m not in by_queue["fxq"]]
+    assert redis_client.lrange(keys.queue("fxq"), 0, -1) == [
+        *reversed(by_queue["fxq"]), members[1][0]]
+    assert redis_client.lrange(keys.queue("default"), 0, -1) == list(reversed(by_queue["default"]))
+    assert redis_client.smembers(keys.queues) == {b"fxq", b"default"}
+    assert not redis_client.exists(view.key)
+    # and every KEYS argument was the set's key: the prefix and queue name went in ARGV
+    assert recorder.script_keys and all(k == [keys.p(name)] for k in recorder.script_keys)
 
 
 # -- stats -----------------------------------------------------------------------------
@@ -610,15 +707,15 @@ def test_counters_and_per_day_stats_match_the_fixture(
     load_stats(redis_client, keys, version)
 
     # When the operator reads totals and per-day counters
-    per_day = api.stats_for_dates("processed", ["2026-11-28", date(2026, 11, 27)])
-    week = api.daily_stats("failed", days=3, today=FIXTURE_DAY)
+    per_day = api.stats.for_dates("processed", ["2026-11-28", date(2026, 11, 27)])
+    week = api.stats.daily("failed", days=3, today=FIXTURE_DAY)
 
     # Then they are the fixture's values, 0 where nothing was written
-    assert (api.stat("processed"), api.stat("failed")) == (processed, failed)
+    assert (api.stats.total("processed"), api.stats.total("failed")) == (processed, failed)
     assert per_day == [processed, 0]
-    assert api.stats_for_dates("failed", []) == []
+    assert api.stats.for_dates("failed", []) == []
     assert list(week.items()) == [("2026-11-28", failed), ("2026-11-27", 0), ("2026-11-26", 0)]
-    assert len(api.daily_stats("processed")) == 7
+    assert len(api.stats.daily("processed")) == 7
 
 
 def test_dashboard_stats_of_exq_data(api: Api, redis_client: redis.Redis, keys: Keys) -> None:
@@ -628,14 +725,14 @@ def test_dashboard_stats_of_exq_data(api: Api, redis_client: redis.Redis, keys: 
     load_inflight(redis_client, keys, EXQ23)
 
     # When the dashboard numbers are read
-    stats = api.stats()
+    stats = api.stats.summary()
 
     # Then they add up as Sidekiq's dashboard would show them, with the two running jobs
     # (in node vm's backup list) in flight
     assert stats == Stats(processed=5, failed=3, retry_size=3, scheduled_size=3, dead_size=2,
                           enqueued=11, busy=2, processes=1, in_flight=2)
     # And the backup list is listed with its node, which is alive (its record beats)
-    [backup] = api.backups()
+    [backup] = api.processes.backups()
     assert (backup.node_id, backup.queue, backup.size) == ("vm", "fxq", 2)
 
 
@@ -652,7 +749,7 @@ def test_realtime_stats_are_time_sorted_and_stay_in_the_namespace(
 
         # When the operator reads the realtime stats
         with Api(Config(redis_url=redis_url, namespace=globbed.namespace)) as api:
-            failures, successes = api.realtime_stats()
+            failures, successes = api.stats.realtime()
 
         # Then each kind lists its seconds in time order, and only this namespace's
         assert failures == [("2026-11-28 12:01:40Z", 7), ("2026-11-28 12:02:02Z", 3)]
@@ -665,18 +762,18 @@ def test_realtime_stats_are_time_sorted_and_stay_in_the_namespace(
 def test_bad_arguments_raise_value_error_with_a_clear_message(api: Api) -> None:
     # Given an Api; When it is called with bad arguments; Then ValueError says what is wrong
     calls: list[tuple[Callable[[], object], str]] = [
-        (lambda: api.jobs("fxq", size=-1), "size"),
-        (lambda: api.jobs("fxq", offset=-5), "offset"),
-        (lambda: api.dead(size=True), "size"),
-        (lambda: api.stat("bogus"), "stat kind"),
-        (lambda: api.stats_for_dates("processed", ["28/11/2026"]), "not a date"),
-        (lambda: api.daily_stats("failed", days=0), "days"),
-        (lambda: api.remove_dead(b"raw bytes, not a list"), "list"),  # type: ignore[arg-type]
-        (lambda: api.requeue_retry([42]), "bytes or str"),  # type: ignore[list-item]
-        (lambda: api.find_job("fxq", ""), "jid"),
-        (lambda: api.queue_size(""), "queue"),
-        (lambda: api.find_retry("j", "soon"), "score"),
-        (lambda: api.send_signal("vm", ""), "signal"),
+        (lambda: api.queues.queue("fxq").page(size=-1), "size"),
+        (lambda: api.queues.queue("fxq").page(offset=-5), "offset"),
+        (lambda: api.dead.page(size=True), "size"),
+        (lambda: api.stats.total("bogus"), "stat kind"),
+        (lambda: api.stats.for_dates("processed", ["28/11/2026"]), "not a date"),
+        (lambda: api.stats.daily("failed", days=0), "days"),
+        (lambda: api.dead.remove(b"raw bytes, not a list"), "list"),  # type: ignore[arg-type]
+        (lambda: api.retries.requeue([42]), "bytes or str"),  # type: ignore[list-item]
+        (lambda: api.queues.queue("fxq").find(""), "jid"),
+        (lambda: api.queues.queue("").size(), "queue"),
+        (lambda: api.retries.find("j", "soon"), "score"),
+        (lambda: api.processes.send_signal("vm", ""), "signal"),
     ]
     for call, words in calls:
         with pytest.raises(ValueError, match=words):
@@ -694,22 +791,22 @@ def test_nodes_and_processes_of_the_exq_023_inflight_fixture(
     backup = fixture["backup_list"]["members_lrange_order"]
 
     # When the operator lists nodes and in-progress jobs
-    nodes, processes = api.nodes(), api.processes()
+    nodes, processes = api.processes.nodes(), api.processes.running()
 
     # Then node "vm" shows as Exq wrote it: pid a string, busy 2, concurrency 0
     assert nodes == [NodeInfo(
         identity="vm", hostname="vm", pid="29197", started_at=1795867331.374803,
         queues=("fxq",), busy=2, quiet=False, concurrency=0, beat=1795867336.378132,
         source="exq", labels=(), tag="", version=None)]
-    assert api.busy() == 2
+    assert api.processes.busy() == 2
     # and its two jobs, with Exq's worker pids, queue and start times
     assert [(p.node, p.field, p.queue, p.run_at) for p in processes] == [
         ("vm", "#PID<0.248.0>", "fxq", 1795867331.394745),
         ("vm", "#PID<0.249.0>", "fxq", 1795867331.394768)]
     assert sorted(str(p.jid) for p in processes) == sorted(jid_of(m.encode()) for m in backup)
     assert all(p.job is not None and p.job.job_class == "Bench.SlowWorker" for p in processes)
-    assert api.processes("vm") == processes
-    assert api.processes("other") == []
+    assert api.processes.running("vm") == processes
+    assert api.processes.running("other") == []
 
 
 def test_exq_013_process_records_are_tolerated(
@@ -719,24 +816,24 @@ def test_exq_013_process_records_are_tolerated(
     load_inflight(redis_client, keys, EXQ13)
 
     # When the operator lists nodes and in-progress jobs
-    nodes, processes = api.nodes(), api.processes()
+    nodes, processes = api.processes.nodes(), api.processes.running()
 
     # Then host "vm" shows as an "exq-0.13" node with its two jobs
     assert [(n.identity, n.source, n.busy, n.queues, n.started_at) for n in nodes] == [
         ("vm", "exq-0.13", 2, ("fxq",), 1795867298.286085)]
-    assert api.busy() == 2
+    assert api.processes.busy() == 2
     assert [(p.node, p.field, p.queue) for p in processes] == [
         ("vm", "<0.195.0>", "fxq"), ("vm", "<0.196.0>", "fxq")]
     assert [p.job.args for p in processes if p.job] == [[1, "slow"], [2, "slow"]]
     with pytest.raises(LookupError):
-        api.cancel("vm", "no-such-jid")
+        api.processes.cancel("vm", "no-such-jid")
 
     # When dead nodes are pruned (Exq 0.23 prunes these records too)
-    pruned = api.prune_dead_nodes()
+    pruned = api.processes.prune_dead_nodes()
 
     # Then the records are gone
     assert len(pruned) == 2
-    assert (api.nodes(), api.processes()) == ([], [])
+    assert (api.processes.nodes(), api.processes.running()) == ([], [])
 
 
 def test_sidekiq_process_in_a_named_namespace(
@@ -746,8 +843,8 @@ def test_sidekiq_process_in_a_named_namespace(
     load_inflight(redis_client, keys, SIDEKIQ)
 
     # When the operator lists nodes and in-progress jobs
-    (node,) = api.nodes()
-    processes = api.processes()
+    (node,) = api.processes.nodes()
+    processes = api.processes.running()
 
     # Then the process shows as Sidekiq wrote it, its jobs from its :workers hash
     assert (node.identity, node.source, node.pid, node.concurrency, node.busy) == (
@@ -770,8 +867,8 @@ def test_odd_registry_members_never_break_the_listing(
     redis_client.hset(keys.workers("junk-info"), "w1", b"\xff not json")
 
     # When the operator lists nodes and processes, and prunes
-    nodes, processes = api.nodes(), api.processes()
-    pruned = api.prune_dead_nodes()
+    nodes, processes = api.processes.nodes(), api.processes.running()
+    pruned = api.processes.prune_dead_nodes()
 
     # Then the junk node is listed with what can be read, the list is skipped,
     # the bad record is listed without a job, and nothing readable-but-odd is pruned
@@ -791,18 +888,41 @@ def test_prune_dead_nodes_removes_a_dead_entry_and_keeps_a_live_one(
     record = next(iter(fixture["workers_hash"]["fields_hgetall_order"].values()))
     redis_client.sadd(keys.processes, "ghost")
     redis_client.hset(keys.workers("ghost"), "#PID<0.1.0>", record)
-    assert {p.node for p in api.processes()} == {"vm", "ghost"}
+    assert {p.node for p in api.processes.running()} == {"vm", "ghost"}
 
     # When dead nodes are pruned
-    pruned = api.prune_dead_nodes()
+    pruned = api.processes.prune_dead_nodes()
 
     # Then only the ghost is gone, with its record; vm keeps everything
     assert pruned == ["ghost"]
     assert redis_client.smembers(keys.processes) == {b"vm"}
     assert redis_client.exists(keys.workers("ghost")) == 0
     assert redis_client.hlen(keys.workers("vm")) == 2
-    assert [n.identity for n in api.nodes()] == ["vm"]
-    assert api.prune_dead_nodes() == []
+    assert [n.identity for n in api.processes.nodes()] == ["vm"]
+    assert api.processes.prune_dead_nodes() == []
+
+
+def test_prune_dead_nodes_is_a_plain_function_of_a_client_and_keys(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    # Given, without any Api, a live node and a stopped one with both in-progress hashes
+    redis_client.sadd(keys.processes, "live", "gone")
+    redis_client.hset(keys.node("live"), mapping={"info": '{"busy":0}', "busy": "0"})
+    redis_client.hset(keys.workers("live"), "#PID<0.1.0>", '{"queue":"q"}')
+    redis_client.hset(keys.workers("gone"), "#PID<0.2.0>", '{"queue":"q"}')
+    redis_client.hset(keys.sidekiq_work("gone"), "tid", '{"queue":"q"}')
+    live_before = (redis_client.hgetall(keys.node("live")),
+                   redis_client.hgetall(keys.workers("live")))
+
+    # When the prune runs on the bare client (as the node pinger does)
+    pruned = prune_dead_nodes(redis_client, keys)
+
+    # Then the stopped node and its hashes are gone; the live one is byte for byte kept
+    assert pruned == ["gone"]
+    assert redis_client.smembers(keys.processes) == {b"live"}
+    assert redis_client.exists(keys.workers("gone"), keys.sidekiq_work("gone")) == 0
+    assert (redis_client.hgetall(keys.node("live")),
+            redis_client.hgetall(keys.workers("live"))) == live_before
 
 
 def test_clear_processes_and_signals_to_an_exq_node(
@@ -810,11 +930,11 @@ def test_clear_processes_and_signals_to_an_exq_node(
 ) -> None:
     # Given node "vm" running two jobs
     load_inflight(redis_client, keys, EXQ23)
-    running = api.processes()[1]
+    running = api.processes.running()[1]
 
     # When the operator quiets it and cancels one of its jobs
-    api.quiet("vm")
-    api.cancel("vm", running.jid or "")
+    api.processes.quiet("vm")
+    api.processes.cancel("vm", running.jid or "")
 
     # Then the node's signal list holds both, newest first, expiring in 60 s
     signals = cast(list[bytes], redis_client.lrange(keys.signals("vm"), 0, -1))
@@ -824,11 +944,11 @@ def test_clear_processes_and_signals_to_an_exq_node(
     assert 0 < redis_client.ttl(keys.signals("vm")) <= 60
 
     # When the processes are cleared
-    api.clear_processes()
+    api.processes.clear_running()
 
     # Then no job shows, the node stays
-    assert api.processes() == []
-    assert [n.identity for n in api.nodes()] == ["vm"]
+    assert api.processes.running() == []
+    assert [n.identity for n in api.processes.nodes()] == ["vm"]
 
 
 def test_a_running_exq_fast_node_is_listed_quieted_and_cancels_a_job(
@@ -843,8 +963,8 @@ def test_a_running_exq_fast_node_is_listed_quieted_and_cancels_a_job(
     node.ping()
 
     # When the operator lists nodes and in-progress jobs
-    (info,) = api.nodes()
-    (process,) = api.processes()
+    (info,) = api.processes.nodes()
+    (process,) = api.processes.running()
 
     # Then the node shows with this process's pid, its queue, one busy worker
     assert (info.identity, info.source, info.pid, info.busy, info.queues, info.quiet) == (
@@ -852,31 +972,31 @@ def test_a_running_exq_fast_node_is_listed_quieted_and_cancels_a_job(
     assert (info.hostname, info.concurrency) == (socket.gethostname(), 2)
     assert info.beat is not None and abs(info.beat - time.time()) < 10
     assert (process.node, process.jid, process.queue) == (node_id, jid, "fxq")
-    assert api.busy() == 1
-    assert api.stats().processes == 1
+    assert api.processes.busy() == 1
+    assert api.stats.summary().processes == 1
 
     # When the operator quiets the node
-    api.quiet(node_id)
+    api.processes.quiet(node_id)
     node.ping_until(lambda: node.exq.subscriptions() == [], "TSTP handled")
     node.ping()
 
     # Then it reports quiet, with no queue, its job still running
-    (info,) = api.nodes()
+    (info,) = api.processes.nodes()
     assert (info.quiet, info.queues, info.busy) == (True, (), 1)
 
     # When the operator cancels the job and the job returns
-    api.cancel(node_id, jid)
+    api.processes.cancel(node_id, jid)
     node.ping_until(lambda: node.jobs[0].cancelled, "CANCEL handled")
     node.gate.set()
 
     # Then the job is dead with "Canceled" and no longer in progress
-    wait_for(lambda: api.find_dead(jid) is not None, what="the cancelled job in dead")
-    dead = api.find_dead(jid)
+    wait_for(lambda: api.dead.find(jid) is not None, what="the cancelled job in dead")
+    dead = api.dead.find(jid)
     assert dead is not None and dead.to_dict()["error_message"] == "Canceled"  # type: ignore[index]
-    node.ping_until(lambda: api.processes() == [], "no job in progress")
-    assert api.busy() == 0
+    node.ping_until(lambda: api.processes.running() == [], "no job in progress")
+    assert api.processes.busy() == 0
     with pytest.raises(LookupError):
-        api.cancel(node_id, jid)
+        api.processes.cancel(node_id, jid)
 
 
 def test_stop_signal_shuts_a_running_exq_fast_node_down(
@@ -886,15 +1006,15 @@ def test_stop_signal_shuts_a_running_exq_fast_node_down(
     # Given a running exq-fast node
     node = make_node(make_config(queues=["fxq"], poll_timeout=10))
     node.ping()
-    assert [n.identity for n in api.nodes()] == [node_id]
+    assert [n.identity for n in api.processes.nodes()] == [node_id]
 
     # When the operator stops it
-    api.stop(node_id)
+    api.processes.stop(node_id)
     node.ping()
 
     # Then it shuts down and unregisters
     assert node.exq.stopped.wait(10)
-    assert api.nodes() == []
+    assert api.processes.nodes() == []
 
 
 # -- the empty namespace (Sidekiq 7's layout) -------------------------------------------
@@ -913,25 +1033,25 @@ def test_empty_namespace_sidekiq_and_exq_data(empty: EmptyNamespace) -> None:
 
     # When the operator reads queues, sets and stats
     # Then they are Sidekiq's keys, in Sidekiq's order
-    assert api.queues() == ["default"]
-    assert [e.raw for e in api.jobs("default", size=100)] == loaded.listed
-    assert [e.raw for e in api.dead()] == [m for m, _ in reversed(soonest_first(loaded.dead))]
-    assert api.find_retry(jid_of(loaded.retry[0][0]), loaded.retry[0][1]) is not None
-    assert api.stats() == Stats(processed=8, failed=3, retry_size=6, scheduled_size=6,
+    assert api.queues.names() == ["default"]
+    assert [e.raw for e in api.queues.queue("default").page(size=100)] == loaded.listed
+    assert [e.raw for e in api.dead.page()] == [m for m, _ in reversed(soonest_first(loaded.dead))]
+    assert api.retries.find(jid_of(loaded.retry[0][0]), loaded.retry[0][1]) is not None
+    assert api.stats.summary() == Stats(processed=8, failed=3, retry_size=6, scheduled_size=6,
                                 dead_size=3, enqueued=13, busy=4, processes=2, in_flight=2)
-    assert api.realtime_stats() == ([], [])
-    assert api.daily_stats("processed", 1, today=FIXTURE_DAY) == {"2026-11-28": 8}
+    assert api.stats.realtime() == ([], [])
+    assert api.stats.daily("processed", 1, today=FIXTURE_DAY) == {"2026-11-28": 8}
 
     # When a dead job is requeued
     member = loaded.dead[0][0]
-    assert api.requeue_dead([member]) == 1
+    assert api.dead.requeue([member]) == 1
 
     # Then it is at the head of Sidekiq's queue:default, unchanged
     assert client.lindex("queue:default", 0) == member
 
     # When nodes and processes are listed
-    nodes = api.nodes()
-    processes = api.processes()
+    nodes = api.processes.nodes()
+    processes = api.processes.running()
 
     # Then both registries are read: the Exq node and the Sidekiq process
     assert [(n.identity, n.source, n.pid, n.busy) for n in nodes] == [
@@ -939,12 +1059,12 @@ def test_empty_namespace_sidekiq_and_exq_data(empty: EmptyNamespace) -> None:
     assert sorted((p.node, p.field) for p in processes) == [
         ("vm", "#PID<0.248.0>"), ("vm", "#PID<0.249.0>"),
         (SIDEKIQ_ID, "hlp"), (SIDEKIQ_ID, "ho1")]
-    assert api.busy() == 4
+    assert api.processes.busy() == 4
 
     # When signals are sent to each
-    api.quiet("vm")
+    api.processes.quiet("vm")
     slow_1 = next(p for p in processes if p.field == "ho1")
-    api.cancel(SIDEKIQ_ID, slow_1.jid or "")
+    api.processes.cancel(SIDEKIQ_ID, slow_1.jid or "")
 
     # Then each goes to Exq's ":<id>-signals" and to Sidekiq's "<id>-signals"
     assert client.lrange(":vm-signals", 0, -1) == [b"TSTP"]
@@ -959,18 +1079,18 @@ def test_empty_namespace_sidekiq_and_exq_data(empty: EmptyNamespace) -> None:
     client.sadd(":processes", "ghost")
     client.sadd("processes", "ghost")
     client.hset("ghost:workers", "x", "{}")
-    pruned = api.prune_dead_nodes()
+    pruned = api.processes.prune_dead_nodes()
 
     # Then only the ghost goes; both live nodes stay
     assert pruned == ["ghost"]
     assert client.exists("ghost:workers") == 0
-    assert [n.identity for n in api.nodes()] == ["vm", SIDEKIQ_ID]
+    assert [n.identity for n in api.processes.nodes()] == ["vm", SIDEKIQ_ID]
 
     # When the processes are cleared
-    api.clear_processes()
+    api.processes.clear_running()
 
     # Then no job shows
-    assert api.processes() == []
+    assert api.processes.running() == []
 
 
 def test_empty_namespace_exq_fast_node_is_listed_once_and_gets_signals(
@@ -992,20 +1112,20 @@ def test_empty_namespace_exq_fast_node_is_listed_once_and_gets_signals(
     assert client.hlen(f"{node_id}:work") == 1
 
     # When the operator lists nodes and processes
-    nodes, processes = api.nodes(), api.processes()
+    nodes, processes = api.processes.nodes(), api.processes.running()
 
     # Then the node and its job are listed once each
     assert [(n.identity, n.source, n.busy) for n in nodes] == [(node_id, "exq", 1)]
     assert [(p.node, p.jid) for p in processes] == [(node_id, jid)]
 
     # When it is quieted
-    api.quiet(node_id)
+    api.processes.quiet(node_id)
     assert client.llen(f":{node_id}-signals") == 1
     assert client.llen(f"{node_id}-signals") == 1
 
     # Then it goes quiet, and a prune keeps it
     node.ping_until(lambda: node.exq.subscriptions() == [], "TSTP handled")
     node.ping()
-    assert [n.quiet for n in api.nodes()] == [True]
-    assert api.prune_dead_nodes() == []
-    assert [n.identity for n in api.nodes()] == [node_id]
+    assert [n.quiet for n in api.processes.nodes()] == [True]
+    assert api.processes.prune_dead_nodes() == []
+    assert [n.identity for n in api.processes.nodes()] == [node_id]

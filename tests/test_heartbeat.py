@@ -22,7 +22,7 @@ from redis.retry import Retry
 
 import exq_fast
 from exq_fast import nodes, queue
-from exq_fast.api import Api
+from exq_fast.admin.processes import _remove_gone
 from exq_fast.config import Config
 from exq_fast.embedded import RedisServer, free_port
 from exq_fast.heartbeat import Heartbeat, NodePinger
@@ -348,10 +348,8 @@ def test_a_node_that_pings_again_before_removal_is_kept(
     redis_client.sadd(keys.processes, "back-node")
     redis_client.hset(keys.node("back-node"), "info", "{}")
     redis_client.hset(keys.workers("back-node"), "#PID<0.9.0>", "{}")
-    # When the removal step (the Api's, which the pinger's prune uses) re-checks
-    # it under WATCH
-    with Api(pinger.config, client=redis_client) as api:
-        removed = api._remove_gone(["back-node"])
+    # When the removal step of the prune (which the pinger runs) re-checks it under WATCH
+    removed = _remove_gone(redis_client, pinger.keys, ["back-node"])
     # Then nothing of it is removed
     assert removed == []
     assert redis_client.sismember(keys.processes, "back-node")

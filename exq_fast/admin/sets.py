@@ -1,0 +1,150 @@
+"""``JobSet``: the retry, schedule and dead sets, one view type for the three.
+
+Owns the sorted sets ``P(retry)``, ``P(schedule)`` and ``P(dead)``
+(docs/wire-format.md §2), scored by float seconds. The retry and schedule
+sets are read soonest first, the dead set newest death first; that order is
+the only difference between the three views.
+
+Round trips: one per call, except ``find`` without a score (one per page of
+``PAGE_SIZE`` members until found), ``remove`` (one pipeline, plus one
+compare-and-delete per unique lock released) and the requeues (one script
+call per ``REQUEUE_CHUNK`` members). A requeue is the scheduler's move
+(docs/wire-format.md §6.1) on the given members: atomic per member, so of
+concurrent callers exactly one moves it, byte for byte (error fields kept),
+to the front of its own queue (``default`` when it names none). ``clear`` is
+one MULTI. Members are always the exact bytes stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Literal, cast
+
+import redis
+from redis.client import Pipeline
+
+from .. import scripts
+from ..keys import Keys
+from ._common import (
+    PAGE_SIZE,
+    Entry,
+    Members,
+    as_bytes,
+    check_name,
+    check_page,
+    entries,
+    find_in_pages,
+    first_with_jid,
+    raw_list,
+)
+
+__all__ = ["FALLBACK_QUEUE", "REQUEUE_CHUNK", "JobSet", "SetName"]
+
+SetName = Literal["retry", "schedule", "dead"]
+"""The sorted sets, by their key's name."""
+
+REQUEUE_CHUNK = 500
+"""Members moved per call of the requeue script."""
+FALLBACK_QUEUE = "default"
+"""Queue a requeued member goes to when it names none (or is not JSON)."""
+
+
+class JobSet(Members):
+    """One of the retry / schedule / dead sets; ``remove`` is ZREM. See the module doc."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, name: SetName) -> None:
+        super().__init__(client, keys, {"retry": keys.retry, "schedule": keys.schedule,
+                                        "dead": keys.dead}[name])
+        self.name: SetName = name
+        self.newest_first = name == "dead"
+        """Listing order: newest score first (dead), else soonest first."""
+
+    def size(self) -> int:
+        """Members of the set."""
+        return int(self._redis.zcard(self.key))
+
+    def page(self, *, offset: int = 0, size: int = 100) -> list[Entry]:
+        """A page of the set in its listing order, with scores."""
+        check_page(offset, size)
+        if size == 0:
+            return []
+        if self.newest_first:
+            reply = self._redis.zrevrangebyscore(self.key, "+inf", "-inf", start=offset,
+                                                 num=size, withscores=True)
+        else:
+            reply = self._redis.zrangebyscore(self.key, "-inf", "+inf", start=offset,
+                                              num=size, withscores=True)
+        return entries(reply)
+
+    def find(self, jid: str, score: float | str | None = None) -> Entry | None:
+        """The entry of ``jid`` (at ``score`` if given, else the first in listing
+        order), or None."""
+        check_name("jid", jid)
+        if score is not None:
+            bound = _score_arg(score)
+            return first_with_jid(entries(self._redis.zrangebyscore(
+                self.key, bound, bound, withscores=True)), jid)
+        return find_in_pages(self._pages(), jid)
+
+    def requeue(self, raws: Sequence[bytes | str]) -> int:
+        """Move the raw members, byte for byte, to their queues now; return how many
+        moved. Atomic per member: of concurrent callers exactly one moves it."""
+        return self._requeue(raw_list(raws))
+
+    def requeue_all(self) -> int:
+        """Move every member (in listing order) to its queue; return how many moved.
+
+        Bounded by the size at the start: members added meanwhile wait for a
+        later call, so a set that keeps filling cannot keep this looping.
+        """
+        budget, moved = self.size(), 0
+        while budget > 0:
+            page = cast(list[bytes], self._redis.zrange(
+                self.key, 0, min(budget, REQUEUE_CHUNK) - 1, desc=self.newest_first))
+            if not page:
+                break
+            moved += self._requeue([as_bytes(m) for m in page])
+            budget -= len(page)
+        return moved
+
+    def requeue_jid(self, jid: str) -> int:
+        """Move the entry of ``jid`` (its exact bytes) to its queue now; on the retry
+        set this is Exq's ``retry_job``. Returns 1, or 0 when no entry has that jid."""
+        found = self.find(jid)
+        return 0 if found is None else self.requeue([found.raw])
+
+    def clear(self) -> int:
+        """Delete the set; return how many entries it had."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.zcard(self.key)
+        pipe.delete(self.key)
+        return int(pipe.execute()[0])
+
+    def _remove_one(self, pipe: Pipeline, raw: bytes) -> object:
+        return pipe.zrem(self.key, raw)
+
+    def _pages(self) -> Iterator[list[Entry]]:
+        start = 0
+        while page := entries(self._redis.zrange(self.key, start, start + PAGE_SIZE - 1,
+                                                 desc=self.newest_first, withscores=True)):
+            yield page
+            start += PAGE_SIZE
+
+    def _requeue(self, members: list[bytes]) -> int:
+        moved = 0
+        for start in range(0, len(members), REQUEUE_CHUNK):
+            chunk = members[start:start + REQUEUE_CHUNK]
+            moved += int(scripts.scheduler_dequeue_jobs(
+                self._redis, [self.key], [self._keys.prefix, FALLBACK_QUEUE, *chunk]))
+        return moved
+
+
+def _score_arg(score: float | str) -> str:
+    """A score bound for ZRANGEBYSCORE: Redis's own text as given, or a float's repr."""
+    try:
+        value = float(score) if not isinstance(score, bool) else None
+    except (TypeError, ValueError):
+        value = None
+    if value is None:
+        raise ValueError(f"not a score: {score!r}")
+    return score if isinstance(score, str) else repr(value)
