@@ -37,12 +37,12 @@ import redis
 from redis.client import Pipeline
 
 from . import nodes as node_registry
-from . import queue as jobqueue
 from . import scripts
 from .config import Config
 from .connection import connect, text
 from .job import InvalidJob, Job, decode, encode, loads, to_seconds
 from .keys import Keys, StatKind
+from .store.recovery import requeue_backup
 
 __all__ = ["Api", "Entry", "NodeInfo", "ProcessInfo", "Source", "Stats"]
 
@@ -403,8 +403,7 @@ class Api:
         if alive:
             raise NodeAlive(f"node {node_id!r} is alive: its {sum(b.size for b in alive)} "
                             "job(s) in flight are running; stop it first")
-        moved = sum(jobqueue.requeue_backup(self.redis, self.keys, node_id, b.queue)
-                    for b in lists)
+        moved = sum(requeue_backup(self.redis, self.keys, node_id, b.queue) for b in lists)
         entry = self.redis.hget(self.keys.nodes, node_id)
         if entry is not None:
             node_registry.forget(self.redis, self.keys, node_id, entry)

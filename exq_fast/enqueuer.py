@@ -33,8 +33,8 @@ from .config import Config, check_timeout
 from .connection import connect
 from .job import encode, new_jid, now_seconds, strip_elixir
 from .keys import Keys
-from .queue import Conflict, EnqueueResult, Push, push, push_all
 from .registry import check_backtrace
+from .store.enqueue import Conflict, EnqueueResult, Push, push, push_all
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack

@@ -35,11 +35,12 @@ from typing import Protocol
 
 import redis
 
-from . import queue as jobqueue
 from .config import Config
 from .keys import Keys
 from .scripts import FETCH_BATCH_LIMIT
 from .stats import Done
+from .store.fetch import Fetched, fetch
+from .store.recovery import RecoveryPolicy, bury_poison, recover_backup
 
 logger = logging.getLogger("exq_fast")
 
@@ -99,7 +100,7 @@ class Manager:
         self._tracked: dict[str, Counter[bytes]] = {}
         self._tracked_lock = threading.Lock()
         self._unsure: set[str] = set()
-        self.policy = jobqueue.RecoveryPolicy.of(config)
+        self.policy = RecoveryPolicy.of(config)
         self._held: deque[tuple[bytes, str]] = deque()
         self._quarantine_lock = threading.Lock()
         self._quarantine_busy = False
@@ -138,13 +139,13 @@ class Manager:
 
     def _recover(self, queue: str, reason: str) -> int:
         config, policy = self.config, self.policy
-        moved, poisoned = jobqueue.recover_backup(self.client, self.keys, config.node_id, queue,
-                                                  policy)
+        moved, poisoned = recover_backup(self.client, self.keys, config.node_id, queue,
+                                         policy)
         if poisoned:
             # In flight here when this node died max_recoveries times: dead, not re-run.
             logger.warning("%d job(s) of %r recovered %d times go to the dead set", poisoned,
                            queue, config.max_recoveries)
-            jobqueue.bury_poison(self.client, self.keys, policy)
+            bury_poison(self.client, self.keys, policy)
         if self.on_recovered is not None:
             for count, why in ((moved, reason), (poisoned, "poison")):
                 if count:
@@ -324,8 +325,8 @@ class Manager:
             if self._unsure:
                 self._reconcile()
                 return 0.0  # the orphans took slots: decide again before fetching
-            replies = jobqueue.fetch(self.client, self.keys, self.config.node_id, wanted,
-                                     self.policy)
+            replies = fetch(self.client, self.keys, self.config.node_id, wanted,
+                            self.policy)
         except (redis.exceptions.RedisError, OSError) as exc:
             # The script may have run and only its reply been lost.
             self._unsure.update(name for name, _ in wanted)
@@ -362,7 +363,7 @@ class Manager:
             if orphans:
                 logger.warning("running %d jobs of %r fetched by a call whose reply was lost",
                                len(orphans), queue)
-                self._dispatch(queue, jobqueue.Fetched(orphans))
+                self._dispatch(queue, Fetched(orphans))
             self._unsure.discard(queue)
 
     def batch_applied(self, done: Sequence[Done], seconds: float) -> None:
@@ -384,7 +385,7 @@ class Manager:
                         if tracked[item.flight.raw] <= 0:
                             del tracked[item.flight.raw]
 
-    def _dispatch(self, queue: str, fetched: jobqueue.Fetched) -> int:
+    def _dispatch(self, queue: str, fetched: Fetched) -> int:
         jobs = fetched.jobs
         if not jobs:
             return 0

@@ -40,8 +40,8 @@ from .job import Job, now_seconds
 from .middleware import Middleware, Pipeline, Services
 from .middleware.job import error_text
 from .middleware.manager import release
-from .queue import RECOVERY_TTL, RecoveryPolicy, job_digest
 from .stats import Done, InFlight
+from .store.recovery import RECOVERY_TTL, RecoveryPolicy, job_digest
 from .timeouts import INTERRUPTS, Deadline, JobTimeout, NodeStopped, Watchdog
 
 logger = logging.getLogger("exq_fast")
@@ -121,7 +121,7 @@ class WorkerServer:
 
         ``suspect``: the job was recovered from a backup before; it is marked
         started in Redis first, so that if it kills this process the next
-        recovery counts it (poison detection, see ``queue.RecoveryPolicy``).
+        recovery counts it (poison detection, see ``store.recovery.RecoveryPolicy``).
         ``on_end`` is called when the job has ended, async jobs included.
         """
         flight = InFlight(f"#PID<0.{next(self._ids)}.0>", queue,

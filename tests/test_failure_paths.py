@@ -33,8 +33,8 @@ from exq_fast.enqueuer import Enqueuer
 from exq_fast.job import decode, encode
 from exq_fast.keys import Keys, StatKind
 from exq_fast.middleware import default_chain
-from exq_fast.queue import RECOVERY_TTL, job_digest
 from exq_fast.stats import Done, InFlight, StatsWriter
+from exq_fast.store.recovery import RECOVERY_TTL, job_digest
 from tests.conftest import NodeFactory, wait_for
 
 QUEUE = "fq"

@@ -21,12 +21,13 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 import exq_fast
-from exq_fast import nodes, queue
+from exq_fast import nodes
 from exq_fast.api import Api
 from exq_fast.config import Config
 from exq_fast.embedded import RedisServer, free_port
 from exq_fast.heartbeat import Heartbeat, NodePinger, RunningJob
 from exq_fast.keys import Keys
+from exq_fast.store import fetch, recovery
 from tests.conftest import fixture_json, wait_for
 
 INFLIGHT = fixture_json("exq-0.23.0/inflight.json")
@@ -437,7 +438,7 @@ def kill_node(client: redis.Redis, keys: Keys, node: str, jobs: dict[str, int],
     backups: dict[str, list[bytes]] = {}
     for name, count in jobs.items():
         client.lpush(keys.queue(name), *[job(name, n) for n in range(count)])
-        queue.fetch(client, keys, node, [(name, count)])
+        fetch.fetch(client, keys, node, [(name, count)])
         backups[name] = cast(list[bytes], client.lrange(keys.backup(node, name), 0, -1))
         assert len(backups[name]) == count
     client.hset(keys.workers(node), "#PID<0.5.0>", "{}")
@@ -535,7 +536,7 @@ def test_a_node_that_beat_again_after_the_read_is_untouched(
     redis_client.zadd(keys.heartbeats, {"back-node": fresh})
     # When the recovery runs with the stale score
     moved = hb.recover_node(record)
-    direct, _ = queue.recover_dead_node_backup(redis_client, keys, node, "q1",
+    direct, _ = recovery.recover_dead_node_backup(redis_client, keys, node, "q1",
                                                repr(stale_score))
     # Then nothing moved and the node keeps its backup, workers hash and new beat
     assert moved == direct == 0

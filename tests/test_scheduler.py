@@ -14,11 +14,11 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from exq_fast import queue
 from exq_fast.config import Config
 from exq_fast.embedded import RedisServer, free_port
 from exq_fast.keys import Keys
 from exq_fast.scheduler import Scheduler
+from exq_fast.store import scheduled
 from tests.conftest import fixture_members, wait_for
 
 
@@ -238,7 +238,7 @@ def test_a_non_redis_error_is_logged_with_traceback_and_the_thread_goes_on(
 ) -> None:
     # Given a scheduler whose first two moves hit a bug
     calls = {"n": 0}
-    real_move_due = queue.move_due
+    real_move_due = scheduled.move_due
 
     def flaky(*args: object, **kwargs: object) -> int:
         calls["n"] += 1
@@ -246,7 +246,7 @@ def test_a_non_redis_error_is_logged_with_traceback_and_the_thread_goes_on(
             raise ValueError("boom")
         return real_move_due(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(queue, "move_due", flaky)
+    monkeypatch.setattr(scheduled, "move_due", flaky)
     redis_client.zadd(keys.schedule, {job("a", 1): 0})
     sched = Scheduler(redis_client, keys, make_config(scheduler_poll_timeout=5))
     # When its thread runs
