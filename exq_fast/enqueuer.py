@@ -39,7 +39,6 @@ from .store.enqueue import Conflict, EnqueueResult, Push, push, push_all
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-UniqueUntil = Literal["success", "start", "expiry"]
 _UNIQUE_UNTIL = ("success", "start", "expiry")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -55,7 +54,7 @@ class EnqueueOptions(TypedDict, total=False):
     """The payload's ``retry`` (default: the config's ``max_retries``)."""
     unique_for: float
     """Seconds a unique lock is held (Exq's uniqueness); see ``unique_until``."""
-    unique_until: UniqueUntil
+    unique_until: Literal["success", "start", "expiry"]
     """When the lock is released: ``"success"`` (default), ``"start"`` or ``"expiry"``."""
     unique_token: str
     """The lock's token (default: Exq's token of queue, class and args)."""
