@@ -214,10 +214,11 @@ class _JobBuilder:
             "retry": self._retry(),
         }
         self._extras(job)
-        lock = self._unique(job, enqueued_at)
+        token = self._unique(job, enqueued_at)
         payload = _encode_job(job)
-        unlocks_in = None if lock is None else max(math.trunc((job["unlocks_at"] - now) * 1000), 0)
-        return Push(queue, payload, job["jid"], at, lock, unlocks_in)
+        lock = None if token is None else (
+            token, max(math.trunc((job["unlocks_at"] - now) * 1000), 0))
+        return Push(queue, payload, job["jid"], at, lock)
 
     def _jid(self) -> str:
         jid = self.options.get("jid")

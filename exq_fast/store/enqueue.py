@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import redis
 
@@ -29,8 +30,7 @@ EnqueueResult = str | Conflict
 """The jid of the enqueued job, or the ``Conflict`` that stopped it."""
 
 
-@dataclass(frozen=True, slots=True)
-class Push:
+class Push(NamedTuple):
     """One job ready to be written: its bytes and where they go."""
 
     queue: str
@@ -38,8 +38,8 @@ class Push:
     jid: str
     score: float | None = None
     """Run time in float seconds for a scheduled job, None for now."""
-    lock_token: str | None = None
-    unlocks_in_ms: int | None = None
+    lock: tuple[str, int] | None = None
+    """The unique lock's token and the milliseconds it is held, None for no lock."""
 
 
 def push(client: redis.Redis, keys: Keys, job: Push) -> EnqueueResult:
@@ -79,10 +79,11 @@ def push_all(client: redis.Redis, keys: Keys, jobs: Sequence[Push]) -> list[Enqu
 
 def _lock_args(keys: Keys, push: Push) -> tuple[list[str], str | int]:
     """The job's lock key (none, or one) and milliseconds (``""`` for no lock)."""
-    if push.lock_token is None or push.unlocks_in_ms is None or push.unlocks_in_ms <= 0:
+    if push.lock is None or push.lock[1] <= 0:
         # No lock, or one that would already have expired: nothing to hold.
         return [], ""
-    return [keys.unique(push.lock_token)], push.unlocks_in_ms
+    token, unlocks_in = push.lock
+    return [keys.unique(token)], unlocks_in
 
 
 def _result(reply: object, jid: str) -> EnqueueResult:
