@@ -1,9 +1,9 @@
 """Fetch and ack: take jobs from their queues into this node's backup lists, and
 (to come) remove each from there once it is done.
 
-Contract: ``fetch`` makes one round trip for every queue asked for (the
-``fetch`` script), atomic: each job it returns is in exactly one place, its
-backup list. The bytes are returned exactly as stored, since the ack removes
+Contract: ``fetch`` makes one round trip, one call of the ``fetch`` script for
+all the queues asked for, atomic: each job it returns is in exactly one place,
+its backup list. The bytes are returned exactly as stored, since the ack removes
 those bytes.
 
 The ack -- ``LREM`` of the fetched bytes from the backup list -- is today a

@@ -9,11 +9,12 @@ job was recovered; one recovered too often goes to the poison list, and
 ``bury_poison`` moves it to the dead set with its reason.
 
 Contract: the recovery functions loop, one round trip per page of
-``RECOVERY_BATCH`` jobs, each page atomic (a crash between pages leaves every
-job in one list or the other), until the backup list is empty; a guarded
-recovery stops at the first page whose guard fails. ``backup_queues`` is a
-SCAN (several round trips, nothing atomic). ``bury_poison`` reads the poison
-list once, then makes one atomic round trip per job.
+``RECOVERY_BATCH`` jobs, each page atomic (a crash between pages leaves each
+job in exactly one list: the backup, its queue or the poison list), until the
+backup list is empty; a guarded recovery stops at the first page whose guard
+fails. ``backup_queues`` is a SCAN (several round trips, nothing atomic).
+``bury_poison`` reads the poison list once, then makes one atomic round trip
+per job.
 """
 
 from __future__ import annotations
