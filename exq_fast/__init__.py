@@ -10,8 +10,8 @@ from .enqueuer import EnqueueOptions, Enqueuer
 from .job import InvalidJob, Job, decode
 from .keys import Keys
 from .middleware import Middleware, Pipeline, Snooze
-from .queue import Conflict, EnqueueResult
 from .registry import Registry, UnknownWorker
+from .store.enqueue import Conflict, EnqueueResult
 from .timeouts import JobTimeout
 from .worker import Cancelled, current_job
 

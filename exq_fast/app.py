@@ -48,7 +48,6 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from . import define, nodes, scripts
-from . import queue as jobqueue
 from ._version import __version__
 from .acks import AckWriter
 from .config import Config
@@ -60,9 +59,10 @@ from .inflight import InFlight, InFlightJobs
 from .keys import Keys
 from .metrics import ClusterCollector, Metrics, MetricsServer, serve_metrics
 from .middleware import Middleware, Services, default_chain
-from .queue import EnqueueResult
 from .registry import DEFAULT_REGISTRY, Registry
 from .scheduler import Scheduler
+from .store.enqueue import EnqueueResult
+from .store.recovery import backup_queues, requeue_backup
 from .worker import WorkerServer
 
 if TYPE_CHECKING:
@@ -260,8 +260,8 @@ class Exq:
         uncounted (see the module doc). None when Redis could not be reached."""
         node = self.config.node_id
         try:
-            return sum(jobqueue.requeue_backup(self.redis, self.keys, node, name)
-                       for name in jobqueue.backup_queues(self.redis, self.keys, node))
+            return sum(requeue_backup(self.redis, self.keys, node, name)
+                       for name in backup_queues(self.redis, self.keys, node))
         except (redis.exceptions.RedisError, OSError) as exc:
             # The jobs stay in the backup list: a restart or a monitor re-runs them.
             logger.warning("could not put the unfinished jobs back at stop: %s", exc)

@@ -20,9 +20,9 @@ from .demo import run_demo
 from .enqueuer import Enqueuer, to_timestamp
 from .logs import FORMATS, LEVELS, setup_logging
 from .nodes import NodeIdInUse
-from .queue import Conflict
 from .registry import DEFAULT_REGISTRY
 from .runner import import_worker_modules, run
+from .store.enqueue import Conflict
 from .supervisor import processes_value, supervise
 
 Handler = Callable[[argparse.Namespace], int]

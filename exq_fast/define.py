@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, ov
 from . import registry as _registry
 from .config import Config
 from .enqueuer import EnqueueOptions, Enqueuer, WorkerRef
-from .queue import EnqueueResult
 from .registry import Registry
+from .store.enqueue import EnqueueResult
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack

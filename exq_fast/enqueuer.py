@@ -33,13 +33,12 @@ from .config import Config, check_timeout
 from .connection import connect
 from .job import encode, new_jid, now_seconds, strip_elixir
 from .keys import Keys
-from .queue import Conflict, EnqueueResult, Push, push, push_all
 from .registry import check_backtrace
+from .store.enqueue import Conflict, EnqueueResult, Push, push, push_all
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-UniqueUntil = Literal["success", "start", "expiry"]
 _UNIQUE_UNTIL = ("success", "start", "expiry")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -55,7 +54,7 @@ class EnqueueOptions(TypedDict, total=False):
     """The payload's ``retry`` (default: the config's ``max_retries``)."""
     unique_for: float
     """Seconds a unique lock is held (Exq's uniqueness); see ``unique_until``."""
-    unique_until: UniqueUntil
+    unique_until: Literal["success", "start", "expiry"]
     """When the lock is released: ``"success"`` (default), ``"start"`` or ``"expiry"``."""
     unique_token: str
     """The lock's token (default: Exq's token of queue, class and args)."""
@@ -215,10 +214,11 @@ class _JobBuilder:
             "retry": self._retry(),
         }
         self._extras(job)
-        lock = self._unique(job, enqueued_at)
+        token = self._unique(job, enqueued_at)
         payload = _encode_job(job)
-        unlocks_in = None if lock is None else max(math.trunc((job["unlocks_at"] - now) * 1000), 0)
-        return Push(queue, payload, job["jid"], at, lock, unlocks_in)
+        lock = None if token is None else (
+            token, max(math.trunc((job["unlocks_at"] - now) * 1000), 0))
+        return Push(queue, payload, job["jid"], at, lock)
 
     def _jid(self) -> str:
         jid = self.options.get("jid")

@@ -36,12 +36,13 @@ from collections.abc import Callable, Sequence
 
 import redis
 
-from . import queue as jobqueue
 from .background import ErrorHook, RecoveredHook
 from .config import Config
 from .inflight import InFlight, InFlightJobs, Quarantine, Submit
 from .keys import Keys
 from .scripts import FETCH_BATCH_LIMIT
+from .store.fetch import Fetched, fetch
+from .store.recovery import RecoveryPolicy, bury_poison, recover_backup
 
 logger = logging.getLogger("exq_fast")
 
@@ -90,7 +91,7 @@ class Fetcher:
         self.on_recovered = on_recovered
         self.quarantine = Quarantine(submit, run_job)
         self.poll_timeout = config.poll_timeout / 1000
-        self.policy = jobqueue.RecoveryPolicy.of(config)
+        self.policy = RecoveryPolicy.of(config)
         self.max_unacked = config.stats_batch_size
         """Finished jobs that may wait for their ack before fetching pauses."""
         self.fetched: dict[str, int] = {}
@@ -129,13 +130,13 @@ class Fetcher:
 
     def _recover(self, queue: str, reason: str) -> int:
         config, policy = self.config, self.policy
-        moved, poisoned = jobqueue.recover_backup(self.client, self.keys, config.node_id, queue,
-                                                  policy)
+        moved, poisoned = recover_backup(self.client, self.keys, config.node_id, queue,
+                                         policy)
         if poisoned:
             # In flight here when this node died max_recoveries times: dead, not re-run.
             logger.warning("%d job(s) of %r recovered %d times go to the dead set", poisoned,
                            queue, config.max_recoveries)
-            jobqueue.bury_poison(self.client, self.keys, policy)
+            bury_poison(self.client, self.keys, policy)
         if self.on_recovered is not None:
             for count, why in ((moved, reason), (poisoned, "poison")):
                 if count:
@@ -327,8 +328,8 @@ class Fetcher:
             if self._unsure:
                 self._reconcile()
                 return 0.0  # the orphans took slots: decide again before fetching
-            replies = jobqueue.fetch(self.client, self.keys, self.config.node_id, wanted,
-                                     self.policy)
+            replies = fetch(self.client, self.keys, self.config.node_id, wanted,
+                            self.policy)
         except (redis.exceptions.RedisError, OSError) as exc:
             # The script may have run and only its reply been lost.
             self._unsure.update(name for name, _ in wanted)
@@ -357,10 +358,10 @@ class Fetcher:
             if orphans:
                 logger.warning("running %d jobs of %r fetched by a call whose reply was lost",
                                len(orphans), queue)
-                self._dispatch(queue, jobqueue.Fetched(orphans))
+                self._dispatch(queue, Fetched(orphans))
             self._unsure.discard(queue)
 
-    def _dispatch(self, queue: str, fetched: jobqueue.Fetched) -> int:
+    def _dispatch(self, queue: str, fetched: Fetched) -> int:
         """Track the fetched jobs, take their slots, hand each to the executor."""
         jobs = fetched.jobs
         if not jobs:

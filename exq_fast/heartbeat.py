@@ -5,7 +5,7 @@ Sidekiq Web UI (docs/wire-format.md §8.1-§8.3) and delivers the signals they
 send (§8.4). ``Heartbeat`` is Exq's opt-in ``heartbeat_enable`` feature
 (docs/wire-format.md §8.6): it beats into the heartbeats zset and
 re-enqueues the backups of nodes that stopped beating. Both run as
-``BackgroundLoop`` threads (see ``scheduler``).
+``BackgroundLoop`` threads (see ``background``).
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ import redis
 from redis.client import Pipeline
 from redis.typing import EncodableT, FieldT
 
-from . import nodes, queue, scripts
+from . import nodes, scripts
 from ._version import __version__
 from .admin.processes import prune_dead_nodes
-from .background import RecoveredHook
+from .background import BackgroundLoop, ErrorHook, RecoveredHook, Step
 from .config import Config
 from .connection import text
 from .inflight import InFlight
 from .keys import Keys
-from .scheduler import BackgroundLoop, ErrorHook, Step
+from .store import recovery
 
 logger = logging.getLogger("exq_fast")
 
@@ -281,7 +281,7 @@ class Heartbeat(BackgroundLoop):
         self.missed_heartbeats_allowed = config.missed_heartbeats_allowed
         self._window = nodes.dead_window(config.heartbeat_interval,
                                          config.missed_heartbeats_allowed)
-        self.policy = queue.RecoveryPolicy.of(config)
+        self.policy = recovery.RecoveryPolicy.of(config)
         self.on_recovered = on_recovered
         """Called with ``(queue, reason, count)``: reason ``heartbeat`` for jobs moved
         back to their queue, ``poison`` for jobs recovered too often, now dead."""
@@ -343,22 +343,22 @@ class Heartbeat(BackgroundLoop):
 
     def _recover_queue(self, record: nodes.NodeRecord, name: str) -> tuple[int, int]:
         if record.entry is not None:
-            return queue.recover_registered_backup(self.client, self.keys, record.node_id,
-                                                   name, record.entry, self.policy)
-        return queue.recover_dead_node_backup(self.client, self.keys, record.node_id, name,
-                                              repr(record.heartbeat), self.policy)
+            return recovery.recover_registered_backup(self.client, self.keys, record.node_id,
+                                                      name, record.entry, self.policy)
+        return recovery.recover_dead_node_backup(self.client, self.keys, record.node_id, name,
+                                                 repr(record.heartbeat), self.policy)
 
     def _poisoned(self, node: str, name: str, count: int) -> None:
         logger.warning("heartbeat_monitor: %d job(s) of dead node %r recovered %d times go "
                        "to the dead set", count, node, self.policy.max_recoveries)
-        queue.bury_poison(self.client, self.keys, self.policy)
+        recovery.bury_poison(self.client, self.keys, self.policy)
         self._recovered(name, "poison", count)
 
     def _queues(self, node: str) -> list[str]:
         # Exq looks at the known and configured queues only; the node's own
         # backup lists are scanned too, so a queue nobody lists is not missed.
         known = {text(q) for q in self.client.smembers(self.keys.queues)}
-        known |= queue.backup_queues(self.client, self.keys, node)
+        known |= recovery.backup_queues(self.client, self.keys, node)
         return sorted(known | set(self.queue_names))
 
     def _recovered(self, name: str, reason: str, count: int) -> None:

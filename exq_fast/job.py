@@ -23,7 +23,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import simdjson
@@ -196,12 +196,16 @@ class Job:
         assert isinstance(data, dict)
         return data
 
-    def reencode(self, changes: Mapping[str, Any]) -> bytes:
-        """The payload with ``changes`` applied, every other field kept.
+    def reencode(self, changes: Mapping[str, Any],
+                 edit: Callable[[dict[str, Any]], None] | None = None) -> bytes:
+        """The payload with ``edit`` (given every field, to change in place) then
+        ``changes`` applied, every other field kept.
 
         Known timestamps are rewritten as float seconds (Sidekiq 8 millis included).
         """
         data = normalize_timestamps(self.to_dict())
+        if edit is not None:
+            edit(data)
         data.update(changes)
         return encode(data)
 

@@ -283,7 +283,7 @@ def _labelled(family: Any, values: dict[str, int]) -> Metric:
 
 # -- cluster-wide figures (opt-in) ----------------------------------------------------------
 
-CLUSTER = Script("cluster_stats", """
+CLUSTER = Script("""
 local out = {}
 local queues = redis.call('SMEMBERS', KEYS[1])
 for _, q in ipairs(queues) do

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from types import CodeType, TracebackType
 from typing import Any
 
-from .job import Job, encode, normalize_timestamps, now_seconds
+from .job import Job, encode, now_seconds
 from .keys import Keys
 
 Command = tuple[Any, ...]
@@ -140,12 +140,13 @@ def _failure_fields(data: dict[str, Any], message: str, error_class: str | None,
 
 def _payload(job: Job, changes: dict[str, Any], message: str, error_class: str | None,
              now: float, drop: tuple[str, ...] = ()) -> bytes:
-    data = normalize_timestamps(job.to_dict())
-    _failure_fields(data, message, error_class, now)
-    data.update(changes)
-    for name in drop:
-        data.pop(name, None)
-    return encode(data)
+    """``job`` re-encoded with the failure fields, then ``changes``, without ``drop``
+    (never a field of ``changes``)."""
+    def edit(data: dict[str, Any]) -> None:
+        _failure_fields(data, message, error_class, now)
+        for name in drop:
+            data.pop(name, None)
+    return job.reencode(changes, edit)
 
 
 def _failure_payload(job: Job, retry_count: int, message: str, error_class: str,

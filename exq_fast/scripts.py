@@ -1,9 +1,13 @@
 """The Lua scripts exq-fast runs, each called by EVALSHA with an EVAL fallback.
 
-The scripts follow Exq's (docs/wire-format.md §10) where Exq has one, so the
-keys touched and the bytes written are the same; ``fetch`` is exq-fast's own:
-it moves up to N jobs of every queue into this node's backup lists in one
-round trip.
+One script per operation, and each piece of Lua written once: the pieces
+several scripts share (``_HELD_BY``, the unique lock; ``_MOVE_MEMBER``;
+``_MOVE_FRONT``) are prepended to them. The scripts follow Exq's
+(docs/wire-format.md §10) where Exq has one, so the keys touched and the
+bytes written are the same; ``fetch`` is exq-fast's own: it moves up to N jobs
+of every queue into this node's backup lists in one round trip. Redis runs
+each script atomically; the comment above each one states its keys,
+arguments, reply and what it guards.
 
 ``load_all`` registers every script once at start; ``Script.__call__`` falls
 back to EVAL when Redis answers NOSCRIPT (after a restart or SCRIPT FLUSH),
@@ -18,47 +22,56 @@ from typing import Any
 
 import redis
 
-ENQUEUE = """
-local unlocks_in = tonumber(ARGV[4])
-if KEYS[3] and unlocks_in then
-  if not redis.call('SET', KEYS[3], ARGV[3], 'PX', unlocks_in, 'NX') then
-    return {1, redis.call('GET', KEYS[3])}
+# Take a job's unique lock, shared by the three enqueue scripts: SET key jid PX ms NX
+# when a lock is asked for (a key other than nil or '', and ms a number). Returns
+# the jid holding the lock when it is taken already, else false.
+_HELD_BY = """
+local function held_by(key, jid, unlocks_in)
+  if key and key ~= '' and unlocks_in then
+    if not redis.call('SET', key, jid, 'PX', unlocks_in, 'NX') then
+      return redis.call('GET', key)
+    end
   end
+  return false
 end
+"""
+
+# Exq's enqueue (now): KEYS [queues, queue, lock?], ARGV [queue, json, jid, lock ms or ''].
+# The lock, then SADD queues + LPUSH, atomically: a job whose lock is held is not
+# written. Returns 0, or {1, holder jid}.
+ENQUEUE = _HELD_BY + """
+local holder = held_by(KEYS[3], ARGV[3], tonumber(ARGV[4]))
+if holder then return {1, holder} end
 redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('LPUSH', KEYS[2], ARGV[2])
 return 0
 """
 
-ENQUEUE_AT = """
-local unlocks_in = tonumber(ARGV[4])
-if KEYS[2] and unlocks_in then
-  if not redis.call('SET', KEYS[2], ARGV[3], 'PX', unlocks_in, 'NX') then
-    return {1, redis.call('GET', KEYS[2])}
-  end
-end
+# Exq's enqueue_at: KEYS [schedule, lock?], ARGV [json, score, jid, lock ms or ''].
+# The lock, then ZADD schedule, atomically; returns as ENQUEUE.
+ENQUEUE_AT = _HELD_BY + """
+local holder = held_by(KEYS[2], ARGV[3], tonumber(ARGV[4]))
+if holder then return {1, holder} end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 return 0
 """
 
-ENQUEUE_ALL = """
+# Exq's enqueue_all: KEYS [schedule, queues, then per job: lock key or '', queue],
+# ARGV per job [jid, queue, score or "0" for now, json, lock ms or ''].
+# Per job, as ENQUEUE (score "0") or ENQUEUE_AT, all in one atomic call; a job
+# whose lock is held is not written and does not undo the others. Returns per
+# job {0, jid} or {1, holder jid}.
+ENQUEUE_ALL = _HELD_BY + """
 local out = {}
 for i = 0, (#ARGV / 5) - 1 do
   local jid, queue, score, job = ARGV[i*5+1], ARGV[i*5+2], ARGV[i*5+3], ARGV[i*5+4]
-  local unlocks_in = tonumber(ARGV[i*5+5])
-  local lock, list = KEYS[3+i*2], KEYS[4+i*2]
-  local held = false
-  if lock ~= '' and unlocks_in then
-    if not redis.call('SET', lock, jid, 'PX', unlocks_in, 'NX') then
-      held = redis.call('GET', lock)
-    end
-  end
-  if held then
-    out[i+1] = {1, held}
+  local holder = held_by(KEYS[3+i*2], jid, tonumber(ARGV[i*5+5]))
+  if holder then
+    out[i+1] = {1, holder}
   else
     if score == '0' then
       redis.call('SADD', KEYS[2], queue)
-      redis.call('LPUSH', list, job)
+      redis.call('LPUSH', KEYS[4+i*2], job)
     else
       redis.call('ZADD', KEYS[1], score, job)
     end
@@ -68,6 +81,7 @@ end
 return out
 """
 
+# Release a unique lock: KEYS [lock], ARGV [jid]; DEL only while it holds jid.
 COMPARE_AND_DELETE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -75,11 +89,6 @@ end
 return 0
 """
 
-# Exq's paged scheduler move; returns {seen, moved} (the caller pages on seen).
-# A member whose JSON cannot be read is moved to the fallback queue ARGV[4]
-# rather than left to block every later page: the
-# worker then sends it to the dead set with its reason (bad input is never
-# dropped and never stops the scheduler).
 # Move one member of a zset to the front of its own queue, only if this call's
 # ZREM removed it (so concurrent movers push each member once); returns 1 or 0.
 _MOVE_MEMBER = """
@@ -94,6 +103,11 @@ local function move(zset, prefix, fallback, member)
 end
 """
 
+# Exq's paged scheduler move: KEYS [zset], ARGV [page, now, prefix, fallback queue];
+# returns {seen, moved} (the caller pages on seen). A member whose JSON cannot be
+# read is moved to the fallback queue rather than left to block every later page:
+# the worker then sends it to the dead set with its reason (bad input is never
+# dropped and never stops the scheduler).
 SCHEDULER_DEQUEUE = _MOVE_MEMBER + """
 local members = redis.call('ZRANGEBYSCORE', KEYS[1], 0, ARGV[2], 'LIMIT', 0, tonumber(ARGV[1]))
 local moved = 0
@@ -295,10 +309,9 @@ FETCH_BATCH_LIMIT = 1000
 class Script:
     """One Lua script, identified by the SHA1 of its source."""
 
-    __slots__ = ("name", "sha", "source")
+    __slots__ = ("sha", "source")
 
-    def __init__(self, name: str, source: str) -> None:
-        self.name = name
+    def __init__(self, source: str) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
 
@@ -310,21 +323,20 @@ class Script:
             return client.eval(self.source, len(keys), *keys, *args)
 
 
-enqueue = Script("enqueue", ENQUEUE)
-enqueue_at = Script("enqueue_at", ENQUEUE_AT)
-enqueue_all = Script("enqueue_all", ENQUEUE_ALL)
-compare_and_delete = Script("compare_and_delete", COMPARE_AND_DELETE)
-scheduler_dequeue = Script("scheduler_dequeue", SCHEDULER_DEQUEUE)
-scheduler_dequeue_jobs = Script("scheduler_dequeue_jobs", SCHEDULER_DEQUEUE_JOBS)
-mlpop_rpush = Script("mlpop_rpush", MLPOP_RPUSH)
-heartbeat_re_enqueue_backup = Script("heartbeat_re_enqueue_backup", HEARTBEAT_RE_ENQUEUE_BACKUP)
-registered_re_enqueue_backup = Script("registered_re_enqueue_backup",
-                                      REGISTERED_RE_ENQUEUE_BACKUP)
-claim_node = Script("claim_node", CLAIM_NODE)
-release_node = Script("release_node", RELEASE_NODE)
-fetch = Script("fetch", FETCH)
-apply_batch = Script("apply_batch", APPLY_BATCH)
-bury = Script("bury", BURY)
+enqueue = Script(ENQUEUE)
+enqueue_at = Script(ENQUEUE_AT)
+enqueue_all = Script(ENQUEUE_ALL)
+compare_and_delete = Script(COMPARE_AND_DELETE)
+scheduler_dequeue = Script(SCHEDULER_DEQUEUE)
+scheduler_dequeue_jobs = Script(SCHEDULER_DEQUEUE_JOBS)
+mlpop_rpush = Script(MLPOP_RPUSH)
+heartbeat_re_enqueue_backup = Script(HEARTBEAT_RE_ENQUEUE_BACKUP)
+registered_re_enqueue_backup = Script(REGISTERED_RE_ENQUEUE_BACKUP)
+claim_node = Script(CLAIM_NODE)
+release_node = Script(RELEASE_NODE)
+fetch = Script(FETCH)
+apply_batch = Script(APPLY_BATCH)
+bury = Script(BURY)
 
 ALL = (
     enqueue,

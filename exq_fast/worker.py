@@ -52,9 +52,9 @@ from .inflight import InFlight
 from .job import InvalidJob, Job, decode, now_seconds
 from .middleware import Middleware, Pipeline, Services
 from .outcome import FailureRule, Outcome, Status
-from .queue import RECOVERY_TTL, RecoveryPolicy, job_digest
 from .registry import Registry, UnknownWorker
 from .retry import sidekiq_backoff
+from .store.recovery import RECOVERY_TTL, RecoveryPolicy, job_digest
 from .timeouts import INTERRUPTS, Deadline, JobTimeout, NodeStopped, Watchdog
 
 logger = logging.getLogger("exq_fast")
@@ -138,7 +138,7 @@ class WorkerServer:
 
         A suspect (recovered from a backup before) is marked started in Redis
         first, so that if it kills this process the next recovery counts it
-        (poison detection, see ``RecoveryPolicy``).
+        (poison detection, see ``store.recovery.RecoveryPolicy``).
         """
         record.field = f"#PID<0.{next(self._ids)}.0>"
         record.run_at = now_seconds()

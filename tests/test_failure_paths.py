@@ -35,7 +35,7 @@ from exq_fast.inflight import InFlight
 from exq_fast.job import decode, encode
 from exq_fast.keys import Keys, StatKind
 from exq_fast.middleware import default_chain
-from exq_fast.queue import RECOVERY_TTL, job_digest
+from exq_fast.store.recovery import RECOVERY_TTL, job_digest
 from tests.conftest import NodeFactory, finished, in_flight, put_in_backup, wait_for
 
 QUEUE = "fq"

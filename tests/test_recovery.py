@@ -12,15 +12,15 @@ from collections.abc import Callable
 import pytest
 import redis
 
-from exq_fast import queue
 from exq_fast.app import Exq
 from exq_fast.config import Config
 from exq_fast.enqueuer import Enqueuer
 from exq_fast.keys import Keys
 from exq_fast.registry import Registry
+from exq_fast.store import recovery
 from tests.conftest import wait_for
 
-POLICY = queue.RecoveryPolicy(max_recoveries=3, dead_max_jobs=100, dead_timeout_s=3600)
+POLICY = recovery.RecoveryPolicy(max_recoveries=3, dead_max_jobs=100, dead_timeout_s=3600)
 
 
 def crash_with(client: redis.Redis, keys: Keys, node: str, raw: bytes,
@@ -44,13 +44,13 @@ def test_the_third_recovery_sends_the_job_to_dead(
     # When it is recovered after a first and a second crash, it goes back to the queue
     for _ in range(2):
         crash_with(redis_client, keys, "n1", raw)
-        assert queue.recover_backup(redis_client, keys, "n1", "q", POLICY) == (1, 0)
+        assert recovery.recover_backup(redis_client, keys, "n1", "q", POLICY) == (1, 0)
         assert redis_client.rpop(keys.queue("q")) == raw
     # And after the third it goes to the dead set, with the reason, not to the queue
     crash_with(redis_client, keys, "n1", raw)
-    assert queue.recover_backup(redis_client, keys, "n1", "q", POLICY) == (0, 1)
+    assert recovery.recover_backup(redis_client, keys, "n1", "q", POLICY) == (0, 1)
     assert redis_client.llen(keys.queue("q")) == 0
-    assert queue.bury_poison(redis_client, keys, POLICY) == 1
+    assert recovery.bury_poison(redis_client, keys, POLICY) == 1
     [member] = redis_client.zrange(keys.dead, 0, -1)
     entry = json.loads(member)
     assert entry["jid"] == jid and entry["args"] == [1]
@@ -68,7 +68,7 @@ def test_jobs_that_only_waited_beside_a_crashing_job_are_spared(
     for _ in range(3):
         crash_with(redis_client, keys, "n1", raw, started=False)
         # Then every recovery puts it back in the queue: only one counted
-        assert queue.recover_backup(redis_client, keys, "n1", "q", POLICY) == (1, 0)
+        assert recovery.recover_backup(redis_client, keys, "n1", "q", POLICY) == (1, 0)
         assert redis_client.rpop(keys.queue("q")) == raw
     assert redis_client.get(keys.recoveries(hashlib.sha1(raw).hexdigest())) == b"1"
 
@@ -92,11 +92,11 @@ def test_a_recovered_job_that_completes_is_no_longer_a_suspect(
 def test_recoveries_are_counted_per_job_and_never_when_disabled(
     redis_client: redis.Redis, keys: Keys
 ) -> None:
-    off = queue.RecoveryPolicy(max_recoveries=0)
+    off = recovery.RecoveryPolicy(max_recoveries=0)
     for n in range(5):
         crash_with(redis_client, keys, "n1", b'{"class":"W","args":[1],"jid":"a"}')
         crash_with(redis_client, keys, "n1", b'{"class":"W","args":[%d],"jid":"b"}' % n)
-        assert queue.recover_backup(redis_client, keys, "n1", "q", off) == (2, 0)
+        assert recovery.recover_backup(redis_client, keys, "n1", "q", off) == (2, 0)
     assert redis_client.llen(keys.queue("q")) == 10
     assert not redis_client.keys(keys.prefix + "recoveries:*")
 
@@ -108,7 +108,7 @@ def test_a_dead_nodes_poison_job_is_buried_by_the_monitor(
     raw = b'{"class":"W","args":[],"jid":"p","queue":"q","retry":25}'
     for _ in range(2):
         crash_with(redis_client, keys, "gone", raw)
-        queue.recover_backup(redis_client, keys, "gone", "q", POLICY)
+        recovery.recover_backup(redis_client, keys, "gone", "q", POLICY)
         redis_client.rpop(keys.queue("q"))
     crash_with(redis_client, keys, "gone", raw)
     redis_client.zadd(keys.heartbeats, {"gone": 100.0})
@@ -131,7 +131,7 @@ def test_a_node_restarting_with_a_poison_job_in_its_backup_buries_it(
     raw = b'{"class":"Never.Runs","args":[],"jid":"p","queue":"q","retry":25}'
     for _ in range(2):
         crash_with(redis_client, keys, config.node_id, raw)
-        queue.recover_backup(redis_client, keys, config.node_id, "q", POLICY)
+        recovery.recover_backup(redis_client, keys, config.node_id, "q", POLICY)
         redis_client.rpop(keys.queue("q"))
     crash_with(redis_client, keys, config.node_id, raw)
     # When it starts a third time

@@ -14,11 +14,11 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from exq_fast import queue
 from exq_fast.config import Config
 from exq_fast.embedded import RedisServer, free_port
 from exq_fast.keys import Keys
 from exq_fast.scheduler import Scheduler
+from exq_fast.store import scheduled
 from tests.conftest import fixture_members, wait_for
 
 
@@ -135,7 +135,9 @@ def test_several_schedulers_at_once_enqueue_each_job_exactly_once(
     # Given four schedulers running in threads, each with its own connection
     config = make_config(scheduler_poll_timeout=2, scheduler_page_size=10)
     clients = [redis.Redis.from_url(redis_url) for _ in range(4)]
-    schedulers = [Scheduler(c, keys, config) for c in clients]
+    failures: list[str] = []
+    schedulers = [Scheduler(c, keys, config, on_error=lambda op, _exc: failures.append(op))
+                  for c in clients]
     for sched in schedulers:
         sched.start()
     try:
@@ -154,7 +156,7 @@ def test_several_schedulers_at_once_enqueue_each_job_exactly_once(
     members = redis_client.lrange(keys.queue("c"), 0, -1)
     assert len(members) == 500
     assert sorted(members) == sorted(expected)
-    assert sum(sched.errors for sched in schedulers) == 0
+    assert failures == []
 
 
 def test_the_thread_survives_a_redis_outage_and_resumes(
@@ -174,7 +176,7 @@ def test_the_thread_survives_a_redis_outage_and_resumes(
         wait_for(lambda: client.llen(keys.queue("q")) == 1, what="first job moved")
         # When Redis dies for a while, then comes back (empty) on the same port
         private_redis.kill()
-        wait_for(lambda: sched.errors >= 2, what="failed ticks")
+        wait_for(lambda: len(operations) >= 2, what="failed ticks")
         assert sched.running
         private_redis.start()
         # Then the scheduler moves a job added after the restart
@@ -190,7 +192,7 @@ def test_the_thread_survives_a_redis_outage_and_resumes(
     assert len(messages) == 2, messages
     assert "retrying" in messages[0]
     assert "reachable again" in messages[1]
-    assert operations == ["scheduler"] * sched.errors
+    assert operations and set(operations) == {"scheduler"}
 
 
 def test_outage_logged_once_counted_every_time_and_recovery_logged(
@@ -204,7 +206,6 @@ def test_outage_logged_once_counted_every_time_and_recovery_logged(
     # When three ticks fail
     delays = [sched.tick() for _ in range(3)]
     # Then each is counted and reported, one warning is logged, and the waits grow
-    assert sched.errors == 3
     assert [op for op, _ in seen] == ["scheduler"] * 3
     assert all(isinstance(exc, redis.exceptions.ConnectionError) for _, exc in seen)
     assert len(warnings_of(caplog)) == 1
@@ -217,7 +218,7 @@ def test_outage_logged_once_counted_every_time_and_recovery_logged(
     assert len(warnings_of(caplog)) == 2
     assert sched.tick() == pytest.approx(0.2)
     assert len(warnings_of(caplog)) == 2
-    assert sched.errors == 3
+    assert len(seen) == 3
     dead.close()
 
 
@@ -238,7 +239,7 @@ def test_a_non_redis_error_is_logged_with_traceback_and_the_thread_goes_on(
 ) -> None:
     # Given a scheduler whose first two moves hit a bug
     calls = {"n": 0}
-    real_move_due = queue.move_due
+    real_move_due = scheduled.move_due
 
     def flaky(*args: object, **kwargs: object) -> int:
         calls["n"] += 1
@@ -246,9 +247,11 @@ def test_a_non_redis_error_is_logged_with_traceback_and_the_thread_goes_on(
             raise ValueError("boom")
         return real_move_due(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(queue, "move_due", flaky)
+    monkeypatch.setattr(scheduled, "move_due", flaky)
     redis_client.zadd(keys.schedule, {job("a", 1): 0})
-    sched = Scheduler(redis_client, keys, make_config(scheduler_poll_timeout=5))
+    failed: list[str] = []
+    sched = Scheduler(redis_client, keys, make_config(scheduler_poll_timeout=5),
+                      on_error=lambda op, _exc: failed.append(op))
     # When its thread runs
     sched.start()
     try:
@@ -257,7 +260,7 @@ def test_a_non_redis_error_is_logged_with_traceback_and_the_thread_goes_on(
         assert sched.running
     finally:
         assert sched.stop(5)
-    assert sched.errors == 2
+    assert failed == ["scheduler", "scheduler"]
     errors = [r for r in caplog.records if r.name == "exq_fast" and r.levelno == logging.ERROR]
     assert len(errors) == 2
     assert all(r.exc_info and isinstance(r.exc_info[1], ValueError) for r in errors)

@@ -5,7 +5,7 @@ Sidekiq's ``processes`` too), the node hashes ``R(<node>)`` (read only), the
 in-progress records (``P(<node>:workers)``, Sidekiq's ``<identity>:work`` and
 Exq 0.13's JSON members of the registry) and the signal lists
 (docs/wire-format.md §8). The backup lists and the node registry ``P(nodes)``
-are ``exq_fast.nodes``' and ``exq_fast.queue``'s; this module only calls them.
+are ``exq_fast.nodes``' and ``exq_fast.store.recovery``'s; this module only calls them.
 
 Nodes of Exq, Exq 0.13, Sidekiq and exq-fast are all read; a node in both
 registries (exq-fast) is listed once. Reads are pipelined: a few round trips
@@ -28,11 +28,11 @@ from typing import Any, Literal, cast
 import redis
 
 from .. import nodes as node_registry
-from .. import queue as jobqueue
 from ..config import Config
 from ..connection import text
 from ..job import Job, encode, loads, to_seconds
 from ..keys import Keys
+from ..store.recovery import requeue_backup
 from ._common import as_bytes, as_int, check_name, entry
 
 __all__ = ["NodeAlive", "NodeInfo", "ProcessInfo", "Processes", "Source", "prune_dead_nodes"]
@@ -210,7 +210,7 @@ class Processes:
         if alive:
             raise NodeAlive(f"node {node_id!r} is alive: its {sum(b.size for b in alive)} "
                             "job(s) in flight are running; stop it first")
-        moved = sum(jobqueue.requeue_backup(self._redis, self._keys, node_id, b.queue)
+        moved = sum(requeue_backup(self._redis, self._keys, node_id, b.queue)
                     for b in lists)
         registered = self._redis.hget(self._keys.nodes, node_id)
         if registered is not None:

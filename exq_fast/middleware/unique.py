@@ -7,7 +7,7 @@ import logging
 import redis
 
 from ..job import Job
-from ..queue import unlock
+from ..store.enqueue import unlock
 from .base import Middleware, Pipeline, Services
 
 logger = logging.getLogger("exq_fast")

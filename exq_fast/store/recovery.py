@@ -1,8 +1,20 @@
-"""The Redis operations on jobs: push (now, at a time, many at once).
+"""Recovery: put backup lists back into their queues, and bury poison jobs.
 
-Every function takes a client and a ``Keys`` and does one round trip. The
-worker side (fetch, ack, retry, dead, scheduler moves, backup recovery) joins
-this module with the runtime.
+A node's backup lists hold the jobs it fetched and has not acked. They go back
+to the front of their queues, order kept, at a start (``recover_backup``,
+counted), at a graceful stop (``requeue_backup``, not counted), or for a dead
+node (``recover_dead_node_backup``, ``recover_registered_backup``, guarded by
+the node's heartbeat or registry entry). ``RecoveryPolicy`` counts how often a
+job was recovered; one recovered too often goes to the poison list, and
+``bury_poison`` moves it to the dead set with its reason.
+
+Contract: the recovery functions loop, one round trip per page of
+``RECOVERY_BATCH`` jobs, each page atomic (a crash between pages leaves each
+job in exactly one list: the backup, its queue or the poison list), until the
+backup list is empty; a guarded recovery stops at the first page whose guard
+fails. ``backup_queues`` is a SCAN (several round trips, nothing atomic).
+``bury_poison`` reads the poison list once, then makes one atomic round trip
+per job.
 """
 
 from __future__ import annotations
@@ -14,82 +26,12 @@ from dataclasses import dataclass
 
 import redis
 
-from . import scripts
-from .config import Config
-from .connection import text
-from .job import InvalidJob, decode, encode, new_jid, now_seconds
-from .keys import Keys
-from .retry import dead_payload
-
-
-@dataclass(frozen=True, slots=True)
-class Conflict:
-    """An enqueue refused because a unique lock is held by ``existing_jid``."""
-
-    existing_jid: str
-
-
-EnqueueResult = str | Conflict
-"""The jid of the enqueued job, or the ``Conflict`` that stopped it."""
-
-
-@dataclass(frozen=True, slots=True)
-class Push:
-    """One job ready to be written: its bytes and where they go."""
-
-    queue: str
-    payload: bytes
-    jid: str
-    score: float | None = None
-    """Run time in float seconds for a scheduled job, None for now."""
-    lock_token: str | None = None
-    unlocks_in_ms: int | None = None
-
-
-def _lock_args(keys: Keys, push: Push) -> tuple[list[str], str | int]:
-    if push.lock_token is None or push.unlocks_in_ms is None or push.unlocks_in_ms <= 0:
-        # No lock, or one that would already have expired: nothing to hold.
-        return [], ""
-    return [keys.unique(push.lock_token)], push.unlocks_in_ms
-
-
-def _result(reply: object, jid: str) -> EnqueueResult:
-    if isinstance(reply, list):
-        existing = reply[1]
-        return Conflict(existing.decode() if isinstance(existing, bytes) else str(existing))
-    return jid
-
-
-def push(client: redis.Redis, keys: Keys, job: Push) -> EnqueueResult:
-    """Enqueue one job now or at ``job.score`` (Exq's enqueue / enqueue_at scripts)."""
-    lock, unlocks_in = _lock_args(keys, job)
-    if job.score is None:
-        reply = scripts.enqueue(
-            client,
-            [keys.queues, keys.queue(job.queue), *lock],
-            [job.queue, job.payload, job.jid, unlocks_in],
-        )
-    else:
-        reply = scripts.enqueue_at(
-            client, [keys.schedule, *lock], [job.payload, repr(job.score), job.jid, unlocks_in]
-        )
-    return _result(reply, job.jid)
-
-
-def push_all(client: redis.Redis, keys: Keys, jobs: Sequence[Push]) -> list[EnqueueResult]:
-    """Enqueue many jobs, immediate and scheduled mixed, in one round trip."""
-    if not jobs:
-        return []
-    job_keys: list[str] = [keys.schedule, keys.queues]
-    args: list[str | bytes | int] = []
-    for job in jobs:
-        lock, unlocks_in = _lock_args(keys, job)
-        job_keys += [lock[0] if lock else "", keys.queue(job.queue)]
-        score = "0" if job.score is None else repr(job.score)
-        args += [job.jid, job.queue, score, job.payload, unlocks_in]
-    replies = scripts.enqueue_all(client, job_keys, args)
-    return [_result(r if r[0] == 1 else 0, job.jid) for r, job in zip(replies, jobs, strict=True)]
-
+from .. import scripts
+from ..config import Config
+from ..connection import text
+from ..job import InvalidJob, decode, encode, new_jid, now_seconds
+from ..keys import Keys
+from ..retry import dead_payload
 
 RECOVERY_BATCH = 100
 """Jobs moved per script call when re-enqueueing a backup list."""
@@ -135,41 +77,6 @@ class RecoveryPolicy:
         digest = job_digest(raw)
         return [("ZREM", keys.suspects, digest),
                 ("DEL", keys.started(digest), keys.recoveries(digest))]
-
-
-@dataclass(frozen=True, slots=True)
-class Fetched:
-    """A queue's fetched jobs (oldest first), and which of them were recovered before.
-
-    ``suspects``: positions of jobs recovered from a backup before (their
-    start is marked in Redis, see ``RecoveryPolicy``); ``quarantined``: the
-    suspects one counted crash from the dead set, to be run one at a time.
-    """
-
-    jobs: list[bytes]
-    suspects: frozenset[int] = frozenset()
-    quarantined: frozenset[int] = frozenset()
-
-
-def fetch(client: redis.Redis, keys: Keys, node_id: str, wanted: Sequence[tuple[str, int]],
-          policy: RecoveryPolicy | None = None) -> list[Fetched]:
-    """Move up to ``n`` jobs of each ``(queue, n)`` into this node's backup lists.
-
-    One round trip for every queue. Returns each queue's jobs in the order of
-    ``wanted``. The bytes are kept exactly as fetched: the ack removes those
-    bytes from the backup list.
-    """
-    job_keys: list[str] = [keys.suspects]
-    args: list[str | int] = [keys.prefix, (policy or RecoveryPolicy()).quarantine_at]
-    for queue, count in wanted:
-        job_keys += [keys.queue(queue), keys.backup(node_id, queue)]
-        args.append(min(count, scripts.FETCH_BATCH_LIMIT))
-    return [Fetched(jobs, _positions(suspects), _positions(quarantined))
-            for jobs, suspects, quarantined in scripts.fetch(client, job_keys, args)]
-
-
-def _positions(lua_indexes: Sequence[int]) -> frozenset[int]:
-    return frozenset(int(n) - 1 for n in lua_indexes)
 
 
 def recover_backup(client: redis.Redis, keys: Keys, node_id: str, queue: str,
@@ -268,25 +175,3 @@ def _poison_payload(raw: bytes, times: int) -> bytes:
         return encode({"args": [raw.decode("utf-8", "replace")], "class": "ExqFast.InvalidPayload",
                        "error_class": POISON_CLASS, "error_message": f"{message}; {exc.reason}",
                        "jid": new_jid(), "queue": None, "retry": 0, "retry_count": 0})
-
-
-def move_due(client: redis.Redis, keys: Keys, zset: str, now: float, page_size: int,
-             fallback_queue: str = "default") -> int:
-    """Move the members of ``zset`` due by ``now`` into their queues, a page per call.
-
-    Safe with several processes at once: a member is pushed only by the
-    caller whose ZREM removed it. Returns the number of members moved.
-    """
-    moved = 0
-    while True:
-        seen, count = scripts.scheduler_dequeue(
-            client, [zset], [page_size, repr(now), keys.prefix, fallback_queue]
-        )
-        moved += int(count)
-        if int(seen) < page_size:
-            return moved
-
-
-def unlock(client: redis.Redis, keys: Keys, token: str, jid: str) -> bool:
-    """Release a unique lock if ``jid`` still holds it (compare-and-delete)."""
-    return bool(scripts.compare_and_delete(client, [keys.unique(token)], [jid]))

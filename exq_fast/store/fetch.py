@@ -1,0 +1,62 @@
+"""Fetch and ack: take jobs from their queues into this node's backup lists, and
+(to come) remove each from there once it is done.
+
+Contract: ``fetch`` makes one round trip, one call of the ``fetch`` script for
+all the queues asked for, atomic: each job it returns is in exactly one place,
+its backup list. The bytes are returned exactly as stored, since the ack removes
+those bytes.
+
+The ack -- ``LREM`` of the fetched bytes from the backup list -- is today a
+command of the stats batch (``stats.py``); its place is at the end of this
+module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis
+
+from .. import scripts
+from ..keys import Keys
+from .recovery import RecoveryPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A queue's fetched jobs (oldest first), and which of them were recovered before.
+
+    ``suspects``: positions of jobs recovered from a backup before (their
+    start is marked in Redis, see ``RecoveryPolicy``); ``quarantined``: the
+    suspects one counted crash from the dead set, to be run one at a time.
+    """
+
+    jobs: list[bytes]
+    suspects: frozenset[int] = frozenset()
+    quarantined: frozenset[int] = frozenset()
+
+
+def fetch(client: redis.Redis, keys: Keys, node_id: str, wanted: Sequence[tuple[str, int]],
+          policy: RecoveryPolicy | None = None) -> list[Fetched]:
+    """Move up to ``n`` jobs of each ``(queue, n)`` into this node's backup lists.
+
+    ``n`` is capped at ``scripts.FETCH_BATCH_LIMIT``. Returns each queue's jobs
+    in the order of ``wanted``.
+    """
+    job_keys: list[str] = [keys.suspects]
+    args: list[str | int] = [keys.prefix, (policy or RecoveryPolicy()).quarantine_at]
+    for queue, count in wanted:
+        job_keys += [keys.queue(queue), keys.backup(node_id, queue)]
+        args.append(min(count, scripts.FETCH_BATCH_LIMIT))
+    return [Fetched(jobs, _positions(suspects), _positions(quarantined))
+            for jobs, suspects, quarantined in scripts.fetch(client, job_keys, args)]
+
+
+def _positions(lua_indexes: Sequence[int]) -> frozenset[int]:
+    """0-based positions from the script's 1-based Lua indexes."""
+    return frozenset(int(n) - 1 for n in lua_indexes)
+
+
+# -- ack -------------------------------------------------------------------------------
+# The ack (LREM of a job's fetched bytes from its backup list) goes here.
