@@ -23,11 +23,11 @@ from typing import Any
 import redis
 
 # Take a job's unique lock, shared by the three enqueue scripts: SET key jid PX ms NX
-# when a lock is asked for (a key other than nil or '', and ms a number). Returns
-# the jid holding the lock when it is taken already, else false.
+# when a lock is asked for (a key, and ms a number). Returns the jid holding the
+# lock when it is taken already, else false.
 _HELD_BY = """
 local function held_by(key, jid, unlocks_in)
-  if key and key ~= '' and unlocks_in then
+  if key and unlocks_in then
     if not redis.call('SET', key, jid, 'PX', unlocks_in, 'NX') then
       return redis.call('GET', key)
     end
@@ -56,22 +56,31 @@ redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 return 0
 """
 
-# Exq's enqueue_all: KEYS [schedule, queues, then per job: lock key or '', queue],
-# ARGV per job [jid, queue, score or "0" for now, json, lock ms or ''].
+# Exq's enqueue_all: KEYS [schedule, queues, then per job: its queue, and its lock
+# key only when it has one], ARGV per job [jid, queue, score or "0" for now, json,
+# lock ms or '' (no lock: no key)]. Every KEYS entry is a real key of the
+# namespace (an ACL user limited to it may run this; Redis Cluster needs it).
 # Per job, as ENQUEUE (score "0") or ENQUEUE_AT, all in one atomic call; a job
 # whose lock is held is not written and does not undo the others. Returns per
 # job {0, jid} or {1, holder jid}.
 ENQUEUE_ALL = _HELD_BY + """
-local out = {}
+local out, k = {}, 3
 for i = 0, (#ARGV / 5) - 1 do
   local jid, queue, score, job = ARGV[i*5+1], ARGV[i*5+2], ARGV[i*5+3], ARGV[i*5+4]
-  local holder = held_by(KEYS[3+i*2], jid, tonumber(ARGV[i*5+5]))
+  local unlocks_in = tonumber(ARGV[i*5+5])
+  local queue_key, lock = KEYS[k], false
+  k = k + 1
+  if unlocks_in then
+    lock = KEYS[k]
+    k = k + 1
+  end
+  local holder = held_by(lock, jid, unlocks_in)
   if holder then
     out[i+1] = {1, holder}
   else
     if score == '0' then
       redis.call('SADD', KEYS[2], queue)
-      redis.call('LPUSH', KEYS[4+i*2], job)
+      redis.call('LPUSH', queue_key, job)
     else
       redis.call('ZADD', KEYS[1], score, job)
     end

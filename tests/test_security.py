@@ -410,10 +410,13 @@ def test_an_acl_user_limited_to_the_namespace_runs_a_whole_node(
             enq.enqueue(QUEUE, "Acl.Fail", ["retried"], max_retries=3)
             enq.enqueue(QUEUE, "Acl.Fail", ["dies"], max_retries=0)
             enq.enqueue(QUEUE, "Acl.Unknown", [], max_retries=0)
-            wait_for(lambda: stat(admin, keys, "processed") == 3
-                     and stat(admin, keys, "failed") == 3, what="3 processed, 3 failed")
+            # (a batch: now, later and with a lock, in one call)
+            enq.enqueue_all([(QUEUE, "Acl.Ok", [4]), (QUEUE, "Acl.Ok", [5], {"in": 0.05}),
+                             (QUEUE, "Acl.Ok", [6], {"unique_for": 60})])
+            wait_for(lambda: stat(admin, keys, "processed") == 6
+                     and stat(admin, keys, "failed") == 3, what="6 processed, 3 failed")
             # Then the jobs ran, the retry and dead entries were written, stats counted
-            assert sorted(ok.calls) == [(1,), (2,), (3,)]
+            assert sorted(ok.calls) == [(1,), (2,), (3,), (4,), (5,), (6,)]
             assert admin.zcard(keys.retry) == 1
             assert admin.zcard(keys.dead) == 2
             assert admin.keys(keys.unique("*")) == []  # the unique lock was released

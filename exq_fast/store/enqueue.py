@@ -70,7 +70,7 @@ def push_all(client: redis.Redis, keys: Keys, jobs: Sequence[Push]) -> list[Enqu
     args: list[str | bytes | int] = []
     for job in jobs:
         lock, unlocks_in = _lock_args(keys, job)
-        job_keys += [lock[0] if lock else "", keys.queue(job.queue)]
+        job_keys += [keys.queue(job.queue), *lock]  # the lock's key only if it has one
         score = "0" if job.score is None else repr(job.score)
         args += [job.jid, job.queue, score, job.payload, unlocks_in]
     replies = scripts.enqueue_all(client, job_keys, args)
