@@ -100,8 +100,8 @@ class Exq:
         self.redis_errors: dict[str, int] = {}
         self.recovered: dict[tuple[str, str], int] = {}
         self._counts_lock = threading.Lock()
-        self.metrics = Metrics(metrics_registry, self.config.metrics_prefix, __version__)
-        self.metrics.attach(_MetricsSource(self))
+        self.metrics = Metrics(metrics_registry, self.config.metrics_prefix, __version__,
+                               source=_MetricsSource(self))
         if self.config.metrics_cluster:
             self.metrics.registry.register(
                 ClusterCollector(self.redis, self.keys, self.config.metrics_prefix))

@@ -138,7 +138,8 @@ class Metrics:
     """
 
     def __init__(self, registry: CollectorRegistry | None = None, prefix: str = "exq_",
-                 version: str = "") -> None:
+                 version: str = "", source: NodeSource | None = None) -> None:
+        """``source``: the node whose gauges and counters are read at scrape time."""
         self.registry = registry if registry is not None else CollectorRegistry()
         self.prefix = prefix
         self._series: dict[tuple[str, str], _Series] = {}
@@ -151,14 +152,12 @@ class Metrics:
         build.labels(version).set(1)
         for collector in (_JobCollector(self), self.flush_duration, build):
             self._register(collector)
+        if source is not None:
+            self._register(_NodeCollector(prefix, source))
 
     def _register(self, collector: Collector) -> None:
         self.registry.register(collector)
         self._registered.append(collector)
-
-    def attach(self, source: NodeSource) -> None:
-        """Export the gauges and counters that ``source`` keeps (once per node)."""
-        self._register(_NodeCollector(self.prefix, source))
 
     def close(self) -> None:
         """Unregister everything, so the registry can serve another node later."""

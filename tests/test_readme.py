@@ -110,8 +110,7 @@ class BlockFailed(AssertionError):
 class Block:
     """One fenced block and its annotation."""
 
-    line: int
-    """Line number (1-based) of the opening fence."""
+    line: int  # the opening fence's line number, 1-based
     lang: str
     code: str
     skip: str | None = None

@@ -158,12 +158,8 @@ class Node:
 
     def __init__(self, node_id: str, process: subprocess.Popen[bytes], stdout: IO[bytes],
                  stderr: IO[bytes], stderr_path: Path, metrics_port: int | None) -> None:
-        self.node_id = node_id
-        self.process = process
-        self._stdout = stdout
-        self._stderr = stderr
-        self.stderr_path = stderr_path
-        self.metrics_port = metrics_port
+        self.node_id, self.process, self.metrics_port = node_id, process, metrics_port
+        self._stdout, self._stderr, self.stderr_path = stdout, stderr, stderr_path
         self.expected: list[str] = []
         """The node ids it is expected to register (empty: a default id)."""
         self.ids: list[str] = []
