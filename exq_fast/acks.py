@@ -52,7 +52,7 @@ from .background import ErrorHook
 from .inflight import InFlight
 from .job import encode, now_seconds
 from .keys import RT_STAT_TTL, Keys, StatKind
-from .retry import Command
+from .store.fetch import ack_command
 
 logger = logging.getLogger("exq_fast")
 
@@ -64,18 +64,11 @@ class BatchListener(Protocol):
         """``done``: the finished jobs the batch held; ``seconds``: the flush's duration."""
 
 
-def ack_command(record: InFlight) -> Command:
-    """The ack: remove the exact fetched bytes from the job's backup list. Count -1
-    searches from the tail, where the oldest fetched jobs sit."""
-    return ("LREM", record.backup, -1, record.raw)
-
-
 class _Batch:
     """One batch under construction or awaiting a retry."""
 
     def __init__(self, batch_id: str) -> None:
-        self.batch_id = batch_id
-        self.args: list[Any] = [batch_id]
+        self.args: list[Any] = [batch_id]  # APPLY_BATCH's ARGV: the id, then the commands
         self.counts: dict[StatKind, int] = {"processed": 0, "failed": 0}
         self.done: list[InFlight] = []
 
@@ -242,7 +235,7 @@ class AckWriter:
         if outcome is not None and outcome.ack:
             for command in outcome.writes:
                 batch.add(command)
-            batch.add(ack_command(record))
+            batch.add(ack_command(record.backup, record.raw))  # the ack
             stat = outcome.stat
             if stat is not None:
                 batch.counts[stat] += 1

@@ -34,7 +34,7 @@ def connection_kwargs(config: Config) -> dict[str, Any]:
         # built from host and port 10 retries by default (and one from a URL with
         # ?retry_on_timeout 1), so the policy is explicit on every path. Retrying
         # is exq-fast's decision: the fetcher's fetch backoff and reconciliation,
-        # the stats writer's idempotent batches. No retry_on_error/retry_on_timeout.
+        # the ack writer's idempotent batches. No retry_on_error/retry_on_timeout.
         "retry": no_retry(),
     }
     if config.redis_username is not None:

@@ -29,32 +29,30 @@ batch plus the concurrency (see ``Fetcher._held_back``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import redis
 
 from .background import ErrorHook, RecoveredHook
 from .config import Config
-from .inflight import InFlight, InFlightJobs, Quarantine, Submit
+from .inflight import InFlight, InFlightJobs, JobHook, Quarantine, Submit
 from .keys import Keys
 from .scripts import FETCH_BATCH_LIMIT
-from .store.fetch import Fetched, fetch
-from .store.recovery import RecoveryPolicy, bury_poison, recover_backup
+from .store.fetch import Fetched, backup_list, fetch
+from .store.recovery import RecoveryPolicy, recover_backup, settle
 
 logger = logging.getLogger("exq_fast")
 
 UNLIMITED_IN_FLIGHT = 1000
 """Most jobs of one queue in flight when its concurrency is unlimited."""
 
-RunJob = Callable[[InFlight], None]
-"""Runs one fetched job on an executor thread (``WorkerServer.run``); never raises."""
-
 PAUSE_NOTICE = 1.0
 """Seconds fetching must be held back by unacked jobs before the pause is logged and
-counted: a stats writer merely behind by a batch holds it back for a flush or two."""
+counted: an ack writer merely behind by a batch holds it back for a flush or two."""
 
 
 class QueueState:
@@ -76,7 +74,7 @@ class Fetcher:
     """Fetches jobs for the subscribed queues while they have free slots."""
 
     def __init__(self, client: redis.Redis, keys: Keys, config: Config, inflight: InFlightJobs,
-                 *, submit: Submit, run_job: RunJob, on_error: ErrorHook | None = None,
+                 *, submit: Submit, run_job: JobHook, on_error: ErrorHook | None = None,
                  on_recovered: RecoveredHook | None = None) -> None:
         """``submit`` runs a callable on an executor thread; ``run_job`` runs one job
         there; ``on_error(operation, exc)`` hears of every failed fetch;
@@ -129,19 +127,10 @@ class Fetcher:
         return sum(self._recover(q, "startup") for q in self.config.queue_names)
 
     def _recover(self, queue: str, reason: str) -> int:
-        config, policy = self.config, self.policy
-        moved, poisoned = recover_backup(self.client, self.keys, config.node_id, queue,
-                                         policy)
-        if poisoned:
-            # In flight here when this node died max_recoveries times: dead, not re-run.
-            logger.warning("%d job(s) of %r recovered %d times go to the dead set", poisoned,
-                           queue, config.max_recoveries)
-            bury_poison(self.client, self.keys, policy)
-        if self.on_recovered is not None:
-            for count, why in ((moved, reason), (poisoned, "poison")):
-                if count:
-                    self.on_recovered(queue, why, count)
-        return moved
+        counts = recover_backup(self.client, self.keys, self.config.node_id, queue, self.policy)
+        # Poison jobs (in flight here when this node died max_recoveries times): dead.
+        settle(self.client, self.keys, self.policy, queue, counts, reason, self.on_recovered)
+        return counts[0]
 
     def stop_fetching(self) -> None:
         """Stop the fetch loop (running jobs go on) and wait for the thread."""
@@ -291,7 +280,7 @@ class Fetcher:
         terminated (no ack, on purpose) stay in the backup list and are not
         counted; a lost fetch reply is reconciled before the next decision.
         """
-        finished = self.inflight.unacked() - self.busy()
+        finished = self.finished_unacked()  # _cond is re-entrant
         if finished < self.max_unacked:
             if self._held_since is not None:
                 self._resume()
@@ -354,7 +343,8 @@ class Fetcher:
         """Run the jobs a lost fetch moved into our backup lists (see the module doc)."""
         for queue in sorted(self._unsure):
             backup = self.keys.backup(self.config.node_id, queue)
-            orphans = self.inflight.orphans(self.client, queue, backup)
+            orphans = self.inflight.orphans(queue, functools.partial(backup_list, self.client,
+                                                                     backup))
             if orphans:
                 logger.warning("running %d jobs of %r fetched by a call whose reply was lost",
                                len(orphans), queue)

@@ -278,7 +278,6 @@ class Heartbeat(BackgroundLoop):
         self.node_id = config.node_id
         self.identity = identity or nodes.ProcessIdentity.current()
         self.queue_names = config.queue_names
-        self.missed_heartbeats_allowed = config.missed_heartbeats_allowed
         self._window = nodes.dead_window(config.heartbeat_interval,
                                          config.missed_heartbeats_allowed)
         self.policy = recovery.RecoveryPolicy.of(config)
@@ -330,14 +329,13 @@ class Heartbeat(BackgroundLoop):
         only while its registry entry (or heartbeat score) is the one judged."""
         moved = 0
         for name in self._queues(record.node_id):
-            count, poisoned = self._recover_queue(record, name)
-            if count:
+            counts = self._recover_queue(record, name)
+            if counts[0]:
                 logger.warning("heartbeat_monitor: re-enqueued %d job(s) of dead node %r "
-                               "to %r", count, record.node_id, name)
-                self._recovered(name, "heartbeat", count)
-            if poisoned:
-                self._poisoned(record.node_id, name, poisoned)
-            moved += count
+                               "to %r", counts[0], record.node_id, name)
+            recovery.settle(self.client, self.keys, self.policy, name, counts, "heartbeat",
+                            self.on_recovered)
+            moved += counts[0]
         self._forget(record)
         return moved
 
@@ -348,27 +346,12 @@ class Heartbeat(BackgroundLoop):
         return recovery.recover_dead_node_backup(self.client, self.keys, record.node_id, name,
                                                  repr(record.heartbeat), self.policy)
 
-    def _poisoned(self, node: str, name: str, count: int) -> None:
-        logger.warning("heartbeat_monitor: %d job(s) of dead node %r recovered %d times go "
-                       "to the dead set", count, node, self.policy.max_recoveries)
-        recovery.bury_poison(self.client, self.keys, self.policy)
-        self._recovered(name, "poison", count)
-
     def _queues(self, node: str) -> list[str]:
         # Exq looks at the known and configured queues only; the node's own
         # backup lists are scanned too, so a queue nobody lists is not missed.
         known = {text(q) for q in self.client.smembers(self.keys.queues)}
         known |= recovery.backup_queues(self.client, self.keys, node)
         return sorted(known | set(self.queue_names))
-
-    def _recovered(self, name: str, reason: str, count: int) -> None:
-        if self.on_recovered is None:
-            return
-        try:
-            self.on_recovered(name, reason, count)
-        except Exception:
-            # The jobs are already back in their queue; a broken hook changes nothing.
-            logger.exception("heartbeat_monitor: on_recovered hook failed")
 
     def _forget(self, record: nodes.NodeRecord) -> bool:
         if record.entry is not None:

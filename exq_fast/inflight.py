@@ -11,7 +11,8 @@ describes a running job.
 queue, so that:
 
 * the fetcher can pause while too many finished jobs wait for their ack
-  (``finished_unacked``; the bound is stated in ``fetcher.Fetcher._held_back``);
+  (``unacked``, read by ``Fetcher.finished_unacked``; the bound is stated in
+  ``fetcher.Fetcher._held_back``);
 * a fetch whose reply was lost can be reconciled (``orphans``): whatever sits in
   the backup list and is not tracked was moved there by the lost call;
 * a re-subscribe recovers a queue's backup list only while none of its jobs is
@@ -27,8 +28,6 @@ import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
-
-import redis
 
 if TYPE_CHECKING:
     import asyncio
@@ -137,21 +136,23 @@ class InFlightJobs:
         with self._lock:
             return bool(self._raw.get(queue))
 
-    def orphans(self, client: redis.Redis, queue: str, backup: str) -> list[bytes]:
-        """The jobs in ``backup`` that are not tracked: moved there by a fetch whose
-        reply was lost."""
-        # The lock keeps acks from being forgotten between the LRANGE and the
-        # comparison: a job acked meanwhile is either still listed and still
-        # tracked, or gone from both.
+    def orphans(self, queue: str, read_backup: Callable[[], list[bytes]]) -> list[bytes]:
+        """The jobs in the queue's backup list (``read_backup``, one Redis read) that
+        are not tracked: moved there by a fetch whose reply was lost."""
+        # Read under the lock: an ack landing between the read and the comparison
+        # would make an acked job look lost (listed, no longer tracked) and run it
+        # twice. The lock is held only after a failed fetch, for one LRANGE.
         with self._lock:
-            present: Counter[bytes] = Counter(
-                raw for raw in client.lrange(backup, 0, -1) if isinstance(raw, bytes))
-            lost = list((present - self._raw.get(queue, Counter())).elements())
-        return lost
+            present = Counter(read_backup())
+            return list((present - self._raw.get(queue, Counter())).elements())
 
 
 Submit = Callable[..., object]
-"""Runs a callable with arguments on an executor thread (``ThreadPoolExecutor.submit``)."""
+"""Runs a callable with its arguments on an executor thread (``ThreadPoolExecutor.submit``)."""
+
+JobHook = Callable[[InFlight], None]
+"""Called with one job's record: ``run_job`` (runs the job on an executor thread;
+``WorkerServer.run``) and ``on_end`` (the job has ended; ``Fetcher.job_ended``)."""
 
 
 class Quarantine:
@@ -163,7 +164,7 @@ class Quarantine:
     fetch with it. The waiting ones sit fetched, in the backup list.
     """
 
-    def __init__(self, submit: Submit, run_job: Callable[[InFlight], None]) -> None:
+    def __init__(self, submit: Submit, run_job: JobHook) -> None:
         self._submit = submit
         self._run_job = run_job
         self._held: deque[InFlight] = deque()

@@ -167,13 +167,15 @@ class FailureRule:
             # overflowed to infinity, nesting too deep to encode): keep its
             # bytes verbatim in a dead wrapper rather than leave it unacked.
             message = f"{message}; the job could not be re-encoded: {exc}"
-            return self._dead(error, _wrap_invalid(record, error_class, message))
+            return self._dead(error, wrap_invalid(record.raw, record.queue, error_class,
+                                                  message))
 
     def _decide(self, record: JobRun, error: BaseException, error_class: str,
                 message: str, canceled: bool) -> Outcome:
         job = record.job
         if job is None:
-            return self._dead(error, _wrap_invalid(record, error_class, message))
+            return self._dead(error, wrap_invalid(record.raw, record.queue, error_class,
+                                                  message))
         backtrace = _backtrace(record, job, error)
         if canceled or is_dead(job, self.config.max_retries):
             return self._dead(error, dead_payload(job, error_class, message,
@@ -189,13 +191,15 @@ class FailureRule:
         return Outcome(Status.FAILED, error, "dead", writes)
 
 
-def _wrap_invalid(record: JobRun, error_class: str, message: str) -> bytes:
-    raw = record.raw
+def wrap_invalid(raw: bytes, queue: str | None, error_class: str, message: str) -> bytes:
+    """A dead-set entry of class ``ExqFast.InvalidPayload`` for bytes that are not a
+    usable job: the bytes kept verbatim as its only argument (base64 when they are
+    not UTF-8), with the reason."""
     now = now_seconds()
     wrapper: dict[str, Any] = {
         "args": [], "class": INVALID_CLASS, "enqueued_at": now, "error_class": error_class,
         "error_message": message, "failed_at": now, "retried_at": now, "finished_at": None,
-        "jid": new_jid(), "processor": None, "queue": record.queue, "retry": 0,
+        "jid": new_jid(), "processor": None, "queue": queue, "retry": 0,
         "retry_count": 0,
     }
     try:

@@ -59,7 +59,7 @@ return 0
 # Exq's enqueue_all: KEYS [schedule, queues, then per job: its queue, and its lock
 # key only when it has one], ARGV per job [jid, queue, score or "0" for now, json,
 # lock ms or '' (no lock: no key)]. Every KEYS entry is a real key of the
-# namespace (an ACL user limited to it may run this; Redis Cluster needs it).
+# namespace, so an ACL user limited to it may run this.
 # Per job, as ENQUEUE (score "0") or ENQUEUE_AT, all in one atomic call; a job
 # whose lock is held is not written and does not undo the others. Returns per
 # job {0, jid} or {1, holder jid}.
@@ -147,59 +147,63 @@ return moved
 # marks it started just before running it, and a later recovery counts only
 # if that mark is there -- so jobs that merely waited beside a job that kills
 # its process at once are not buried with it.
+# `move_front(a)` reads its arguments from ARGV[a..a+5]: limit, max, prefix, ttl,
+# poison list, now.
 _MOVE_FRONT = """
-local moved, poisoned = 0, 0
-local suspects = prefix .. 'suspects'
-if max > 0 then redis.call('ZREMRANGEBYSCORE', suspects, '-inf', now - ttl) end
-for i = 1, limit do
-  local job = redis.call('LPOP', KEYS[1])
-  if not job then break end
-  local bury = false
-  if max > 0 then
-    local digest = redis.sha1hex(job)
-    local seen = redis.call('ZSCORE', suspects, digest)
-    if (not seen) or redis.call('DEL', prefix .. 'started:' .. digest) == 1 then
-      local counter = prefix .. 'recoveries:' .. digest
-      bury = redis.call('INCR', counter) >= max
-      redis.call('EXPIRE', counter, ttl)
+local function move_front(a)
+  local limit, max, prefix, ttl, poison, now = tonumber(ARGV[a]), tonumber(ARGV[a+1]),
+    ARGV[a+2], tonumber(ARGV[a+3]), ARGV[a+4], tonumber(ARGV[a+5])
+  local moved, poisoned = 0, 0
+  local suspects = prefix .. 'suspects'
+  if max > 0 then redis.call('ZREMRANGEBYSCORE', suspects, '-inf', now - ttl) end
+  for i = 1, limit do
+    local job = redis.call('LPOP', KEYS[1])
+    if not job then break end
+    local bury = false
+    if max > 0 then
+      local digest = redis.sha1hex(job)
+      local seen = redis.call('ZSCORE', suspects, digest)
+      if (not seen) or redis.call('DEL', prefix .. 'started:' .. digest) == 1 then
+        local counter = prefix .. 'recoveries:' .. digest
+        bury = redis.call('INCR', counter) >= max
+        redis.call('EXPIRE', counter, ttl)
+      end
+      redis.call('ZADD', suspects, now, digest)
     end
-    redis.call('ZADD', suspects, now, digest)
+    if bury then
+      redis.call('RPUSH', poison, job)
+      poisoned = poisoned + 1
+    else
+      redis.call('RPUSH', KEYS[2], job)
+      moved = moved + 1
+    end
   end
-  if bury then
-    redis.call('RPUSH', poison, job)
-    poisoned = poisoned + 1
-  else
-    redis.call('RPUSH', KEYS[2], job)
-    moved = moved + 1
-  end
+  return {redis.call('LLEN', KEYS[1]), moved, poisoned}
 end
-return {redis.call('LLEN', KEYS[1]), moved, poisoned}
 """
 
 # KEYS [backup, queue], ARGV [limit, max, prefix, ttl, poison_list, now]
-MLPOP_RPUSH = """
-local limit, max, prefix, ttl, poison, now = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3],
-  tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])""" + _MOVE_FRONT
+MLPOP_RPUSH = _MOVE_FRONT + "return move_front(1)"
 
 # KEYS [backup, queue, heartbeats], ARGV [node, expected_score, limit, max, prefix,
 # ttl, poison_list, now]: moves only while the node's heartbeat is expected_score.
-HEARTBEAT_RE_ENQUEUE_BACKUP = """
+HEARTBEAT_RE_ENQUEUE_BACKUP = _MOVE_FRONT + """
 local score = redis.call('ZSCORE', KEYS[3], ARGV[1])
 if not score or tonumber(score) ~= tonumber(ARGV[2]) then
   return {0, 0, 0}
 end
-local limit, max, prefix, ttl, poison, now = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5],
-  tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])""" + _MOVE_FRONT
+return move_front(3)
+"""
 
 # KEYS [backup, queue, nodes], ARGV [node, expected_entry, limit, max, prefix, ttl,
 # poison_list, now]: moves only while the node's registry entry is expected_entry,
 # so a process that claimed the id again (a restart) keeps what it fetches.
-REGISTERED_RE_ENQUEUE_BACKUP = """
+REGISTERED_RE_ENQUEUE_BACKUP = _MOVE_FRONT + """
 if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then
   return {0, 0, 0}
 end
-local limit, max, prefix, ttl, poison, now = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5],
-  tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])""" + _MOVE_FRONT
+return move_front(3)
+"""
 
 # Claim a node id: KEYS [nodes], ARGV [node, expected ('' = no entry), entry].
 # Replaces the entry only if it is still the one the caller judged stale.

@@ -165,7 +165,7 @@ class Deadline:
 class Watchdog:
     """Fires deadlines when due and reports the jobs that outlive them."""
 
-    def __init__(self, on_stuck: Callable[[int], None] | None = None) -> None:
+    def __init__(self) -> None:
         self._heap: list[tuple[float, int, Deadline]] = []
         self._seq = itertools.count()
         self._cond = threading.Condition()
@@ -173,7 +173,6 @@ class Watchdog:
         self._stopping = False
         self.stuck: set[Deadline] = set()
         """Jobs that ignored their timeout and still run."""
-        self.on_stuck = on_stuck
 
     def arm(self, deadline: Deadline) -> None:
         """Watch ``deadline``, made by the thread about to run its job."""
@@ -246,5 +245,3 @@ class Watchdog:
         logger.warning("%s ignored its timeout of %g s and still runs (its slot stays "
                        "taken; %d such job(s) on this node)", deadline.description,
                        deadline.seconds, count)
-        if self.on_stuck is not None:
-            self.on_stuck(count)

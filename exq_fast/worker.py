@@ -25,7 +25,8 @@ replace or break:
 
 ``run`` never raises: an exception from a job -- ``BaseException``s such as
 ``SystemExit`` and ``KeyboardInterrupt`` included -- fails that job; an
-exception from a middleware hook is logged and, before perform, fails the job.
+exception from a middleware hook fails the job before perform, and is logged
+and changes nothing after it.
 An internal error leaves the job without an outcome: not acked, it stays in
 the backup list. A job over its time limit fails with ``JobTimeout``; a
 cancelled one (Exq's ``CANCEL:`` signal, or ``task.cancel()`` of an async job)
@@ -42,29 +43,25 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol
 
 import redis
 
 from .aio import EventLoop, await_any
-from .inflight import InFlight
+from .inflight import InFlight, JobHook, Submit
 from .job import InvalidJob, Job, decode, now_seconds
 from .middleware import Middleware, Pipeline, Services
 from .outcome import FailureRule, Outcome, Status
 from .registry import Registry, UnknownWorker
 from .retry import sidekiq_backoff
-from .store.recovery import RECOVERY_TTL, RecoveryPolicy, job_digest
+from .store.recovery import RecoveryPolicy, mark_started
 from .timeouts import INTERRUPTS, Deadline, JobTimeout, NodeStopped, Watchdog
 
 logger = logging.getLogger("exq_fast")
 
 _current: contextvars.ContextVar[Job | None] = contextvars.ContextVar("exq_fast_job",
                                                                       default=None)
-
-Submit = Callable[[Callable[[], None]], object]
-"""Runs a callable on an executor thread (``ThreadPoolExecutor.submit``)."""
-
 
 class AckSink(Protocol):
     """Where the worker hands its records (``acks.AckWriter``)."""
@@ -108,7 +105,7 @@ class WorkerServer:
 
     def __init__(self, services: Services, registry: Registry,
                  middleware: Sequence[Middleware], *, acks: AckSink,
-                 on_end: Callable[[InFlight], None] | None = None,
+                 on_end: JobHook | None = None,
                  submit: Submit | None = None, loop: EventLoop | None = None,
                  watchdog: Watchdog | None = None) -> None:
         """``acks`` takes every record, ``on_end(record)`` is called once per job when
@@ -159,9 +156,8 @@ class WorkerServer:
                 self._finish(record)
 
     def _mark_started(self, raw: bytes) -> None:
-        services = self.services
         try:
-            services.redis.set(services.keys.started(job_digest(raw)), 1, ex=RECOVERY_TTL)
+            mark_started(self.services.redis, self.services.keys, raw)
         except redis.exceptions.RedisError as exc:
             # Only poison detection loses a count (a crash now is not blamed on
             # this job): the job itself runs. Logged once per outage, not per job.
@@ -203,8 +199,7 @@ class WorkerServer:
 
     def _run(self, pipeline: Pipeline) -> bool:
         """Up to the end of the job, or to its hand-over to the event loop (True)."""
-        error = self._resolve(pipeline.record)
-        error = self._before(pipeline, error)
+        error = self._before(pipeline, self._resolve(pipeline.record))
         if pipeline.terminated:
             # Not run, not acked (a middleware's decision): it stays in the backup list.
             pipeline.record.outcome = Outcome(Status.TERMINATED)
@@ -230,12 +225,13 @@ class WorkerServer:
             return exc  # not run; the retry rule applies (see outcome)
         return None
 
-    def _before(self, pipeline: Pipeline, error: Exception | None) -> Exception | None:
+    def _before(self, pipeline: Pipeline,
+                error: BaseException | None) -> BaseException | None:
         """The before hooks, in order; the error that fails the job, if any."""
         for middleware in self.middleware:
             try:
                 middleware.before_work(pipeline)
-            except Exception as exc:  # a broken hook fails the job
+            except BaseException as exc:  # a broken hook (sys.exit() too) fails the job
                 return error or exc
             if pipeline.terminated or pipeline.halted:
                 break
@@ -311,7 +307,7 @@ class WorkerServer:
                 middleware.after_failed_work(pipeline)
             else:
                 middleware.after_processed_work(pipeline)
-        except Exception:  # the outcome is decided: the other hooks and the ack go on
+        except BaseException:  # the outcome is decided: the other hooks and the ack go on
             logger.exception("middleware %s failed", type(middleware).__name__)
 
     def _finish(self, record: InFlight) -> None:
@@ -389,8 +385,10 @@ class WorkerServer:
             self.submit(finish)
         except RuntimeError:
             # The executor is shut down (the node stopped): the job was put back
-            # in its queue at the stop; it is not acked.
+            # in its queue at the stop; it is not acked, but it has ended.
             logger.debug("async job ended after the node stopped: not acked")
+            record.outcome = None
+            self._finish(record)
 
 
 def _cancel_task(record: InFlight) -> None:

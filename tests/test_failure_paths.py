@@ -112,19 +112,31 @@ def backup_len(client: redis.Redis, flights: Sequence[InFlight]) -> int:
 # -- 1. a before_work hook that raises ---------------------------------------------------
 
 
+# What a broken hook may raise: an Exception, or a BaseException such as SystemExit
+# (sys.exit() in a hook) or KeyboardInterrupt; none of them may cost the job its ack.
+RAISED: dict[str, type[BaseException]] = {
+    "RuntimeError": RuntimeError, "SystemExit": SystemExit,
+    "KeyboardInterrupt": KeyboardInterrupt}
+
+
 class RaisingBefore(Middleware):
+    def __init__(self, kind: type[BaseException] = RuntimeError) -> None:
+        self.kind = kind
+
     def before_work(self, pipeline: Pipeline) -> None:
-        raise RuntimeError("before_work hook broke")
+        raise self.kind("before_work hook broke")
 
 
+@pytest.mark.parametrize("raised", list(RAISED))
 @pytest.mark.parametrize(("max_retries", "lands_in"), [(25, "retry"), (0, "dead")])
 def test_a_before_work_hook_that_raises_fails_the_job_and_acks_it(
-    max_retries: int, lands_in: str, nodes: NodeFactory, redis_client: redis.Redis,
-    keys: Keys, enqueuer: Enqueuer, node_id: str,
+    max_retries: int, lands_in: str, raised: str, nodes: NodeFactory,
+    redis_client: redis.Redis, keys: Keys, enqueuer: Enqueuer, node_id: str,
 ) -> None:
     # Given a node whose chain holds a user middleware raising in before_work
     runs = Runs()
-    config = nodes.config(queues=[QUEUE], middleware=chain_after_job(RaisingBefore()),
+    config = nodes.config(queues=[QUEUE],
+                          middleware=chain_after_job(RaisingBefore(RAISED[raised])),
                           scheduler_enable=False)
     nodes.start(config, {"Fp.Work": runs.worker()})
 
@@ -141,7 +153,7 @@ def test_a_before_work_hook_that_raises_fails_the_job_and_acks_it(
     target, other = (keys.retry, keys.dead) if lands_in == "retry" else (keys.dead, keys.retry)
     [(entry, _)] = members(redis_client, target)
     assert entry["jid"] == jid and entry["args"] == [1, "x"]
-    assert entry["error_class"] == "RuntimeError"
+    assert entry["error_class"] == raised
     assert entry["error_message"] == "before_work hook broke"
     assert entry["retry_count"] == (1 if lands_in == "retry" else 0)
     assert redis_client.zcard(other) == 0
@@ -151,26 +163,28 @@ def test_a_before_work_hook_that_raises_fails_the_job_and_acks_it(
 
 
 class RaisingAfter(Middleware):
-    def __init__(self) -> None:
+    def __init__(self, kind: type[BaseException] = RuntimeError) -> None:
+        self.kind = kind
         self.calls: list[str] = []
 
     def after_processed_work(self, pipeline: Pipeline) -> None:
         self.calls.append("processed")
-        raise RuntimeError("after_processed_work hook broke")
+        raise self.kind("after_processed_work hook broke")
 
     def after_failed_work(self, pipeline: Pipeline) -> None:
         self.calls.append("failed")
-        raise RuntimeError("after_failed_work hook broke")
+        raise self.kind("after_failed_work hook broke")
 
 
+@pytest.mark.parametrize("raised", list(RAISED))
 @pytest.mark.parametrize("outcome", ["processed", "failed"])
 def test_an_after_hook_that_raises_still_lets_the_ack_and_the_count_land(
-    outcome: str, nodes: NodeFactory, redis_client: redis.Redis, keys: Keys,
+    outcome: str, raised: str, nodes: NodeFactory, redis_client: redis.Redis, keys: Keys,
     enqueuer: Enqueuer, node_id: str,
 ) -> None:
     # Given a node (one slot) whose first middleware raises in its after hooks
     runs = Runs()
-    hook = RaisingAfter()
+    hook = RaisingAfter(RAISED[raised])
     config = nodes.config(queues=[(QUEUE, 1)], middleware=(hook, *default_chain()),
                           scheduler_enable=False)
     nodes.start(config, {"Fp.Work": runs.worker(fail=outcome == "failed")})

@@ -18,9 +18,9 @@ from typing import Any, cast
 import redis
 from redis.client import Pipeline
 
-from .. import scripts
 from ..job import InvalidJob, Job, decode
 from ..keys import Keys
+from ..store.enqueue import unlock
 
 PAGE_SIZE = 1000
 """Members read per round trip when a whole list or set is scanned."""
@@ -177,5 +177,4 @@ class Members:
         for raw in raws:
             job = entry(raw).job
             if job is not None and job.unique_token and job.jid:
-                scripts.compare_and_delete(self._redis, [self._keys.unique(job.unique_token)],
-                                           [job.jid])
+                unlock(self._redis, self._keys, job.unique_token, job.jid)

@@ -23,8 +23,8 @@ from typing import Literal, cast
 import redis
 from redis.client import Pipeline
 
-from .. import scripts
 from ..keys import Keys
+from ..store.scheduled import move_members
 from ._common import (
     PAGE_SIZE,
     Entry,
@@ -134,8 +134,7 @@ class JobSet(Members):
         moved = 0
         for start in range(0, len(members), REQUEUE_CHUNK):
             chunk = members[start:start + REQUEUE_CHUNK]
-            moved += int(scripts.scheduler_dequeue_jobs(
-                self._redis, [self.key], [self._keys.prefix, FALLBACK_QUEUE, *chunk]))
+            moved += move_members(self._redis, self._keys, self.key, chunk, FALLBACK_QUEUE)
         return moved
 
 

@@ -3,7 +3,8 @@
 * ``store.enqueue``: push jobs (now, at a time, many at once) with Exq's unique
   lock, and release that lock (``unlock``);
 * ``store.fetch``: fetch and ack -- move jobs from their queues into this node's
-  backup lists (the ack, their removal from there, is to join it);
+  backup lists, and the ack that removes each from there (a command of the
+  batch ``acks.AckWriter`` applies);
 * ``store.recovery``: put backup lists back into their queues (at a start, a
   stop, or for a dead node), counting recoveries, and bury poison jobs;
 * ``store.scheduled``: move the due members of ``schedule`` and ``retry`` into

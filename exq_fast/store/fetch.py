@@ -1,14 +1,13 @@
 """Fetch and ack: take jobs from their queues into this node's backup lists, and
-(to come) remove each from there once it is done.
+remove each from there once it is done.
 
 Contract: ``fetch`` makes one round trip, one call of the ``fetch`` script for
 all the queues asked for, atomic: each job it returns is in exactly one place,
 its backup list. The bytes are returned exactly as stored, since the ack removes
-those bytes.
-
-The ack -- ``LREM`` of the fetched bytes from the backup list -- is today a
-command of the stats batch (``stats.py``); its place is at the end of this
-module.
+those bytes. ``ack_command`` is the ack itself, a command of the batch that
+``acks.AckWriter`` applies atomically with the job's retry/dead writes and the
+counters. ``backup_list`` reads a backup list whole (one ``LRANGE``), to find
+the jobs a fetch whose reply was lost moved there.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import redis
 
 from .. import scripts
 from ..keys import Keys
+from ..retry import Command
 from .recovery import RecoveryPolicy
 
 
@@ -58,5 +58,15 @@ def _positions(lua_indexes: Sequence[int]) -> frozenset[int]:
     return frozenset(int(n) - 1 for n in lua_indexes)
 
 
+def backup_list(client: redis.Redis, backup: str) -> list[bytes]:
+    """Every job in a backup list, as stored (one round trip)."""
+    return [raw for raw in client.lrange(backup, 0, -1) if isinstance(raw, bytes)]
+
+
 # -- ack -------------------------------------------------------------------------------
-# The ack (LREM of a job's fetched bytes from its backup list) goes here.
+
+
+def ack_command(backup: str, raw: bytes) -> Command:
+    """The ack: remove the exact fetched bytes from the job's backup list. Count -1
+    searches from the tail, where the oldest fetched jobs sit."""
+    return ("LREM", backup, -1, raw)

@@ -14,12 +14,14 @@ job in exactly one list: the backup, its queue or the poison list), until the
 backup list is empty; a guarded recovery stops at the first page whose guard
 fails. ``backup_queues`` is a SCAN (several round trips, nothing atomic).
 ``bury_poison`` reads the poison list once, then makes one atomic round trip
-per job.
+per job; ``settle`` runs it after a recovery and reports the counts.
+``mark_started`` is one round trip.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,11 +29,15 @@ from dataclasses import dataclass
 import redis
 
 from .. import scripts
+from ..background import RecoveredHook
 from ..config import Config
 from ..connection import text
-from ..job import InvalidJob, decode, encode, new_jid, now_seconds
+from ..job import InvalidJob, decode, now_seconds
 from ..keys import Keys
+from ..outcome import wrap_invalid
 from ..retry import dead_payload
+
+logger = logging.getLogger("exq_fast")
 
 RECOVERY_BATCH = 100
 """Jobs moved per script call when re-enqueueing a backup list."""
@@ -146,6 +152,33 @@ def _drain(move_batch: Callable[[], Sequence[int]]) -> tuple[int, int]:
             return moved, poisoned
 
 
+def mark_started(client: redis.Redis, keys: Keys, raw: bytes) -> None:
+    """Mark a suspect as started, just before it runs (one round trip): if its
+    process dies during this run, the next recovery counts against it."""
+    client.set(keys.started(job_digest(raw)), 1, ex=RECOVERY_TTL)
+
+
+def settle(client: redis.Redis, keys: Keys, policy: RecoveryPolicy, queue: str,
+           counts: tuple[int, int], reason: str, on_recovered: RecoveredHook | None) -> None:
+    """After a recovery of ``queue`` moved ``counts`` = (jobs back in the queue, jobs
+    to the poison list): bury the poison jobs, and tell ``on_recovered`` of both
+    (``reason``, and ``"poison"``). The jobs have moved already: a hook that raises
+    is logged and changes nothing."""
+    moved, poisoned = counts
+    if poisoned:
+        logger.warning("%d job(s) of %r recovered %d times go to the dead set (poison)",
+                       poisoned, queue, policy.max_recoveries)
+        bury_poison(client, keys, policy)
+    if on_recovered is None:
+        return
+    for count, why in ((moved, reason), (poisoned, "poison")):
+        if count:
+            try:
+                on_recovered(queue, why, count)
+            except Exception:
+                logger.exception("on_recovered hook failed")
+
+
 POISON_CLASS = "JobCrashedWorker"
 """``error_class`` of a job moved to the dead set by ``bury_poison``."""
 
@@ -172,6 +205,4 @@ def _poison_payload(raw: bytes, times: int) -> bytes:
     try:
         return dead_payload(decode(raw), POISON_CLASS, message)
     except InvalidJob as exc:
-        return encode({"args": [raw.decode("utf-8", "replace")], "class": "ExqFast.InvalidPayload",
-                       "error_class": POISON_CLASS, "error_message": f"{message}; {exc.reason}",
-                       "jid": new_jid(), "queue": None, "retry": 0, "retry_count": 0})
+        return wrap_invalid(raw, None, POISON_CLASS, f"{message}; {exc.reason}")

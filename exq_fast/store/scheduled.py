@@ -8,6 +8,8 @@ callers may run at once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import redis
 
 from .. import scripts
@@ -29,3 +31,13 @@ def move_due(client: redis.Redis, keys: Keys, zset: str, now: float, page_size: 
         moved += int(count)
         if int(seen) < page_size:
             return moved
+
+
+def move_members(client: redis.Redis, keys: Keys, zset: str, members: Sequence[bytes],
+                 fallback_queue: str = "default") -> int:
+    """Move the given members of ``zset`` to the front of their queues now, due or not
+    (the admin's requeue), in one atomic call. A member another caller removed first
+    is not moved; one whose JSON cannot be read goes to ``fallback_queue``. Returns
+    how many moved."""
+    return int(scripts.scheduler_dequeue_jobs(client, [zset],
+                                              [keys.prefix, fallback_queue, *members]))
