@@ -196,8 +196,9 @@ class Config:
     metrics_addr: str = "127.0.0.1"
     metrics_prefix: str = "exq_"
     metrics_cluster: bool = False
-    # Middleware chain; None = the default chain.
-    middleware: tuple[Any, ...] | None = None
+    # Middleware chain (instances of exq_fast.Middleware, in order); None = the
+    # default chain (Snooze, Unique, Logger); () = none at all.
+    middleware: Sequence[Any] | None = None
 
     queue_specs: tuple[QueueSpec, ...] = field(init=False, repr=False, compare=False)
 
@@ -205,6 +206,8 @@ class Config:
         concurrency = parse_concurrency("concurrency", self.concurrency)
         object.__setattr__(self, "concurrency", concurrency)
         object.__setattr__(self, "queue_specs", parse_queues(self.queues, concurrency))
+        if self.middleware is not None:
+            object.__setattr__(self, "middleware", parse_middleware(self.middleware))
         _validate(self)
 
     @classmethod
@@ -234,6 +237,24 @@ class Config:
     def queue_names(self) -> list[str]:
         """The configured queue names, in order."""
         return [spec.name for spec in self.queue_specs]
+
+
+_HOOKS = ("before_work", "after_processed_work", "after_failed_work")
+
+
+def parse_middleware(chain: object) -> tuple[Any, ...]:
+    """The chain as a tuple of middleware instances, or ``ConfigError``: a class where
+    an instance is needed, or an object without the three hooks."""
+    if isinstance(chain, (str, bytes)) or not isinstance(chain, (list, tuple)):
+        raise ConfigError("middleware", chain, "expected a list or tuple of middleware")
+    for item in chain:
+        if isinstance(item, type):
+            raise ConfigError("middleware", item,
+                              f"a class: pass an instance, {item.__name__}()")
+        if not all(callable(getattr(item, hook, None)) for hook in _HOOKS):
+            raise ConfigError("middleware", item, "not a middleware: subclass "
+                              "exq_fast.Middleware (before_work, after_*_work)")
+    return tuple(chain)
 
 
 def _validate(config: Config) -> None:

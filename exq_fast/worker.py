@@ -25,8 +25,8 @@ replace or break:
 
 ``run`` never raises: an exception from a job -- ``BaseException``s such as
 ``SystemExit`` and ``KeyboardInterrupt`` included -- fails that job; an
-exception from a middleware hook fails the job before perform, and is logged
-and changes nothing after it.
+exception from a middleware hook is logged; it fails the job before perform, and
+changes nothing after it.
 An internal error leaves the job without an outcome: not acked, it stays in
 the backup list. A job over its time limit fails with ``JobTimeout``; a
 cancelled one (Exq's ``CANCEL:`` signal, or ``task.cancel()`` of an async job)
@@ -232,6 +232,8 @@ class WorkerServer:
             try:
                 middleware.before_work(pipeline)
             except BaseException as exc:  # a broken hook (sys.exit() too) fails the job
+                logger.exception("middleware %s failed in before_work: the job fails",
+                                 type(middleware).__name__)
                 return error or exc
             if pipeline.terminated or pipeline.halted:
                 break
@@ -308,7 +310,9 @@ class WorkerServer:
             else:
                 middleware.after_processed_work(pipeline)
         except BaseException:  # the outcome is decided: the other hooks and the ack go on
-            logger.exception("middleware %s failed", type(middleware).__name__)
+            logger.exception("middleware %s failed in %s (the job's outcome stands)",
+                             type(middleware).__name__,
+                             "after_failed_work" if failed else "after_processed_work")
 
     def _finish(self, record: InFlight) -> None:
         """Hand the record to the ack writer and free its slot (the one place)."""

@@ -144,3 +144,35 @@ def test_replace_validates() -> None:
     assert config.replace(namespace="x").namespace == "x"
     with pytest.raises(ConfigError):
         config.replace(concurrency=-1)
+
+
+class _Hook:
+    """Anything with the three hooks is a middleware (duck-typed, as in Exq)."""
+
+    def before_work(self, pipeline: object) -> None: ...
+
+    def after_processed_work(self, pipeline: object) -> None: ...
+
+    def after_failed_work(self, pipeline: object) -> None: ...
+
+
+@pytest.mark.parametrize(("chain", "why"), [
+    ((_Hook,), "a class: pass an instance, _Hook()"),
+    ((object(),), "not a middleware"),
+    ("x", "expected a list or tuple"),
+    (_Hook(), "expected a list or tuple"),
+])
+def test_a_bad_middleware_chain_fails_at_construction(chain: object, why: str) -> None:
+    # When the chain holds a class, a non-middleware, or is no list at all
+    with pytest.raises(ConfigError) as caught:
+        Config(middleware=chain)  # type: ignore[arg-type]
+    # Then the start never happens: the error names the option and says why
+    assert caught.value.option == "middleware"
+    assert why in str(caught.value)
+
+
+def test_a_middleware_list_is_kept_as_a_tuple_and_empty_means_none() -> None:
+    hook = _Hook()
+    assert Config(middleware=[hook]).middleware == (hook,)
+    assert Config(middleware=()).middleware == ()
+    assert Config().middleware is None

@@ -132,8 +132,10 @@ class RaisingBefore(Middleware):
 def test_a_before_work_hook_that_raises_fails_the_job_and_acks_it(
     max_retries: int, lands_in: str, raised: str, nodes: NodeFactory,
     redis_client: redis.Redis, keys: Keys, enqueuer: Enqueuer, node_id: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Given a node whose chain holds a user middleware raising in before_work
+    caplog.set_level(logging.ERROR, logger="exq_fast")
     runs = Runs()
     config = nodes.config(queues=[QUEUE],
                           middleware=chain_after_job(RaisingBefore(RAISED[raised])),
@@ -157,6 +159,9 @@ def test_a_before_work_hook_that_raises_fails_the_job_and_acks_it(
     assert entry["error_message"] == "before_work hook broke"
     assert entry["retry_count"] == (1 if lands_in == "retry" else 0)
     assert redis_client.zcard(other) == 0
+    # and the broken hook was logged, named, with its traceback
+    [record] = [r for r in caplog.records if "failed in before_work" in r.getMessage()]
+    assert "RaisingBefore" in record.getMessage() and record.exc_info is not None
 
 
 # -- 2. an after hook that raises ---------------------------------------------------------

@@ -8,6 +8,7 @@ are the worker's core (see ``worker``).
 
 from __future__ import annotations
 
+from ..outcome import Outcome, Status
 from .base import Middleware, Pipeline, Services
 from .logger import LoggerMiddleware
 from .snooze import Snooze, SnoozeMiddleware
@@ -16,10 +17,12 @@ from .unique import UniqueMiddleware
 __all__ = [
     "LoggerMiddleware",
     "Middleware",
+    "Outcome",
     "Pipeline",
     "Services",
     "Snooze",
     "SnoozeMiddleware",
+    "Status",
     "UniqueMiddleware",
     "default_chain",
 ]
