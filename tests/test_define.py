@@ -278,6 +278,8 @@ r = redis.Redis.from_url(os.environ["REDIS_URL"])
 @worker("Rf.Long")
 def long(key):
     r.set(key + ":started", 1)
+    if os.environ.get("ONE_CALL"):
+        time.sleep(15)  # one blocking call: Python cannot interrupt it
     end = time.monotonic() + 30
     while time.monotonic() < end:
         time.sleep(0.02)
@@ -289,10 +291,11 @@ print("returned", flush=True)
 
 
 def _long_job_app(tmp_path: Path, redis_url: str, namespace: str, shutdown_ms: int,
-                  redis_client: redis.Redis, keys: Keys) -> subprocess.Popen[str]:
+                  redis_client: redis.Redis, keys: Keys,
+                  one_call: bool = False) -> subprocess.Popen[str]:
     (tmp_path / "app.py").write_text(LONG_JOB)
     env = {**os.environ, "REDIS_URL": redis_url, "EXQ_NAMESPACE": namespace,
-           "EXQ_SHUTDOWN_TIMEOUT": str(shutdown_ms)}
+           "EXQ_SHUTDOWN_TIMEOUT": str(shutdown_ms), "ONE_CALL": "1" if one_call else ""}
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     with Enqueuer(Config(redis_url=redis_url, namespace=namespace)) as enqueuer:
@@ -301,25 +304,37 @@ def _long_job_app(tmp_path: Path, redis_url: str, namespace: str, shutdown_ms: i
     return proc
 
 
+@pytest.mark.parametrize("one_call", [False, True], ids=["python loop", "one blocking call"])
 def test_run_forever_interrupts_a_job_that_outlives_the_shutdown_timeout(
-    tmp_path: Path, redis_url: str, namespace: str, redis_client: redis.Redis, keys: Keys
+    one_call: bool, tmp_path: Path, redis_url: str, namespace: str,
+    redis_client: redis.Redis, keys: Keys
 ) -> None:
-    # Given a script running a 30 s job, with a shutdown timeout of 0.5 s
-    proc = _long_job_app(tmp_path, redis_url, namespace, 500, redis_client, keys)
+    # Given a script running a long job (a loop of short sleeps, or one sleep(15) that
+    # Python cannot interrupt), with a shutdown timeout of 0.5 s
+    proc = _long_job_app(tmp_path, redis_url, namespace, 500, redis_client, keys, one_call)
     # When it is told to stop
     began = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
-    # Then run_forever returns and the process ends soon, the job put back in its
-    # queue and interrupted here: it does not run on to its end (it would run twice)
-    assert proc.returncode == 0, out
-    assert "returned" in out
-    assert time.monotonic() - began < 10, out
-    assert redis_client.get(keys.p("long:ended")) is None
+    # Then run_forever returns soon, the job put back in its queue
+    assert proc.stdout is not None
+    lines = [proc.stdout.readline()]
+    while lines[-1] and "returned" not in lines[-1]:
+        lines.append(proc.stdout.readline())
+    assert "returned" in lines[-1], "".join(lines)
+    assert time.monotonic() - began < 8, "".join(lines)
     assert [json.loads(raw)["class"] for raw in
             cast(list[bytes], redis_client.lrange(keys.queue("default"), 0, -1))] == ["Rf.Long"]
     assert redis_client.zcard(keys.retry) == 0 and redis_client.zcard(keys.dead) == 0
+    # and the job is interrupted here: it does not run on to its end (it would run
+    # twice). A job inside a C call is interrupted when the call returns: Python
+    # cannot stop it sooner, and the interpreter waits for that thread to exit
+    rest, _ = proc.communicate(timeout=40)
+    out = "".join(lines) + rest
+    assert proc.returncode == 0, out
+    assert redis_client.get(keys.p("long:ended")) is None
     assert "NodeStopped" in out
+    if not one_call:
+        assert time.monotonic() - began < 10, out
 
 
 def test_run_forever_stops_at_once_on_a_second_signal(
