@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""How close do I/O-bound jobs come to the ideal rate, sync and async, at high concurrency?
+
+Against ``--redis-url``, else the Redis that ``exq_fast.embedded.find_redis()`` finds
+(``REDIS_URL``, else 127.0.0.1:6379, else a private ``redis-server`` started for the
+run), this drains, in one process and one run:
+
+* ``noop C=100``: no-op jobs at concurrency 100, the cap of every other row (a node
+  cannot run jobs faster than it runs jobs that do nothing);
+* ``sync C=c``: jobs that wait 10 ms in ``time.sleep`` (a worker thread each);
+* ``async C=c``: jobs that wait 10 ms in ``asyncio.sleep`` (the node's event loop),
+
+for each ``--concurrency`` (default 100, 500 and 2000), ``--per-slot`` jobs per slot
+(default 20; N = concurrency x per-slot, at least 2000), enqueued beforehand with
+``enqueue_all`` (not timed). Each row is a new ``Exq`` node (default config, one
+queue at that concurrency, metrics on).
+
+Columns: jobs/s from ``Exq.start()`` until ``exq.acks.totals["processed"] == N``
+(the last ack applied in Redis); ``ideal`` = min(concurrency / 10 ms, the no-op
+rate of this run); ``% ideal``; ``RSS`` = ``VmRSS`` right after the drain, and the
+process-wide peak (``ru_maxrss``, never decreasing: later rows include earlier
+peaks); ``CPU µs/job`` = this process's CPU time (all threads) per job.
+
+Everything is written under a random namespace whose keys, and only those, are
+deleted at the end; a private server, if one was started, is stopped.
+
+Run from the project root::
+
+    .venv/bin/python benchmarks/latency.py
+    .venv/bin/python benchmarks/latency.py --quick                 # C=100 and 500 only
+    .venv/bin/python benchmarks/latency.py --concurrency 2000 --per-slot 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import time
+import uuid
+from dataclasses import dataclass
+
+import redis
+from _common import chunks, delete_namespace, describe_server
+
+from exq_fast import Config, Enqueuer, Exq, Registry
+from exq_fast.embedded import find_redis
+
+WAIT = 0.010
+"""Seconds each I/O-bound job waits."""
+QUEUE = "lat"
+DEFAULT_CONCURRENCY = (100, 500, 2000)
+
+
+def noop() -> None:
+    """The no-op job."""
+
+
+def sync_wait() -> None:
+    """A job waiting on I/O in a worker thread."""
+    time.sleep(WAIT)
+
+
+async def async_wait() -> None:
+    """A job waiting on I/O on the node's event loop."""
+    await asyncio.sleep(WAIT)
+
+
+WORKERS = {"Lat.Noop": noop, "Lat.Sync": sync_wait, "Lat.Async": async_wait}
+
+
+@dataclass
+class Row:
+    """One drained run."""
+
+    kind: str
+    concurrency: int
+    jobs: int
+    seconds: float
+    cpu: float
+    rss_mb: float
+    peak_mb: float
+
+    @property
+    def rate(self) -> float:
+        """Jobs per second."""
+        return self.jobs / self.seconds
+
+
+def rss_mb() -> float:
+    """``VmRSS`` of this process in MB (NaN without procfs)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def peak_mb() -> float:
+    """The process's peak RSS so far, in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def drain(url: str, namespace: str, kind: str, job_class: str, concurrency: int,
+          jobs: int) -> Row:
+    """Enqueue ``jobs`` jobs of ``job_class``, then time one node draining them."""
+    config = Config(redis_url=url, namespace=namespace, queues=[(QUEUE, concurrency)],
+                    node_id=f"lat-{uuid.uuid4().hex[:8]}")
+    with Enqueuer(config) as enqueuer:
+        for size in chunks(jobs, 1000):
+            enqueuer.enqueue_all([(QUEUE, job_class, [])] * size)
+    exq = Exq(config, workers=Registry(WORKERS))
+    began, cpu = time.perf_counter(), time.process_time()
+    exq.start()
+    try:
+        while exq.acks.totals["processed"] < jobs:
+            time.sleep(0.002)
+        seconds = time.perf_counter() - began
+        used = time.process_time() - cpu
+        return Row(kind, concurrency, jobs, seconds, used, rss_mb(), peak_mb())
+    finally:
+        exq.stop()
+
+
+def report(rows: list[Row], cap: float) -> None:
+    """Print the table."""
+    print(f"{'run':<12} {'jobs':>7} {'seconds':>8} {'jobs/s':>9} {'ideal':>9} {'% ideal':>8} "
+          f"{'RSS MB':>7} {'peak MB':>8} {'CPU µs/job':>11}")
+    print("-" * 86)
+    for row in rows:
+        ideal = cap if row.kind == "noop" else min(row.concurrency / WAIT, cap)
+        print(f"{row.kind + ' C=' + str(row.concurrency):<12} {row.jobs:>7} "
+              f"{row.seconds:>8.2f} {row.rate:>9,.0f} {ideal:>9,.0f} "
+              f"{row.rate / ideal * 100:>7.0f}% {row.rss_mb:>7.1f} {row.peak_mb:>8.1f} "
+              f"{row.cpu / row.jobs * 1e6:>11.1f}")
+    print(f"\nideal = min(concurrency / {WAIT * 1000:.0f} ms, the no-op rate of this run)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", type=int, action="append", default=None)
+    parser.add_argument("--per-slot", type=int, default=20, help="jobs per slot (default 20)")
+    parser.add_argument("--quick", action="store_true", help="C=100 and 500 only")
+    parser.add_argument("--redis-url", default=None)
+    args = parser.parse_args()
+    levels = args.concurrency or ((100, 500) if args.quick else DEFAULT_CONCURRENCY)
+    url, server = (args.redis_url, None) if args.redis_url else find_redis()
+    namespace = f"lat{uuid.uuid4().hex}"
+    client = redis.Redis.from_url(url)
+    try:
+        print(describe_server(client, url, server is not None))
+        rows = [drain(url, namespace, "noop", "Lat.Noop", 100, 100 * 200)]
+        for concurrency in levels:
+            jobs = max(concurrency * args.per_slot, 2000)
+            rows.append(drain(url, namespace, "sync", "Lat.Sync", concurrency, jobs))
+            rows.append(drain(url, namespace, "async", "Lat.Async", concurrency, jobs))
+        report(rows, rows[0].rate)
+    finally:
+        print(f"clean-up: deleted {delete_namespace(client, namespace)} keys of {namespace}")
+        client.close()
+        if server is not None:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
