@@ -9,6 +9,9 @@ times, in one run and with the same job (a ~240 B payload):
   job; the yardstick (no job building, no script, no queue-set update);
 * ``enqueue``: ``Enqueuer.enqueue``, one round trip per job (the job built,
   encoded and pushed by Exq's enqueue script);
+* ``enqueue, T threads``: ``Enqueuer.enqueue`` from T threads at once sharing one
+  ``Enqueuer`` (a web app's request threads), each one job per call; concurrent
+  calls share round trips (``PushCombiner``), so this may beat one thread;
 * ``enqueue_all xB``: ``Enqueuer.enqueue_all`` with B jobs per call (one round trip
   per call).
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -47,6 +51,7 @@ WORKER = "MyApp.Workers.SendReceipt"
 ARGS: list[Any] = [1042, {"user_id": 77, "email": "ada@example.com", "plan": "pro",
                           "amount": 19.99, "items": ["a-1", "b-2"]}]
 BATCH_SIZES = (100, 1000)
+THREADS = (4, 16)
 WARMUP_JOBS = 200
 
 Runner = Callable[[int], None]
@@ -102,6 +107,29 @@ def single_enqueue(bench: Bench) -> Runner:
     return run
 
 
+def threaded_enqueue(threads: int) -> Callable[[Bench], Runner]:
+    """``Enqueuer.enqueue`` from ``threads`` threads sharing one enqueuer."""
+
+    def factory(bench: Bench) -> Runner:
+        queue = f"threads{threads}"
+
+        def run(n: int) -> None:
+            enqueue = bench.enqueuer.enqueue
+
+            def work(count: int) -> None:
+                for _ in range(count):
+                    enqueue(queue, WORKER, ARGS)
+
+            workers = [threading.Thread(target=work, args=(count,))
+                       for count in chunks(n, -(-n // threads))]
+            for thread in workers:
+                thread.start()
+            for thread in workers:
+                thread.join()
+
+        return run
+
+    return factory
 
 
 def batch_enqueue(size: int) -> Callable[[Bench], Runner]:
@@ -125,6 +153,8 @@ def method_table() -> list[tuple[str, str, Callable[[Bench], Runner]]]:
         ("raw LPUSH loop (yardstick)", "raw", raw_lpush),
         ("enqueue (1 per call)", "single", single_enqueue),
     ]
+    table += [(f"enqueue, {threads} threads", f"threads{threads}", threaded_enqueue(threads))
+              for threads in THREADS]
     table += [(f"enqueue_all x{size}", f"batch{size}", batch_enqueue(size))
               for size in BATCH_SIZES]
     return table
@@ -153,10 +183,6 @@ def run_all(bench: Bench, jobs: int) -> list[Result]:
 
 
 # --- set-up and clean-up --------------------------------------------------------------
-
-
-
-
 
 
 def benchmark(url: str, private: bool, jobs: int) -> list[Result]:

@@ -34,7 +34,7 @@ from .connection import connect
 from .job import encode, new_jid, now_seconds, strip_elixir
 from .keys import Keys
 from .registry import check_backtrace
-from .store.enqueue import Conflict, EnqueueResult, Push, push, push_all
+from .store.enqueue import Conflict, EnqueueResult, Push, PushCombiner, push_all
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -108,12 +108,15 @@ def to_delay(delay: timedelta | float) -> float:
 
 
 class Enqueuer:
-    """Thread-safe producer of jobs; one connection pool per instance."""
+    """Thread-safe producer of jobs; one connection pool per instance. Calls made at
+    the same time from several threads share round trips (see ``PushCombiner``)."""
 
     def __init__(self, config: Config | None = None, *, client: redis.Redis | None = None) -> None:
         self.config = config or Config()
         self.keys = Keys(self.config.namespace)
         self.redis = client if client is not None else connect(self.config)
+        # Concurrent enqueue calls (a web app's request threads) share round trips.
+        self._combiner = PushCombiner(self.redis, self.keys)
         self._scripts_loaded = False
 
     def close(self) -> None:
@@ -178,7 +181,7 @@ class Enqueuer:
 
     def _push(self, job: Push) -> EnqueueResult:
         self._ensure_scripts()
-        return push(self.redis, self.keys, job)
+        return self._combiner.push(job)
 
     def _ensure_scripts(self) -> None:
         if not self._scripts_loaded:

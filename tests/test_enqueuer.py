@@ -241,3 +241,93 @@ def test_password_protected_redis(tmp_path: object) -> None:
         with Enqueuer(Config(redis_url=server.url, redis_password="wrong")) as enq, \
                 pytest.raises(redis.exceptions.AuthenticationError):
             enq.enqueue("q", "W", [])
+
+
+# -- concurrent enqueues share round trips ------------------------------------------------
+
+
+def _script_calls(client: redis.Redis) -> int:
+    """EVALSHA + EVAL calls the server has run (a private server: ours alone)."""
+    stats = client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
+               for name in ("evalsha", "eval"))
+
+
+def _in_threads(count: int, call: object) -> tuple[list[object], list[threading.Thread]]:
+    """Start ``count`` threads each running ``call(i)``; their results (or exceptions)."""
+    results: list[object] = [None] * count
+
+    def run(i: int) -> None:
+        try:
+            results[i] = call(i)  # type: ignore[operator]
+        except BaseException as exc:  # reported to the test
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    return results, threads
+
+
+def test_concurrent_enqueues_share_round_trips_and_each_gets_its_own_result(
+    private_redis: RedisServer,
+) -> None:
+    # Given an enqueuer shared by 16 threads, and a Redis that holds writes for a moment
+    # (CLIENT PAUSE, on a private server): calls pile up behind the first round trip
+    config = Config(redis_url=private_redis.url, namespace="exq")
+    keys = Keys("exq")
+    admin = redis.Redis.from_url(private_redis.url)
+    with Enqueuer(config) as enqueuer:
+        enqueuer.enqueue("warm", "W", [])  # scripts loaded, a connection open
+        before = _script_calls(admin)
+        admin.execute_command("CLIENT", "PAUSE", 300, "WRITE")
+
+        # When 16 threads enqueue at once: 12 plain jobs (4 of them scheduled), and
+        # 4 with the same unique token
+        def call(i: int) -> object:
+            if i < 8:
+                return enqueuer.enqueue("q", "W", [i], jid=f"job-{i}")
+            if i < 12:
+                return enqueuer.enqueue_in("q", 3600, "W", [i], jid=f"job-{i}")
+            return enqueuer.enqueue("q", "W", ["same"], jid=f"job-{i}", unique_for=60)
+
+        results, threads = _in_threads(16, call)
+        for thread in threads:
+            thread.join(10)
+        assert not any(t.is_alive() for t in threads), "a caller hung"
+
+    # Then each caller got its own jid, and of the 4 unique ones exactly one won: the
+    # others got a Conflict naming it
+    assert results[:12] == [f"job-{i}" for i in range(12)]
+    winners = [r for r in results[12:] if isinstance(r, str)]
+    assert len(winners) == 1
+    assert results[12:].count(Conflict(winners[0])) == 3
+    # and Redis holds each written job exactly once, where it belongs
+    queued_jids = sorted(json.loads(raw)["jid"] for raw in admin.lrange(keys.queue("q"), 0, -1))
+    assert queued_jids == sorted([f"job-{i}" for i in range(8)] + winners)
+    scheduled = sorted(json.loads(raw)["jid"] for raw in admin.zrange(keys.schedule, 0, -1))
+    assert scheduled == sorted(f"job-{i}" for i in range(8, 12))
+    # and the 16 calls took far fewer round trips than 16 (the first, then the rest
+    # together, up to a few if some arrived late)
+    assert _script_calls(admin) - before <= 4
+    admin.close()
+
+
+def test_a_redis_outage_reaches_every_concurrent_caller_and_nothing_hangs(
+    private_redis: RedisServer,
+) -> None:
+    # Given an enqueuer shared by 8 threads whose Redis is down
+    config = Config(redis_url=private_redis.url, namespace="exq", redis_timeout=1000)
+    with Enqueuer(config) as enqueuer:
+        enqueuer.enqueue("warm", "W", [])
+        private_redis.kill()
+        # When they all enqueue at once
+        results, threads = _in_threads(8, lambda i: enqueuer.enqueue("q", "W", [i]))
+        for thread in threads:
+            thread.join(30)
+        # Then every one of them gets the connection error, none hangs
+        assert not any(t.is_alive() for t in threads), "a caller hung"
+        assert all(isinstance(r, redis.exceptions.ConnectionError) for r in results), results
+        # And once Redis is back, enqueueing works again (the combiner is not stuck)
+        private_redis.start()
+        assert enqueuer.enqueue("q", "W", [1], jid="after") == "after"
