@@ -14,10 +14,11 @@ order:
 
 1. ``HSET <node>:workers`` for jobs still running that are not recorded yet
    (a job that starts and ends between two flushes needs no record at all);
-2. per finished job: its ``Outcome.writes`` (retry/dead/snooze entries), then
-   its **ack** (``LREM`` of the exact fetched bytes), then ``HDEL`` of its
-   in-progress record if one was written. A job whose outcome is not acked
-   (terminated, or an internal error) gets neither the writes nor the ack;
+2. every finished job's ``Outcome.writes`` (retry/dead/snooze entries), then
+   the **acks** (``ACK``: ``LREM -1`` of the exact fetched bytes, one command
+   per backup list), then one ``HDEL`` of the in-progress records of the jobs
+   that ended. A job whose outcome is not acked (terminated, or an internal
+   error) gets neither writes nor an ack;
 3. the counters, aggregated: ``INCRBY`` of ``stat:processed|failed``, the
    per-day key and the per-second ``_rt`` key (``EXPIRE 120``).
 
@@ -97,6 +98,7 @@ class AckWriter:
         # (record, ended): each job comes when it starts, then when it ends.
         self._events: deque[tuple[InFlight, bool]] = deque()
         self._running: dict[str, InFlight] = {}
+        self._unrecorded: deque[InFlight] = deque()  # started since the last batch
         self._retry: _Batch | None = None
         self._ids = (f"{uuid.uuid4().hex[:12]}-{n}" for n in itertools.count())
         self._wake = threading.Event()
@@ -117,7 +119,8 @@ class AckWriter:
             # the job stays in the backup list and runs again from there.
             return
         self._events.append((record, True))
-        self._wake.set()
+        if not self._wake.is_set():  # one wake-up per batch, not per job
+            self._wake.set()
 
     def pending(self) -> int:
         """Events not yet applied to Redis (a gauge for metrics and tests)."""
@@ -202,17 +205,39 @@ class AckWriter:
 
     def _build(self) -> _Batch | None:
         done = self._drain()
-        records = [r for r in self._running.values() if not r.written]
+        records = self._to_record()
         if not done and not records:
             return None
         batch = _Batch(next(self._ids))
         for record in records:
             batch.add(("HSET", self.workers_key, record.field, _progress(record, self.node_id)))
             record.written = True
+        acks: dict[str, list[bytes]] = {}
+        forget: list[str] = []
         for record in done:
-            self._add_done(batch, record)
+            self._add_done(batch, record, acks)
+            if record.written:
+                forget.append(record.field)
+        # Every job's writes went first; then the acks, one command per backup list,
+        # and the records of the jobs that ended.
+        for backup, raws in acks.items():
+            batch.add(ack_command(backup, raws))
+        if forget:
+            batch.add(("HDEL", self.workers_key, *forget))
         self._add_counts(batch, now_seconds())
         return batch
+
+    def _to_record(self) -> list[InFlight]:
+        """The jobs started since the last batch that still run: they outlived a flush
+        and get their record now (one that ended already never gets one). Only the
+        jobs started since then are looked at, not every running job."""
+        unrecorded, running = self._unrecorded, self._running
+        records = []
+        while unrecorded:
+            record = unrecorded.popleft()
+            if running.get(record.field) is record:
+                records.append(record)
+        return records
 
     def _drain(self) -> list[InFlight]:
         done: list[InFlight] = []
@@ -221,13 +246,14 @@ class AckWriter:
             record, ended = events.popleft()
             if not ended:
                 running[record.field] = record
+                self._unrecorded.append(record)
             else:
                 # Started and ended within one flush: no record, no HDEL.
                 running.pop(record.field, None)
                 done.append(record)
         return done
 
-    def _add_done(self, batch: _Batch, record: InFlight) -> None:
+    def _add_done(self, batch: _Batch, record: InFlight, acks: dict[str, list[bytes]]) -> None:
         outcome = record.outcome
         # The decision to ack: an outcome that acks (every status but terminated).
         # No outcome (an internal error) or a terminated job: no write and no ack,
@@ -235,12 +261,10 @@ class AckWriter:
         if outcome is not None and outcome.ack:
             for command in outcome.writes:
                 batch.add(command)
-            batch.add(ack_command(record.backup, record.raw))  # the ack
+            acks.setdefault(record.backup, []).append(record.raw)  # its ack, sent below
             stat = outcome.stat
             if stat is not None:
                 batch.counts[stat] += 1
-        if record.written:
-            batch.add(("HDEL", self.workers_key, record.field))
         batch.done.append(record)
 
     def _add_counts(self, batch: _Batch, at: float) -> None:

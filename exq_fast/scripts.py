@@ -289,25 +289,38 @@ return out
 # stat increment of a batch, applied atomically and at most once. KEYS[1] holds
 # the id of the last batch applied for this node: a batch retried after a lost
 # reply is recognised and skipped, so counts converge exactly after an outage.
-# ARGV = [batch_id, n, cmd, arg..., n, cmd, arg..., ...].
+# ARGV = [batch_id, n, cmd, arg..., n, cmd, arg..., ...]; the command ACK key raw...
+# (not a Redis command) runs LREM key -1 raw for each raw: the acks of one backup
+# list in one command.
 # A transient error (OOM at maxmemory, READONLY after a failover, LOADING...)
 # aborts the batch: a job's ack must not land when its retry/dead write did
 # not. What ran before the abort stays applied, and the whole batch is sent
 # again: that is safe because each job's writes are idempotent (ZADD of the
-# same member and score, LREM, HSET, HDEL) and the counters come last, after
-# every job. Any other error (WRONGTYPE on a key a user broke) skips that one
+# same member and score, LREM, HSET, HDEL), every job's writes come before any
+# ack, and the counters come last. Any other error (WRONGTYPE on a key a user broke) skips that one
 # command and is counted in the reply, so it cannot block every later ack.
 APPLY_BATCH = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return -1 end
 local transient = {OOM = true, READONLY = true, LOADING = true, MASTERDOWN = true,
                    NOREPLICAS = true, BUSY = true, TRYAGAIN = true}
 local i, failed = 2, 0
-while i <= #ARGV do
-  local n = tonumber(ARGV[i])
-  local reply = redis.pcall(unpack(ARGV, i + 1, i + n))
+local function check(reply)
   if type(reply) == 'table' and reply.err then
     if transient[string.match(reply.err, '^(%u+)')] then return reply end
     failed = failed + 1
+  end
+end
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  if ARGV[i + 1] == 'ACK' then
+    local key = ARGV[i + 2]
+    for j = i + 3, i + n do
+      local abort = check(redis.pcall('LREM', key, -1, ARGV[j]))
+      if abort then return abort end
+    end
+  else
+    local abort = check(redis.pcall(unpack(ARGV, i + 1, i + n)))
+    if abort then return abort end
   end
   i = i + n + 1
 end

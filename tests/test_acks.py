@@ -67,7 +67,7 @@ def test_a_job_ending_within_one_flush_writes_no_record(
     batch = writer._build()
     assert batch is not None
     assert "HSET" not in batch.args and "HDEL" not in batch.args
-    assert "LREM" in batch.args
+    assert "ACK" in batch.args
 
 
 def test_writes_go_before_the_ack(redis_client: redis.Redis, keys: Keys) -> None:
@@ -76,7 +76,7 @@ def test_writes_go_before_the_ack(redis_client: redis.Redis, keys: Keys) -> None
     writer.job_done(finished(flight, "failed", [("ZADD", keys.retry, "1", b"job")]))
     batch = writer._build()
     assert batch is not None
-    assert batch.args.index("ZADD") < batch.args.index("LREM")
+    assert batch.args.index("ZADD") < batch.args.index("ACK")
 
 
 def test_a_batch_applied_twice_counts_once(redis_client: redis.Redis, keys: Keys) -> None:
@@ -146,3 +146,25 @@ def test_stop_flushes_what_is_left_and_then_refuses_late_acks(
     writer.job_done(finished(late, "processed"))  # a job that outlived stop
     assert writer.pending() == 0
     assert redis_client.lrange(late.backup, 0, -1) == [late.raw]
+
+
+def test_the_acks_of_two_queues_go_one_command_per_backup_list(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    # Given six finished jobs of two queues in their backup lists
+    writer = AckWriter(redis_client, keys, "n1")
+    flights = [in_flight(keys, "n1", n, queue="a" if n % 2 else "b") for n in range(6)]
+    put_in_backup(redis_client, flights)
+    for flight in flights:
+        writer.job_started(flight)
+        writer.job_done(finished(flight, "processed"))
+    # When one batch is built and applied
+    batch = writer._build()
+    assert batch is not None
+    assert batch.args.count("ACK") == 2
+    writer._retry = batch
+    assert writer.flush()
+    # Then both backup lists are empty and all six jobs are counted
+    assert redis_client.llen(keys.backup("n1", "a")) == 0
+    assert redis_client.llen(keys.backup("n1", "b")) == 0
+    assert redis_client.get(keys.stat("processed")) == b"6"

@@ -66,7 +66,9 @@ def backup_list(client: redis.Redis, backup: str) -> list[bytes]:
 # -- ack -------------------------------------------------------------------------------
 
 
-def ack_command(backup: str, raw: bytes) -> Command:
-    """The ack: remove the exact fetched bytes from the job's backup list. Count -1
-    searches from the tail, where the oldest fetched jobs sit."""
-    return ("LREM", backup, -1, raw)
+def ack_command(backup: str, raws: Sequence[bytes]) -> Command:
+    """The ack of jobs of one backup list, a command of the ``apply_batch`` script:
+    ``ACK <backup> <raw>...`` runs ``LREM <backup> -1 <raw>`` for each, removing
+    the exact fetched bytes (count -1 searches from the tail, where the oldest
+    fetched jobs sit)."""
+    return ("ACK", backup, *raws)
