@@ -39,7 +39,6 @@ import signal
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -59,6 +58,7 @@ from .inflight import InFlight, InFlightJobs
 from .keys import Keys
 from .metrics import ClusterCollector, Metrics, MetricsServer, serve_metrics
 from .middleware import Middleware, Services, default_chain
+from .pool import WorkerPool
 from .registry import DEFAULT_REGISTRY, Registry
 from .scheduler import Scheduler
 from .store.enqueue import EnqueueResult
@@ -70,8 +70,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("exq_fast")
 
-MAX_THREADS = 100_000
-"""The thread pool's cap: never reached, since the fetcher bounds jobs in flight."""
 
 
 def _registry(workers: Registry | Mapping[str, object] | None,
@@ -106,10 +104,9 @@ class Exq:
             self.metrics.registry.register(
                 ClusterCollector(self.redis, self.keys, self.config.metrics_prefix))
         self.metrics_server: MetricsServer | None = None
-        # Threads are started on demand and reused, so the pool's cap only has
-        # to be above what the fetcher's per-queue limits let run at once,
-        # including queues subscribed later.
-        self.executor = ThreadPoolExecutor(MAX_THREADS, thread_name_prefix="exq-worker")
+        # Threads are started on demand and reused; the fetcher's per-queue limits
+        # bound how many jobs run at once, and so the threads.
+        self.executor = WorkerPool("exq-worker")
         self.inflight = InFlightJobs()
         self.fetcher = Fetcher(self.redis, self.keys, self.config, self.inflight,
                                submit=self.executor.submit, run_job=self._run_job,
@@ -239,7 +236,7 @@ class Exq:
     def _close(self) -> None:
         define.set_default_target(None, only_if=self)
         # Jobs not yet started are cancelled: they were put back (or stay in the backup).
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.executor.shutdown()
         # Jobs still running were put back in their queues (or stay in the backup
         # list): they must not run on to their end here. Sync ones get NodeStopped
         # raised in their thread; async ones are cancelled with the loop.

@@ -148,7 +148,7 @@ class InFlightJobs:
 
 
 Submit = Callable[..., object]
-"""Runs a callable with its arguments on an executor thread (``ThreadPoolExecutor.submit``)."""
+"""Runs a callable with its arguments on a worker thread (``pool.WorkerPool.submit``)."""
 
 JobHook = Callable[[InFlight], None]
 """Called with one job's record: ``run_job`` (runs the job on an executor thread;

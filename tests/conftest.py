@@ -191,7 +191,7 @@ class NodeFactory:
             if not exq.stopped.is_set():  # never started (or its start failed)
                 if exq.metrics_server is not None:
                     exq.metrics_server.stop()
-                exq.executor.shutdown(wait=False)
+                exq.executor.shutdown()
                 exq.redis.close()
 
 
