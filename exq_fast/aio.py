@@ -1,11 +1,12 @@
 """The node's event loop: where ``async def`` jobs run.
 
 One loop per node, on its own thread (``exq-asyncio``), started at the first
-async job. An async job starts on an executor thread like any other (its
+async job. An async job starts on a worker thread like any other (its
 middleware ``before_work`` hooks run there, and the call to the worker returns
-a coroutine); the coroutine is then handed to this loop and the executor
-thread is free. The job keeps its concurrency slot until the coroutine ends;
-then its after-hooks and ack run back on an executor thread.
+a coroutine); the coroutine is then handed to this loop (``spawn``: the loop
+is woken once per batch of new tasks) and the worker thread is free. The job
+keeps its concurrency slot until the coroutine ends; then its after-hooks and
+ack run back on a worker thread.
 
 At a node's stop, the tasks still running are cancelled (their jobs were put
 back in their queues, as for sync jobs that outlive the shutdown timeout) and
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -36,6 +38,12 @@ class EventLoop:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped = False
+        # Tasks to create, handed over in batches: one wake-up of the loop (a write
+        # to its self-pipe) per batch, not per job.
+        self._spawns: deque[tuple[Callable[[], Coroutine[Any, Any, Any]],
+                                  Callable[[asyncio.Task[Any]], None]]] = deque()
+        self._spawn_lock = threading.Lock()
+        self._spawn_scheduled = False
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -65,12 +73,30 @@ class EventLoop:
     def spawn(self, make: Callable[[], Coroutine[Any, Any, Any]],
               on_task: Callable[[asyncio.Task[Any]], None]) -> None:
         """Create a task of ``make()`` on the loop; ``on_task`` gets it (on the loop
-        thread) before its first step."""
-        def create() -> None:
-            task = asyncio.get_running_loop().create_task(make())
-            on_task(task)
+        thread) before its first step. RuntimeError once the loop is stopped."""
+        loop = self.loop
+        with self._spawn_lock:
+            self._spawns.append((make, on_task))
+            if self._spawn_scheduled:
+                return  # the loop is woken already and takes this one too
+            self._spawn_scheduled = True
+        try:
+            loop.call_soon_threadsafe(self._create_tasks)
+        except RuntimeError:  # closed meanwhile: nothing of this batch will run
+            with self._spawn_lock:
+                self._spawns.clear()
+                self._spawn_scheduled = False
+            raise
 
-        self.loop.call_soon_threadsafe(create)
+    def _create_tasks(self) -> None:
+        """On the loop thread: create the tasks handed over since the last wake-up."""
+        with self._spawn_lock:
+            batch = list(self._spawns)
+            self._spawns.clear()
+            self._spawn_scheduled = False
+        loop = asyncio.get_running_loop()
+        for make, on_task in batch:
+            on_task(loop.create_task(make()))
 
     def call_soon(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` on the loop thread (from any thread)."""

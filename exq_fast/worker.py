@@ -43,6 +43,7 @@ import itertools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol
 
@@ -126,6 +127,9 @@ class WorkerServer:
         self.running: dict[str, InFlight] = {}
         """The jobs running now, by their pid field (heartbeats, cancel, the stop)."""
         self._ids = itertools.count(1)
+        self._ends: deque[tuple[Pipeline, Any, BaseException | None]] = deque()
+        self._ends_lock = threading.Lock()
+        self._ends_scheduled = False  # a worker thread is finishing ended async jobs
         self._unmarked = 0  # recovered jobs whose start mark Redis refused, this outage
         self._marks_lock = threading.Lock()
 
@@ -359,7 +363,7 @@ class WorkerServer:
 
     def _ended(self, pipeline: Pipeline, task: asyncio.Task[Any],
                awaitable: Awaitable[Any]) -> None:
-        """On the loop thread: the job's coroutine ended; finish it on an executor thread."""
+        """On the loop thread: the job's coroutine ended; finish it on a worker thread."""
         error: BaseException | None = None
         result: Any = None
         if task.cancelled():
@@ -372,26 +376,57 @@ class WorkerServer:
         if isinstance(error, Cancelled) and record.job is not None and not record.job.cancelled:
             record.job.cancelled = True  # task.cancel() from the job's own code
 
-        def finish() -> None:
-            try:
-                self._performed(pipeline, result, error)
-            except BaseException:  # a bug must not kill the thread
-                logger.exception("internal error after an async job; it stays in the "
-                                 "backup list")
-                record.outcome = None
-            finally:
-                self._finish(record)
-
         if self.submit is None:
-            finish()
+            self._finish_async(pipeline, result, error)
             return
+        # Handed to a worker thread in batches: one pool hand-off per batch of ended
+        # jobs, not per job (the after hooks still run off the loop).
+        with self._ends_lock:
+            self._ends.append((pipeline, result, error))
+            if self._ends_scheduled:
+                return
+            self._ends_scheduled = True
         try:
-            self.submit(finish)
+            self.submit(self._finish_ended)
         except RuntimeError:
-            # The executor is shut down (the node stopped): the job was put back
-            # in its queue at the stop; it is not acked, but it has ended.
-            logger.debug("async job ended after the node stopped: not acked")
+            # The pool is shut down (the node stopped): the jobs were put back in
+            # their queues at the stop; they are not acked, but they have ended.
+            logger.debug("async jobs ended after the node stopped: not acked")
+            for ended_pipeline, _, _ in self._take_ends():
+                ended_pipeline.record.outcome = None
+                self._finish(ended_pipeline.record)
+
+    def _take_ends(self) -> list[tuple[Pipeline, Any, BaseException | None]]:
+        with self._ends_lock:
+            batch = list(self._ends)
+            self._ends.clear()
+            self._ends_scheduled = False
+        return batch
+
+    def _finish_ended(self) -> None:
+        """On a worker thread: finish the async jobs that ended, until none is left."""
+        while True:
+            with self._ends_lock:
+                if not self._ends:
+                    self._ends_scheduled = False
+                    return
+                batch = list(self._ends)
+                self._ends.clear()
+            for pipeline, result, error in batch:
+                try:
+                    self._finish_async(pipeline, result, error)
+                except BaseException:  # this loop must go on: the others wait on it
+                    logger.exception("internal error finishing an async job")
+
+    def _finish_async(self, pipeline: Pipeline, result: Any,
+                      error: BaseException | None) -> None:
+        record = pipeline.record
+        try:
+            self._performed(pipeline, result, error)
+        except BaseException:  # a bug must not kill the thread
+            logger.exception("internal error after an async job; it stays in the backup list")
             record.outcome = None
+        finally:
             self._finish(record)
 
 
