@@ -1,9 +1,9 @@
 """The node's event loop: where ``async def`` jobs run.
 
 One loop per node, on its own thread (``exq-asyncio``), started at the first
-async job. An async job starts on a worker thread like any other (its
-middleware ``before_work`` hooks run there, and the call to the worker returns
-a coroutine); the coroutine is then handed to this loop (``spawn``: the loop
+async job. An async job starts on a worker thread, one of the node's few
+starter threads (its middleware ``before_work`` hooks run there, and the call
+to the worker returns a coroutine); the coroutine is then handed to this loop (``spawn``: the loop
 is woken once per batch of new tasks) and the worker thread is free. The job
 keeps its concurrency slot until the coroutine ends; then its after-hooks and
 ack run back on a worker thread.

@@ -54,7 +54,7 @@ from .connection import connect
 from .enqueuer import EnqueueOptions, Enqueuer, WorkerRef
 from .fetcher import Fetcher
 from .heartbeat import Heartbeat, NodePinger
-from .inflight import InFlight, InFlightJobs
+from .inflight import InFlight, InFlightJobs, Quarantine
 from .keys import Keys
 from .metrics import ClusterCollector, Metrics, MetricsServer, serve_metrics
 from .middleware import Middleware, Services, default_chain
@@ -69,6 +69,10 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 logger = logging.getLogger("exq_fast")
+
+ASYNC_STARTERS = 4
+"""Threads that start async jobs (decode, before hooks, the call that returns the
+coroutine); the coroutines themselves run on the node's event loop."""
 
 
 
@@ -107,9 +111,13 @@ class Exq:
         # Threads are started on demand and reused; the fetcher's per-queue limits
         # bound how many jobs run at once, and so the threads.
         self.executor = WorkerPool("exq-worker")
+        # Async jobs only start on a thread (the coroutine runs on the event loop):
+        # a few threads start them all, so a burst does not start a thread each.
+        self.starter = WorkerPool("exq-starter", max_threads=ASYNC_STARTERS)
         self.inflight = InFlightJobs()
         self.fetcher = Fetcher(self.redis, self.keys, self.config, self.inflight,
-                               submit=self.executor.submit, run_job=self._run_job,
+                               dispatch=self._dispatch_job,
+                               quarantine=Quarantine(self.executor.submit, self._run_job),
                                on_error=self._redis_error, on_recovered=self._recovered)
         self.acks = AckWriter(self.redis, self.keys, self.config.node_id,
                               flush_interval_ms=self.config.stats_flush_interval,
@@ -121,7 +129,8 @@ class Exq:
             else self.config.middleware
         self.server = WorkerServer(Services(self.redis, self.keys, self.config), self.registry,
                                    chain, acks=self.acks, on_end=self.fetcher.job_ended,
-                                   submit=self.executor.submit)
+                                   submit=self.executor.submit,
+                                   async_submit=self.starter.submit)
         self.scheduler = Scheduler(self.redis, self.keys, self.config, on_error=self._redis_error)
         self.pinger = NodePinger(self.redis, self.keys, self.config, _NodeState(self),
                                  on_error=self._redis_error, identity=self.identity)
@@ -132,9 +141,12 @@ class Exq:
         self._started = False
         self._stop_lock = threading.Lock()
 
+    # The fetcher is built before the worker (the worker frees the fetcher's slots):
+    # these two methods are the fetcher's way to the worker.
+    def _dispatch_job(self, record: InFlight) -> None:
+        self.server.dispatch(record)
+
     def _run_job(self, record: InFlight) -> None:
-        # The fetcher is built before the worker (the worker frees the fetcher's
-        # slots): this method is the fetcher's way to the worker.
         self.server.run(record)
 
     def _redis_error(self, operation: str, exc: BaseException) -> None:
@@ -237,6 +249,7 @@ class Exq:
         define.set_default_target(None, only_if=self)
         # Jobs not yet started are cancelled: they were put back (or stay in the backup).
         self.executor.shutdown()
+        self.starter.shutdown()
         # Jobs still running were put back in their queues (or stay in the backup
         # list): they must not run on to their end here. Sync ones get NodeStopped
         # raised in their thread; async ones are cancelled with the loop.

@@ -39,7 +39,7 @@ import redis
 
 from .background import ErrorHook, RecoveredHook
 from .config import Config
-from .inflight import InFlight, InFlightJobs, JobHook, Quarantine, Submit
+from .inflight import InFlight, InFlightJobs, JobHook, Quarantine
 from .keys import Keys
 from .scripts import FETCH_BATCH_LIMIT
 from .store.fetch import Fetched, backup_list, fetch
@@ -74,20 +74,21 @@ class Fetcher:
     """Fetches jobs for the subscribed queues while they have free slots."""
 
     def __init__(self, client: redis.Redis, keys: Keys, config: Config, inflight: InFlightJobs,
-                 *, submit: Submit, run_job: JobHook, on_error: ErrorHook | None = None,
+                 *, dispatch: JobHook, quarantine: Quarantine,
+                 on_error: ErrorHook | None = None,
                  on_recovered: RecoveredHook | None = None) -> None:
-        """``submit`` runs a callable on an executor thread; ``run_job`` runs one job
-        there; ``on_error(operation, exc)`` hears of every failed fetch;
+        """``dispatch(record)`` hands a fetched job to a worker thread (called on the
+        fetcher's thread; ``WorkerServer.dispatch``); ``quarantine`` runs the
+        quarantined ones; ``on_error(operation, exc)`` hears of every failed fetch;
         ``on_recovered(queue, reason, count)`` of every backup job re-enqueued."""
         self.client = client
         self.keys = keys
         self.config = config
         self.inflight = inflight
-        self.submit = submit
-        self.run_job = run_job
+        self.dispatch = dispatch
+        self.quarantine = quarantine
         self.on_error = on_error
         self.on_recovered = on_recovered
-        self.quarantine = Quarantine(submit, run_job)
         self.poll_timeout = config.poll_timeout / 1000
         self.policy = RecoveryPolicy.of(config)
         self.max_unacked = config.stats_batch_size
@@ -360,13 +361,13 @@ class Fetcher:
         with self._cond:
             self._states[queue].running += len(jobs)
         backup = self.keys.backup(self.config.node_id, queue)
-        submit, run_job = self.submit, self.run_job
+        dispatch = self.dispatch
         for index, raw in enumerate(jobs):
             record = InFlight(raw, queue, backup, suspect=index in fetched.suspects,
                               quarantined=index in fetched.quarantined)
             if record.quarantined:
                 self.quarantine.put(record)
             else:
-                submit(run_job, record)
+                dispatch(record)
         self.fetched[queue] = self.fetched.get(queue, 0) + len(jobs)
         return len(jobs)

@@ -29,8 +29,11 @@ _Call = tuple[Callable[..., object], tuple[Any, ...]]
 class WorkerPool:
     """Runs submitted calls on daemon threads named ``<name>_<n>``. Thread-safe."""
 
-    def __init__(self, name: str = "exq-worker") -> None:
+    def __init__(self, name: str = "exq-worker", max_threads: int | None = None) -> None:
+        """``max_threads``: at most that many threads (None: one per call running at
+        once); beyond it, calls wait for a thread."""
         self.name = name
+        self.max_threads = max_threads
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0  # threads that finished a call and wait for the next
@@ -44,7 +47,7 @@ class WorkerPool:
                 raise RuntimeError("the worker pool is shut down")
             if self._idle:
                 self._idle -= 1
-            else:
+            elif self.max_threads is None or self._started < self.max_threads:
                 self._start_thread()
         self._calls.put((fn, args))
 

@@ -40,7 +40,7 @@ import importlib
 import inspect
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .config import check_timeout
@@ -92,6 +92,13 @@ class WorkerSpec:
     """Seconds a job may run (None = the config's ``job_timeout``)."""
     backtrace: bool | int = False
     """Keep the failure's backtrace in the retry/dead entry: True, or that many lines."""
+    is_async: bool = field(init=False, default=False)
+    """Its perform is ``async def`` (its jobs start on the node's event loop side)."""
+
+    def __post_init__(self) -> None:
+        target = self.target
+        perform = getattr(target, "perform", None) if isinstance(target, type) else target
+        object.__setattr__(self, "is_async", inspect.iscoroutinefunction(perform))
 
 
 def _class_performer(cls: type[Any]) -> Perform:
@@ -132,6 +139,8 @@ class Registry:
         self._specs: dict[str, WorkerSpec] = {}  # normalised name -> spec
         self._cache: dict[str, WorkerSpec] = {}  # raw class string -> spec
         self._lock = threading.Lock()
+        self.has_async = False
+        """Whether an ``async def`` worker is registered (then jobs are routed by it)."""
         for name, target in (workers or {}).items():
             self.register(name, target)
 
@@ -157,11 +166,13 @@ class Registry:
             if current is not None and current.target is target:
                 self._specs[key] = spec  # the same object registered again: new options
                 self._cache.clear()
+                self.has_async = self.has_async or spec.is_async
                 return
             if current is not None:
                 raise ValueError(f"worker {key!r} is already registered as {current.target!r}")
             self._specs[key] = spec
             self._cache.clear()  # a raw name may have resolved through allowed_modules
+            self.has_async = self.has_async or spec.is_async
 
     def resolve(self, job_class: str) -> Perform:
         """The callable running a job of ``job_class`` with ``*args``, or ``UnknownWorker``."""
@@ -173,6 +184,13 @@ class Registry:
         if spec is None:
             spec = self._resolve_uncached(job_class)
         return spec
+
+    def is_async(self, job_class: str) -> bool:
+        """Whether the worker of ``job_class`` is ``async def`` (False when none is)."""
+        try:
+            return self.lookup(job_class).is_async
+        except UnknownWorker:
+            return False
 
     def names(self) -> list[str]:
         """The registered (normalised) names, sorted."""

@@ -41,6 +41,7 @@ import functools
 import inspect
 import itertools
 import logging
+import re
 import threading
 import time
 from collections import deque
@@ -107,11 +108,12 @@ class WorkerServer:
     def __init__(self, services: Services, registry: Registry,
                  middleware: Sequence[Middleware], *, acks: AckSink,
                  on_end: JobHook | None = None,
-                 submit: Submit | None = None, loop: EventLoop | None = None,
-                 watchdog: Watchdog | None = None) -> None:
+                 submit: Submit | None = None, async_submit: Submit | None = None,
+                 loop: EventLoop | None = None, watchdog: Watchdog | None = None) -> None:
         """``acks`` takes every record, ``on_end(record)`` is called once per job when
-        it has ended (async jobs included): it frees the slot. ``submit`` runs the end
-        of an async job on an executor thread (default: on the loop thread);
+        it has ended (async jobs included): it frees the slot. ``submit`` runs jobs
+        and the end of async jobs on worker threads (default: on the calling or the
+        loop thread); ``async_submit`` starts async jobs (default: ``submit``);
         ``loop`` and ``watchdog`` default to new ones."""
         config = services.config
         self.services = services
@@ -122,6 +124,7 @@ class WorkerServer:
         self.rule = FailureRule(services.keys, config, config.backoff or sidekiq_backoff)
         self.default_timeout = config.job_timeout
         self.submit = submit
+        self.async_submit = async_submit
         self.loop = loop if loop is not None else EventLoop()
         self.watchdog = watchdog if watchdog is not None else Watchdog()
         self.running: dict[str, InFlight] = {}
@@ -132,6 +135,24 @@ class WorkerServer:
         self._ends_scheduled = False  # a worker thread is finishing ended async jobs
         self._unmarked = 0  # recovered jobs whose start mark Redis refused, this outage
         self._marks_lock = threading.Lock()
+
+    def dispatch(self, record: InFlight) -> None:
+        """On the fetcher thread: hand the job to a worker thread -- an ``async def``
+        job to the few threads that start coroutines (``async_submit``), so that a
+        burst of them does not start a thread each; any other job to the pool.
+
+        Routing only peeks at the payload's class name (no decoding here, and
+        nothing at all while no async worker is registered); a payload it cannot
+        read goes to the pool, where the worker decides what becomes of it."""
+        if self.async_submit is not None and self.registry.has_async:
+            name = _peek_class(record.raw)
+            if name is not None and self.registry.is_async(name):
+                self.async_submit(self.run, record)
+                return
+        if self.submit is not None:
+            self.submit(self.run, record)
+        else:
+            self.run(record)
 
     def run(self, record: InFlight) -> None:
         """Run one fetched job to its end (an async job: to its hand-over to the
@@ -428,6 +449,17 @@ class WorkerServer:
             record.outcome = None
         finally:
             self._finish(record)
+
+
+_CLASS = re.compile(rb'"class"\s*:\s*"([^"\\]+)"')
+"""The payload's ``class`` as Exq, Sidekiq and exq-fast write it (no escapes)."""
+
+
+def _peek_class(raw: bytes) -> str | None:
+    """The job's class name read straight from its bytes, for routing only; None when
+    it is not there plainly (the worker thread then decodes the job properly)."""
+    found = _CLASS.search(raw)
+    return found.group(1).decode("utf-8", "replace") if found else None
 
 
 def _cancel_task(record: InFlight) -> None:

@@ -192,6 +192,7 @@ class NodeFactory:
                 if exq.metrics_server is not None:
                     exq.metrics_server.stop()
                 exq.executor.shutdown()
+                exq.starter.shutdown()
                 exq.redis.close()
 
 

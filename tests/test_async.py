@@ -170,6 +170,44 @@ def test_async_jobs_count_in_the_queue_concurrency_and_hold_no_thread(
         assert len(loops) == 1
 
 
+def test_a_burst_of_async_jobs_starts_on_a_few_threads_while_sync_jobs_get_their_own(
+    make_config: ConfigFactory, redis_client: redis.Redis, keys: Keys
+) -> None:
+    # Given a node with 300 slots, 300 async jobs waiting on a gate and 20 sync ones
+    # waiting on another, all in one queue
+    gate = asyncio.Event()
+    loops: set[asyncio.AbstractEventLoop] = set()
+    sync_gate = threading.Event()
+    running = [0]
+    sync_running = threading.Semaphore(0)
+
+    async def wait_async(n: int) -> None:
+        loops.add(asyncio.get_running_loop())
+        running[0] += 1
+        await gate.wait()
+
+    def wait_sync(n: int) -> None:
+        sync_running.release()
+        sync_gate.wait(10)
+
+    workers = {"A": wait_async, "S": wait_sync}
+    with node(make_config, workers, queues=[(QUEUE, 400)]) as exq:
+        exq.enqueue_all([(QUEUE, "A", [n]) for n in range(300)]
+                        + [(QUEUE, "S", [n]) for n in range(20)])
+        # When they all start
+        wait_for(lambda: running[0] == 300, what="300 async jobs running")
+        for _ in range(20):
+            assert sync_running.acquire(timeout=10), "a sync job did not start"
+        # Then the async ones were started by a few threads, not one thread each,
+        # while every sync job has a thread of its own
+        assert exq.starter.threads() <= 4
+        assert 20 <= exq.executor.threads() <= 40
+        [loop] = loops
+        loop.call_soon_threadsafe(gate.set)
+        sync_gate.set()
+        wait_for(lambda: stat(redis_client, keys, "processed") == 320, what="320 processed")
+
+
 def _in_job(thread: threading.Thread) -> bool:
     """Whether ``thread`` is inside a job's code now (its stack shows wait_gate)."""
     frame = sys._current_frames().get(thread.ident or -1)
