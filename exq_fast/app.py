@@ -220,8 +220,8 @@ class Exq:
             running = len(self.server.running)
             requeued = self._requeue_unfinished() if flushed else None
             self._remove_node(forget=requeued is not None)
+            self._log_unfinished(idle, running, requeued)  # before _close's interrupt line
             self._close()
-            self._log_unfinished(idle, running, requeued)
             return idle and flushed
 
     def abort(self, budget: float = 0.8) -> tuple[int, int | None]:
