@@ -18,16 +18,47 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 logger = logging.getLogger("exq_fast")
 
-__all__ = ["EventLoop"]
+__all__ = ["EventLoop", "Handoff"]
+
+T = TypeVar("T")
 
 STOP_GRACE = 1.0
 """Seconds the loop's tasks get to finish their cancellation at stop."""
+
+
+class Handoff(Generic[T]):
+    """Items handed from threads to another thread in batches (thread-safe).
+
+    ``put`` returns True for the first item after a ``take``: the caller then
+    schedules one ``take`` on the other thread; later items ride along. So the
+    other thread is woken once per batch, not once per item.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: list[T] = []
+        self._scheduled = False
+
+    def put(self, item: T) -> bool:
+        """Add ``item``; True when the caller must schedule a ``take``."""
+        with self._lock:
+            self._items.append(item)
+            if self._scheduled:
+                return False
+            self._scheduled = True
+            return True
+
+    def take(self) -> list[T]:
+        """Every item handed over so far; the next ``put`` schedules again."""
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+            return items
 
 
 class EventLoop:
@@ -40,10 +71,8 @@ class EventLoop:
         self._stopped = False
         # Tasks to create, handed over in batches: one wake-up of the loop (a write
         # to its self-pipe) per batch, not per job.
-        self._spawns: deque[tuple[Callable[[], Coroutine[Any, Any, Any]],
-                                  Callable[[asyncio.Task[Any]], None]]] = deque()
-        self._spawn_lock = threading.Lock()
-        self._spawn_scheduled = False
+        self._spawns: Handoff[tuple[Callable[[], Coroutine[Any, Any, Any]],
+                                    Callable[[asyncio.Task[Any]], None]]] = Handoff()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -75,27 +104,18 @@ class EventLoop:
         """Create a task of ``make()`` on the loop; ``on_task`` gets it (on the loop
         thread) before its first step. RuntimeError once the loop is stopped."""
         loop = self.loop
-        with self._spawn_lock:
-            self._spawns.append((make, on_task))
-            if self._spawn_scheduled:
-                return  # the loop is woken already and takes this one too
-            self._spawn_scheduled = True
+        if not self._spawns.put((make, on_task)):
+            return  # the loop is woken already and takes this one too
         try:
             loop.call_soon_threadsafe(self._create_tasks)
         except RuntimeError:  # closed meanwhile: nothing of this batch will run
-            with self._spawn_lock:
-                self._spawns.clear()
-                self._spawn_scheduled = False
+            self._spawns.take()
             raise
 
     def _create_tasks(self) -> None:
         """On the loop thread: create the tasks handed over since the last wake-up."""
-        with self._spawn_lock:
-            batch = list(self._spawns)
-            self._spawns.clear()
-            self._spawn_scheduled = False
         loop = asyncio.get_running_loop()
-        for make, on_task in batch:
+        for make, on_task in self._spawns.take():
             on_task(loop.create_task(make()))
 
     def call_soon(self, callback: Callable[[], None]) -> None:

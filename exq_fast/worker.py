@@ -44,13 +44,12 @@ import logging
 import re
 import threading
 import time
-from collections import deque
 from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol
 
 import redis
 
-from .aio import EventLoop, await_any
+from .aio import EventLoop, Handoff, await_any
 from .inflight import InFlight, JobHook, Submit
 from .job import InvalidJob, Job, decode, now_seconds
 from .middleware import Middleware, Pipeline, Services
@@ -130,9 +129,7 @@ class WorkerServer:
         self.running: dict[str, InFlight] = {}
         """The jobs running now, by their pid field (heartbeats, cancel, the stop)."""
         self._ids = itertools.count(1)
-        self._ends: deque[tuple[Pipeline, Any, BaseException | None]] = deque()
-        self._ends_lock = threading.Lock()
-        self._ends_scheduled = False  # a worker thread is finishing ended async jobs
+        self._ends: Handoff[tuple[Pipeline, Any, BaseException | None]] = Handoff()
         self._unmarked = 0  # recovered jobs whose start mark Redis refused, this outage
         self._marks_lock = threading.Lock()
 
@@ -402,42 +399,26 @@ class WorkerServer:
             return
         # Handed to a worker thread in batches: one pool hand-off per batch of ended
         # jobs, not per job (the after hooks still run off the loop).
-        with self._ends_lock:
-            self._ends.append((pipeline, result, error))
-            if self._ends_scheduled:
-                return
-            self._ends_scheduled = True
+        if not self._ends.put((pipeline, result, error)):
+            return
         try:
             self.submit(self._finish_ended)
         except RuntimeError:
             # The pool is shut down (the node stopped): the jobs were put back in
             # their queues at the stop; they are not acked, but they have ended.
             logger.debug("async jobs ended after the node stopped: not acked")
-            for ended_pipeline, _, _ in self._take_ends():
+            for ended_pipeline, _, _ in self._ends.take():
                 ended_pipeline.record.outcome = None
                 self._finish(ended_pipeline.record)
 
-    def _take_ends(self) -> list[tuple[Pipeline, Any, BaseException | None]]:
-        with self._ends_lock:
-            batch = list(self._ends)
-            self._ends.clear()
-            self._ends_scheduled = False
-        return batch
-
     def _finish_ended(self) -> None:
-        """On a worker thread: finish the async jobs that ended, until none is left."""
-        while True:
-            with self._ends_lock:
-                if not self._ends:
-                    self._ends_scheduled = False
-                    return
-                batch = list(self._ends)
-                self._ends.clear()
-            for pipeline, result, error in batch:
-                try:
-                    self._finish_async(pipeline, result, error)
-                except BaseException:  # this loop must go on: the others wait on it
-                    logger.exception("internal error finishing an async job")
+        """On a worker thread: finish the async jobs that ended (those ending meanwhile
+        go in the next batch)."""
+        for pipeline, result, error in self._ends.take():
+            try:
+                self._finish_async(pipeline, result, error)
+            except BaseException:  # the others of the batch must still finish
+                logger.exception("internal error finishing an async job")
 
     def _finish_async(self, pipeline: Pipeline, result: Any,
                       error: BaseException | None) -> None:
