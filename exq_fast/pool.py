@@ -73,11 +73,6 @@ class WorkerPool:
                     return
                 self._idle += 1
 
-    def threads(self) -> int:
-        """Threads started so far."""
-        with self._lock:
-            return self._started
-
     def shutdown(self) -> int:
         """Stop taking calls, drop those not started, let idle threads end. Returns
         how many calls were dropped. Threads running a call end after it."""

@@ -196,6 +196,11 @@ class NodeFactory:
                 exq.redis.close()
 
 
+def threads_named(prefix: str) -> set[threading.Thread]:
+    """The live threads whose name starts with ``prefix`` (a worker pool's: ``name_``)."""
+    return {t for t in threading.enumerate() if t.name.startswith(prefix)}
+
+
 def in_flight(keys: Keys, node: str, n: int, queue: str = "q",
               run_at: float = 1795867331.25) -> InFlight:
     """A started job record as the worker leaves it, its bytes a small job ``W``."""

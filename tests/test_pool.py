@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from exq_fast.pool import WorkerPool
-from tests.conftest import wait_for
+from tests.conftest import threads_named, wait_for
 
 
 def test_threads_are_reused_and_started_only_when_none_is_idle() -> None:
@@ -20,7 +20,7 @@ def test_threads_are_reused_and_started_only_when_none_is_idle() -> None:
         assert finished.wait(5)
         wait_for(lambda: pool._idle == 1, what="the thread idle again")
     # Then one thread ran them all, a daemon named after the pool
-    assert set(done) == {"t-pool_0"} and pool.threads() == 1
+    assert set(done) == {"t-pool_0"} and len(threads_named("t-pool_")) == 1
     # When 8 calls block at once, 8 threads run them
     gate, started = threading.Event(), threading.Semaphore(0)
 
@@ -32,7 +32,7 @@ def test_threads_are_reused_and_started_only_when_none_is_idle() -> None:
         pool.submit(blocked)
     for _ in range(8):
         assert started.acquire(timeout=5)
-    assert pool.threads() == 8
+    assert len(threads_named("t-pool_")) == 8
     gate.set()
     pool.shutdown()
 
@@ -43,7 +43,7 @@ def test_a_call_that_raises_does_not_end_its_thread(caplog: pytest.LogCaptureFix
     ran = threading.Event()
     wait_for(lambda: pool._idle == 1, what="the thread idle again")
     pool.submit(ran.set)
-    assert ran.wait(5) and pool.threads() == 1
+    assert ran.wait(5) and len(threads_named("t-raise_")) == 1
     assert any("raised" in r.getMessage() for r in caplog.records)
     pool.shutdown()
 
