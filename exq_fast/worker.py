@@ -238,7 +238,7 @@ class WorkerServer:
     def _resolve(self, record: InFlight) -> Exception | None:
         """Decode the job and find its worker; the error that fails it, if any."""
         try:
-            record.job = decode(record.raw, with_args=True)
+            record.job = decode(record.raw)
         except InvalidJob as exc:
             return exc  # not a job: the dead set at once (see outcome)
         try:

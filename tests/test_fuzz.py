@@ -95,7 +95,7 @@ def classify(raw: bytes) -> Job | None:
     except InvalidJob:
         lazy = None
     try:
-        job = decode(raw, with_args=True)
+        job = decode(raw)
     except InvalidJob:
         job = None
     assert (lazy is None) == (job is None), f"eager and lazy decode disagree on {raw[:80]!r}"
@@ -652,7 +652,7 @@ NEAR_DEPTH_LIMIT = (b'{"class":"Fuzz.NotAWorker","args":[' + b"[" * 1000 + b"]" 
 @pytest.mark.parametrize("raw", [OVERFLOW, NEAR_DEPTH_LIMIT], ids=["1e400", "depth-1000"])
 def test_a_payload_without_a_json_form_is_refused_by_reencode(raw: bytes) -> None:
     # Given a payload decode accepts but JSON cannot express once decoded
-    job = decode(raw, with_args=True)
+    job = decode(raw)
     # When it is re-encoded (as for its retry or dead entry)
     # Then the codec says so with a ValueError/RecursionError (the worker then
     # buries the bytes verbatim: see the next test), never with bad JSON
@@ -686,7 +686,7 @@ def test_duplicate_keys_name_one_worker_everywhere() -> None:
     # Given a payload naming two classes and two argument lists
     raw = b'{"class":"Harmless","class":"Other","args":[1],"args":[2]}'
     # When it is decoded eagerly, lazily and re-encoded
-    eager, lazy = decode(raw, with_args=True), decode(raw)
+    eager, lazy = decode(raw), decode(raw)
     again = json.loads(eager.reencode({}))
     # Then they agree on the worker and the arguments (as json.loads: last wins)
     assert (eager.job_class, eager.args) == (again["class"], again["args"])

@@ -51,7 +51,7 @@ def test_every_fixture_payload_decodes(raw: bytes) -> None:
     assert job.jid == expected["jid"]
     assert job.queue == expected["queue"]
     assert job.args == expected["args"]
-    assert decode(raw, with_args=True).args == expected["args"]
+    assert decode(raw).args == expected["args"]
     assert job.retry_count == (expected.get("retry_count") or 0)
     assert job.to_dict() == expected
 
@@ -72,7 +72,7 @@ def test_unique_fields_are_read() -> None:
 
 def test_escapes_and_raw_u2028_survive() -> None:
     raw = fixture_lines("exq-0.23.0/enqueued.jsonl")[2]
-    args = decode(raw, with_args=True).args
+    args = decode(raw).args
     assert args[0] == "quote\" backslash\\ slash/ newline\n tab\t ctrl\x01 del\x7f ls\u2028 emoji😀"
     assert args[1:5] == [1.0, -7, 0.1, 1e20]
 
@@ -139,18 +139,18 @@ def test_malformed_payloads_raise_invalid_job(raw: bytes, reason: str) -> None:
     assert reason in info.value.reason
     assert info.value.raw == raw
     # The parser is usable afterwards.
-    assert decode(b'{"class":"W","args":[1]}', with_args=True).args == [1]
+    assert decode(b'{"class":"W","args":[1]}').args == [1]
 
 
 def test_integers_beyond_64_bits_fall_back_to_the_stdlib_parser() -> None:
     raw = b'{"class":"W","args":[123456789012345678901234567890],"jid":"j"}'
-    assert decode(raw, with_args=True).args == [123456789012345678901234567890]
+    assert decode(raw).args == [123456789012345678901234567890]
     assert decode(raw).args == [123456789012345678901234567890]
 
 
 def test_a_live_proxy_does_not_break_the_next_decode() -> None:
     held = jobmod._parser().parse(b'{"a":[1,2]}')  # a caller keeps a proxy alive
-    assert decode(b'{"class":"W","args":[3]}', with_args=True).args == [3]
+    assert decode(b'{"class":"W","args":[3]}').args == [3]
     del held
 
 
@@ -161,7 +161,7 @@ def test_decoding_in_many_threads() -> None:
         try:
             for i in range(300):
                 raw = encode({"class": "W", "args": [n, i], "jid": f"{n}-{i}"})
-                job = decode(raw, with_args=True)
+                job = decode(raw)
                 assert job.args == [n, i] and job.jid == f"{n}-{i}"
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
@@ -190,6 +190,6 @@ json_values = st.recursive(
 @given(st.lists(json_values, max_size=6))
 def test_args_round_trip(args: list[Any]) -> None:
     raw = encode({"args": args, "class": "W", "jid": "j", "queue": "q", "retry": 25})
-    assert decode(raw, with_args=True).args == args
+    assert decode(raw).args == args
     assert decode(raw).args == args
     assert json.loads(decode(raw).reencode({})) == json.loads(raw)
