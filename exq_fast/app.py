@@ -116,7 +116,7 @@ class Exq:
         self.starter = WorkerPool("exq-starter", max_threads=ASYNC_STARTERS)
         self.inflight = InFlightJobs()
         self.fetcher = Fetcher(self.redis, self.keys, self.config, self.inflight,
-                               dispatch=self._dispatch_job,
+                               dispatch=self._dispatch_jobs,
                                quarantine=Quarantine(self.executor.submit, self._run_job),
                                on_error=self._redis_error, on_recovered=self._recovered)
         self.acks = AckWriter(self.redis, self.keys, self.config.node_id,
@@ -129,8 +129,7 @@ class Exq:
             else self.config.middleware
         self.server = WorkerServer(Services(self.redis, self.keys, self.config), self.registry,
                                    chain, acks=self.acks, on_end=self.fetcher.job_ended,
-                                   submit=self.executor.submit,
-                                   async_submit=self.starter.submit)
+                                   pool=self.executor, starter=self.starter)
         self.scheduler = Scheduler(self.redis, self.keys, self.config, on_error=self._redis_error)
         self.pinger = NodePinger(self.redis, self.keys, self.config, _NodeState(self),
                                  on_error=self._redis_error, identity=self.identity)
@@ -143,8 +142,8 @@ class Exq:
 
     # The fetcher is built before the worker (the worker frees the fetcher's slots):
     # these two methods are the fetcher's way to the worker.
-    def _dispatch_job(self, record: InFlight) -> None:
-        self.server.dispatch(record)
+    def _dispatch_jobs(self, records: Sequence[InFlight]) -> None:
+        self.server.dispatch(records)
 
     def _run_job(self, record: InFlight) -> None:
         self.server.run(record)

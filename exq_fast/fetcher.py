@@ -39,7 +39,7 @@ import redis
 
 from .background import ErrorHook, RecoveredHook
 from .config import Config
-from .inflight import InFlight, InFlightJobs, JobHook, Quarantine
+from .inflight import Dispatch, InFlight, InFlightJobs, Quarantine
 from .keys import Keys
 from .scripts import FETCH_BATCH_LIMIT
 from .store.fetch import Fetched, backup_list, fetch
@@ -74,11 +74,11 @@ class Fetcher:
     """Fetches jobs for the subscribed queues while they have free slots."""
 
     def __init__(self, client: redis.Redis, keys: Keys, config: Config, inflight: InFlightJobs,
-                 *, dispatch: JobHook, quarantine: Quarantine,
+                 *, dispatch: Dispatch, quarantine: Quarantine,
                  on_error: ErrorHook | None = None,
                  on_recovered: RecoveredHook | None = None) -> None:
-        """``dispatch(record)`` hands a fetched job to a worker thread (called on the
-        fetcher's thread; ``WorkerServer.dispatch``); ``quarantine`` runs the
+        """``dispatch(records)`` hands the jobs of a fetch to worker threads (called on
+        the fetcher's thread; ``WorkerServer.dispatch``); ``quarantine`` runs the
         quarantined ones; ``on_error(operation, exc)`` hears of every failed fetch;
         ``on_recovered(queue, reason, count)`` of every backup job re-enqueued."""
         self.client = client
@@ -361,13 +361,14 @@ class Fetcher:
         with self._cond:
             self._states[queue].running += len(jobs)
         backup = self.keys.backup(self.config.node_id, queue)
-        dispatch = self.dispatch
-        for index, raw in enumerate(jobs):
-            record = InFlight(raw, queue, backup, suspect=index in fetched.suspects,
-                              quarantined=index in fetched.quarantined)
-            if record.quarantined:
-                self.quarantine.put(record)
-            else:
-                dispatch(record)
+        records = [InFlight(raw, queue, backup) for raw in jobs]
+        for index in fetched.suspects:
+            records[index].suspect = True
+        if fetched.quarantined:
+            for index in fetched.quarantined:
+                records[index].quarantined = True
+                self.quarantine.put(records[index])
+            records = [record for record in records if not record.quarantined]
+        self.dispatch(records)
         self.fetched[queue] = self.fetched.get(queue, 0) + len(jobs)
         return len(jobs)

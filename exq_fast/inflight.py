@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import threading
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import asyncio
@@ -41,8 +41,8 @@ if TYPE_CHECKING:
 class InFlight:
     """A job this node fetched, from the fetch to the batch holding its ack."""
 
-    __slots__ = ("backup", "deadline", "duration", "field", "job", "outcome", "quarantined",
-                 "queue", "raw", "run_at", "spec", "started", "suspect", "task", "written")
+    __slots__ = ("backup", "deadline", "duration", "job", "outcome", "quarantined", "queue",
+                 "raw", "run_at", "seq", "spec", "started", "suspect", "task", "written")
 
     def __init__(self, raw: bytes, queue: str, backup: str, *, suspect: bool = False,
                  quarantined: bool = False) -> None:
@@ -55,8 +55,8 @@ class InFlight:
         """Recovered from a backup list before (poison detection)."""
         self.quarantined = quarantined
         """One crash from the dead set: run alone (see ``Quarantine``)."""
-        self.field = ""
-        """Exq's pid field ``#PID<0.N.0>``, unique on this node; set when it starts."""
+        self.seq = 0
+        """Its number on this node, from 1, given when it starts (0 before)."""
         self.run_at = 0.0
         """When it started, float seconds since the epoch."""
         self.started = 0.0
@@ -77,6 +77,13 @@ class InFlight:
         """Whether the ack writer wrote its in-progress record (``<node>:workers``)."""
 
     @property
+    def field(self) -> str:
+        """Exq's pid field ``#PID<0.N.0>`` (N: ``seq``), unique on this node; empty
+        before the job starts. Made when read: only jobs that outlive a flush and
+        the node pings need it."""
+        return f"#PID<0.{self.seq}.0>" if self.seq else ""
+
+    @property
     def jid(self) -> str | None:
         """The job's jid, once decoded."""
         return self.job.jid if self.job is not None else None
@@ -84,8 +91,8 @@ class InFlight:
     @property
     def job_class(self) -> str:
         """The worker's name for the metrics, ``"unknown"`` when none ran it."""
-        return self.job.worker_name if self.job is not None and self.spec is not None \
-            else "unknown"
+        spec = self.spec  # resolved by the normalised class name: the same string
+        return spec.name if spec is not None and self.job is not None else "unknown"
 
     @property
     def latency(self) -> float | None:
@@ -149,6 +156,20 @@ class InFlightJobs:
 
 Submit = Callable[..., object]
 """Runs a callable with its arguments on a worker thread (``pool.WorkerPool.submit``)."""
+
+
+class Pool(Protocol):
+    """Threads that run calls (``pool.WorkerPool``)."""
+
+    def submit(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run ``fn(*args)`` on a thread of the pool."""
+
+    def submit_all(self, fn: Callable[[Any], object], items: Sequence[Any]) -> None:
+        """Run ``fn(item)`` for each item, each on a thread of the pool."""
+
+
+Dispatch = Callable[[Sequence[InFlight]], None]
+"""Hands the records of one fetch to worker threads (``WorkerServer.dispatch``)."""
 
 JobHook = Callable[[InFlight], None]
 """Called with one job's record: ``run_job`` (runs the job on an executor thread;

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 logger = logging.getLogger("exq_fast")
@@ -42,14 +42,31 @@ class WorkerPool:
 
     def submit(self, fn: Callable[..., object], *args: Any) -> None:
         """Run ``fn(*args)`` on a pool thread. RuntimeError once shut down."""
+        self._reserve(1)
+        self._calls.put((fn, args))
+
+    def submit_all(self, fn: Callable[[Any], object], items: Sequence[Any]) -> None:
+        """Run ``fn(item)`` for each item, each call on a pool thread as ``submit``
+        would, with one lock for the lot (the fetcher hands over a fetch at a time).
+        RuntimeError once shut down."""
+        self._reserve(len(items))
+        put = self._calls.put
+        for item in items:
+            put((fn, (item,)))
+
+    def _reserve(self, calls: int) -> None:
+        """Find a thread for each of ``calls`` new calls: an idle one, else a new one
+        (up to ``max_threads``; beyond it, calls wait for a thread)."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("the worker pool is shut down")
-            if self._idle:
-                self._idle -= 1
-            elif self.max_threads is None or self._started < self.max_threads:
+            idle = min(self._idle, calls)
+            self._idle -= idle
+            new = calls - idle
+            if self.max_threads is not None:
+                new = min(new, self.max_threads - self._started)
+            for _ in range(new):
                 self._start_thread()
-        self._calls.put((fn, args))
 
     def _start_thread(self) -> None:
         self._started += 1

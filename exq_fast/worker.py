@@ -50,7 +50,7 @@ from typing import Any, Protocol
 import redis
 
 from .aio import EventLoop, Handoff, await_any
-from .inflight import InFlight, JobHook, Submit
+from .inflight import InFlight, JobHook, Pool
 from .job import InvalidJob, Job, decode, now_seconds
 from .middleware import Middleware, Pipeline, Services
 from .outcome import FailureRule, Outcome, Status
@@ -107,12 +107,12 @@ class WorkerServer:
     def __init__(self, services: Services, registry: Registry,
                  middleware: Sequence[Middleware], *, acks: AckSink,
                  on_end: JobHook | None = None,
-                 submit: Submit | None = None, async_submit: Submit | None = None,
+                 pool: Pool | None = None, starter: Pool | None = None,
                  loop: EventLoop | None = None, watchdog: Watchdog | None = None) -> None:
         """``acks`` takes every record, ``on_end(record)`` is called once per job when
-        it has ended (async jobs included): it frees the slot. ``submit`` runs jobs
+        it has ended (async jobs included): it frees the slot. ``pool`` runs jobs
         and the end of async jobs on worker threads (default: on the calling or the
-        loop thread); ``async_submit`` starts async jobs (default: ``submit``);
+        loop thread); ``starter`` starts async jobs (default: ``pool``);
         ``loop`` and ``watchdog`` default to new ones."""
         config = services.config
         self.services = services
@@ -122,34 +122,40 @@ class WorkerServer:
         self.on_end = on_end
         self.rule = FailureRule(services.keys, config, config.backoff or sidekiq_backoff)
         self.default_timeout = config.job_timeout
-        self.submit = submit
-        self.async_submit = async_submit
+        self.pool = pool
+        self.starter = starter
         self.loop = loop if loop is not None else EventLoop()
         self.watchdog = watchdog if watchdog is not None else Watchdog()
-        self.running: dict[str, InFlight] = {}
-        """The jobs running now, by their pid field (heartbeats, cancel, the stop)."""
+        self.running: dict[int, InFlight] = {}
+        """The jobs running now, by their ``seq`` (heartbeats, cancel, the stop)."""
         self._ids = itertools.count(1)
         self._ends: Handoff[tuple[Pipeline, Any, BaseException | None]] = Handoff()
         self._unmarked = 0  # recovered jobs whose start mark Redis refused, this outage
         self._marks_lock = threading.Lock()
 
-    def dispatch(self, record: InFlight) -> None:
-        """On the fetcher thread: hand the job to a worker thread -- an ``async def``
-        job to the few threads that start coroutines (``async_submit``), so that a
-        burst of them does not start a thread each; any other job to the pool.
+    def dispatch(self, records: Sequence[InFlight]) -> None:
+        """On the fetcher thread: hand the jobs of a fetch to worker threads -- an
+        ``async def`` job to the few threads that start coroutines (``starter``), so
+        that a burst of them does not start a thread each; any other job to the pool,
+        all in one hand-over.
 
         Routing only peeks at the payload's class name (no decoding here, and
         nothing at all while no async worker is registered); a payload it cannot
         read goes to the pool, where the worker decides what becomes of it."""
-        if self.async_submit is not None and self.registry.has_async:
-            name = _peek_class(record.raw)
-            if name is not None and self.registry.is_async(name):
-                self.async_submit(self.run, record)
-                return
-        if self.submit is not None:
-            self.submit(self.run, record)
+        if self.starter is not None and self.registry.has_async:
+            plain = []
+            for record in records:
+                name = _peek_class(record.raw)
+                if name is not None and self.registry.is_async(name):
+                    self.starter.submit(self.run, record)
+                else:
+                    plain.append(record)
+            records = plain
+        if self.pool is not None:
+            self.pool.submit_all(self.run, records)
         else:
-            self.run(record)
+            for record in records:
+                self.run(record)
 
     def run(self, record: InFlight) -> None:
         """Run one fetched job to its end (an async job: to its hand-over to the
@@ -159,12 +165,12 @@ class WorkerServer:
         first, so that if it kills this process the next recovery counts it
         (poison detection, see ``store.recovery.RecoveryPolicy``).
         """
-        record.field = f"#PID<0.{next(self._ids)}.0>"
+        record.seq = seq = next(self._ids)
         record.run_at = now_seconds()
         record.started = time.perf_counter()
         if record.suspect:
             self._mark_started(record.raw)
-        self.running[record.field] = record
+        self.running[seq] = record
         self.acks.job_started(record)
         handed_over = False
         try:
@@ -221,7 +227,9 @@ class WorkerServer:
 
     def _run(self, pipeline: Pipeline) -> bool:
         """Up to the end of the job, or to its hand-over to the event loop (True)."""
-        error = self._before(pipeline, self._resolve(pipeline.record))
+        error: BaseException | None = self._resolve(pipeline.record)
+        if self.middleware:
+            error = self._before(pipeline, error)
         if pipeline.terminated:
             # Not run, not acked (a middleware's decision): it stays in the backup list.
             pipeline.record.outcome = Outcome(Status.TERMINATED)
@@ -290,7 +298,7 @@ class WorkerServer:
         # No call between the except and _leave: an interrupt must land inside one.
         _leave(deadline)
         _current.reset(token)
-        if error is None and inspect.isawaitable(result):
+        if error is None and result is not None and inspect.isawaitable(result):
             if not (deadline.fired or deadline.interrupted):
                 return result
             _close(result)
@@ -322,19 +330,17 @@ class WorkerServer:
         pipeline.result, pipeline.error = result, error
         record.outcome = Outcome(Status.PROCESSED) if error is None \
             else self.rule.decide(record, error, canceled=canceled)
+        failed = error is not None
         for middleware in self.middleware:
-            self._hook(middleware, pipeline, error is not None)
-
-    def _hook(self, middleware: Middleware, pipeline: Pipeline, failed: bool) -> None:
-        try:
-            if failed:
-                middleware.after_failed_work(pipeline)
-            else:
-                middleware.after_processed_work(pipeline)
-        except BaseException:  # the outcome is decided: the other hooks and the ack go on
-            logger.exception("middleware %s failed in %s (the job's outcome stands)",
-                             type(middleware).__name__,
-                             "after_failed_work" if failed else "after_processed_work")
+            try:
+                if failed:
+                    middleware.after_failed_work(pipeline)
+                else:
+                    middleware.after_processed_work(pipeline)
+            except BaseException:  # the outcome is decided: the other hooks and the ack go on
+                logger.exception("middleware %s failed in %s (the job's outcome stands)",
+                                 type(middleware).__name__,
+                                 "after_failed_work" if failed else "after_processed_work")
 
     def _finish(self, record: InFlight) -> None:
         """Hand the record to the ack writer and free its slot (the one place)."""
@@ -344,7 +350,7 @@ class WorkerServer:
                 outcome.writes += RecoveryPolicy.started_commands(self.services.keys, record.raw)
             record.duration = time.perf_counter() - record.started
             self.acks.job_done(record)
-            del self.running[record.field]
+            del self.running[record.seq]
         finally:
             # Whatever happened, the slot is freed: a leaked slot could never be recovered.
             if self.on_end is not None:
@@ -394,7 +400,7 @@ class WorkerServer:
         if isinstance(error, Cancelled) and record.job is not None and not record.job.cancelled:
             record.job.cancelled = True  # task.cancel() from the job's own code
 
-        if self.submit is None:
+        if self.pool is None:
             self._finish_async(pipeline, result, error)
             return
         # Handed to a worker thread in batches: one pool hand-off per batch of ended
@@ -402,7 +408,7 @@ class WorkerServer:
         if not self._ends.put((pipeline, result, error)):
             return
         try:
-            self.submit(self._finish_ended)
+            self.pool.submit(self._finish_ended)
         except RuntimeError:
             # The pool is shut down (the node stopped): the jobs were put back in
             # their queues at the stop; they are not acked, but they have ended.

@@ -206,7 +206,7 @@ def in_flight(keys: Keys, node: str, n: int, queue: str = "q",
     """A started job record as the worker leaves it, its bytes a small job ``W``."""
     raw = json.dumps({"class": "W", "args": [n], "jid": f"j{n}", "queue": queue}).encode()
     record = InFlight(raw, queue, keys.backup(node, queue))
-    record.field, record.run_at = f"#PID<0.{n}.0>", run_at
+    record.seq, record.run_at = n + 1, run_at  # field "#PID<0.{n + 1}.0>"
     return record
 
 

@@ -83,7 +83,7 @@ def inflight_jobs() -> list[InFlight]:
     records = []
     for i, raw in enumerate(raws):
         record = InFlight(raw.encode(), "fxq", "unused-backup-key")
-        record.field, record.run_at = f"thread-{i}", 1795867331.39 + i
+        record.seq, record.run_at = i + 1, 1795867331.39 + i
         records.append(record)
     return records
 
