@@ -53,6 +53,7 @@ from .background import ErrorHook
 from .inflight import InFlight
 from .job import encode, now_seconds
 from .keys import RT_STAT_TTL, Keys, StatKind
+from .outcome import Status
 from .store.fetch import ack_command
 
 logger = logging.getLogger("exq_fast")
@@ -95,10 +96,10 @@ class AckWriter:
         self.on_error = on_error
         self.listeners = tuple(listeners)
         self.totals: dict[StatKind, int] = {"processed": 0, "failed": 0}
-        # (record, ended): each job comes when it starts, then when it ends.
-        self._events: deque[tuple[InFlight, bool]] = deque()
-        self._running: dict[str, InFlight] = {}
-        self._unrecorded: deque[InFlight] = deque()  # started since the last batch
+        # Each job comes twice: in _started when it starts, in _done when it ends
+        # (record.ended set first). Plain deque appends: no lock on the workers' side.
+        self._started: deque[InFlight] = deque()
+        self._done: deque[InFlight] = deque()
         self._retry: _Batch | None = None
         self._ids = (f"{uuid.uuid4().hex[:12]}-{n}" for n in itertools.count())
         self._wake = threading.Event()
@@ -110,7 +111,7 @@ class AckWriter:
 
     def job_started(self, record: InFlight) -> None:
         """Note a running job (its record is written only if it outlives a flush)."""
-        self._events.append((record, False))
+        self._started.append(record)
 
     def job_done(self, record: InFlight) -> None:
         """Queue a finished job (its ``outcome`` set) for the next batch."""
@@ -118,13 +119,15 @@ class AckWriter:
             # Stopped already (the job outlived shutdown_timeout): no ack, so
             # the job stays in the backup list and runs again from there.
             return
-        self._events.append((record, True))
+        record.ended = True
+        self._done.append(record)
         if not self._wake.is_set():  # one wake-up per batch, not per job
             self._wake.set()
 
     def pending(self) -> int:
-        """Events not yet applied to Redis (a gauge for metrics and tests)."""
-        return len(self._events) + (len(self._retry.done) if self._retry else 0)
+        """Finished jobs whose batch is not yet applied in Redis (a gauge for metrics
+        and tests)."""
+        return len(self._done) + (len(self._retry.done) if self._retry else 0)
 
     # -- the flusher ---------------------------------------------------------
 
@@ -159,7 +162,7 @@ class AckWriter:
     def _loop(self) -> None:
         backoff = 0.0
         while not self._stopping.is_set():
-            if not self._events and self._retry is None:
+            if not self._done and not self._started and self._retry is None:
                 self._wake.wait(0.25)
                 self._wake.clear()
                 continue
@@ -231,40 +234,32 @@ class AckWriter:
         """The jobs started since the last batch that still run: they outlived a flush
         and get their record now (one that ended already never gets one). Only the
         jobs started since then are looked at, not every running job."""
-        unrecorded, running = self._unrecorded, self._running
-        records = []
-        while unrecorded:
-            record = unrecorded.popleft()
-            if running.get(record.field) is record:
+        started, records = self._started, []
+        while started:
+            record = started.popleft()
+            if not record.ended:
                 records.append(record)
         return records
 
     def _drain(self) -> list[InFlight]:
-        done: list[InFlight] = []
-        events, running = self._events, self._running
-        while events and len(done) < self.batch_size:
-            record, ended = events.popleft()
-            if not ended:
-                running[record.field] = record
-                self._unrecorded.append(record)
-            else:
-                # Started and ended within one flush: no record, no HDEL.
-                running.pop(record.field, None)
-                done.append(record)
-        return done
+        """At most ``batch_size`` finished jobs, oldest first."""
+        done, pop = self._done, self._done.popleft
+        count = min(len(done), self.batch_size)
+        return [pop() for _ in range(count)]
 
     def _add_done(self, batch: _Batch, record: InFlight, acks: dict[str, list[bytes]]) -> None:
         outcome = record.outcome
         # The decision to ack: an outcome that acks (every status but terminated).
         # No outcome (an internal error) or a terminated job: no write and no ack,
         # the job stays in the backup list and runs again.
-        if outcome is not None and outcome.ack:
+        if outcome is not None and outcome.status is not Status.TERMINATED:
             for command in outcome.writes:
                 batch.add(command)
-            acks.setdefault(record.backup, []).append(record.raw)  # its ack, sent below
-            stat = outcome.stat
-            if stat is not None:
-                batch.counts[stat] += 1
+            raws = acks.get(record.backup)
+            if raws is None:
+                raws = acks[record.backup] = []
+            raws.append(record.raw)  # its ack, sent below
+            batch.counts["processed" if outcome.status is Status.PROCESSED else "failed"] += 1
         batch.done.append(record)
 
     def _add_counts(self, batch: _Batch, at: float) -> None:

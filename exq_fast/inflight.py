@@ -41,8 +41,9 @@ if TYPE_CHECKING:
 class InFlight:
     """A job this node fetched, from the fetch to the batch holding its ack."""
 
-    __slots__ = ("backup", "deadline", "duration", "job", "outcome", "quarantined", "queue",
-                 "raw", "run_at", "seq", "spec", "started", "suspect", "task", "written")
+    __slots__ = ("backup", "deadline", "duration", "ended", "job", "outcome", "quarantined",
+                 "queue", "raw", "run_at", "seq", "spec", "started", "suspect", "task",
+                 "written")
 
     def __init__(self, raw: bytes, queue: str, backup: str, *, suspect: bool = False,
                  quarantined: bool = False) -> None:
@@ -73,6 +74,8 @@ class InFlight:
         """Its task on the node's event loop (an async job, once started)."""
         self.outcome: Outcome | None = None
         """What became of it (None while it runs; still None after an internal error)."""
+        self.ended = False
+        """Set when the job has ended and its record went to the ack writer."""
         self.written = False
         """Whether the ack writer wrote its in-progress record (``<node>:workers``)."""
 
@@ -118,20 +121,24 @@ class InFlightJobs:
             self._raw.setdefault(queue, Counter()).update(jobs)
             self._count += len(jobs)
 
-    def acked(self, records: Iterable[InFlight]) -> None:
+    def acked(self, records: Sequence[InFlight]) -> None:
         """Forget jobs whose batch reached Redis, acked or not (a terminated job
         stays in the backup list on purpose and is not waited for)."""
         with self._lock:
+            self._count = max(self._count - len(records), 0)
+            by_queue = self._raw
             for record in records:
-                self._count -= 1
-                if record.outcome is None or not record.outcome.ack:
+                outcome = record.outcome
+                if outcome is None or not outcome.ack:
                     continue  # its bytes stay in the backup list: still tracked
-                tracked = self._raw.get(record.queue)
+                tracked = by_queue.get(record.queue)
                 if tracked is not None:
-                    tracked[record.raw] -= 1
-                    if tracked[record.raw] <= 0:
-                        del tracked[record.raw]
-            self._count = max(self._count, 0)
+                    raw = record.raw
+                    left = tracked.get(raw, 0) - 1
+                    if left > 0:
+                        tracked[raw] = left
+                    else:
+                        tracked.pop(raw, None)
 
     def unacked(self) -> int:
         """Jobs fetched whose batch has not reached Redis (running ones included)."""

@@ -46,6 +46,7 @@ from .config import Config, ConfigError
 from .connection import text
 from .inflight import InFlight
 from .keys import Keys
+from .outcome import Status
 from .scripts import Script
 
 logger = logging.getLogger("exq_fast")
@@ -175,20 +176,25 @@ class Metrics:
 
     def _record(self, record: InFlight) -> None:
         outcome = record.outcome
-        if outcome is None or not outcome.ack or outcome.stat is None:
-            return  # not counted in Redis either (terminated, or an internal error)
+        if outcome is None:
+            return  # not counted in Redis either (an internal error)
+        status = outcome.status
+        if status is Status.TERMINATED:
+            return  # not acked, not counted
         key = (record.queue, record.job_class)
         series = self._series.get(key)
         if series is None:
             series = self._series[key] = _Series()
-        if outcome.stat == "processed":
+        if status is Status.PROCESSED:
             series.processed += 1
         else:
             series.failed += 1
-        if outcome.fate == "retried":
-            series.retried += 1
-        elif outcome.fate == "dead":
-            series.dead += 1
+        fate = outcome.fate
+        if fate is not None:
+            if fate == "retried":
+                series.retried += 1
+            elif fate == "dead":
+                series.dead += 1
         series.duration.observe(record.duration)
         latency = record.latency
         if latency is not None:
