@@ -41,9 +41,9 @@ if TYPE_CHECKING:
 class InFlight:
     """A job this node fetched, from the fetch to the batch holding its ack."""
 
-    __slots__ = ("backup", "deadline", "duration", "ended", "job", "outcome", "quarantined",
-                 "queue", "raw", "run_at", "seq", "spec", "started", "suspect", "task",
-                 "written")
+    __slots__ = ("backup", "deadline", "duration", "ended", "job", "job_class", "latency",
+                 "outcome", "quarantined", "queue", "raw", "run_at", "seq", "spec", "started",
+                 "suspect", "task", "written")
 
     def __init__(self, raw: bytes, queue: str, backup: str, *, suspect: bool = False,
                  quarantined: bool = False) -> None:
@@ -65,9 +65,16 @@ class InFlight:
         self.duration = 0.0
         """Seconds from start to end (set when it ends)."""
         self.job: Job | None = None
-        """The decoded job (None until decoded, or for a payload that is not a job)."""
+        """The decoded job (None until decoded, or for a payload that is not a job).
+        ``job``, ``spec``, ``deadline`` and ``task`` are let go when the job ends:
+        a finished record keeps only what its ack and the metrics need."""
         self.spec: WorkerSpec | None = None
         """The worker that runs it (None until resolved, or when no worker knows it)."""
+        self.job_class = "unknown"
+        """The worker's name for the metrics (set when resolved), ``"unknown"`` when
+        no worker here knows the job."""
+        self.latency: float | None = None
+        """Seconds from enqueue to start, for a first attempt only (set when decoded)."""
         self.deadline: Deadline | None = None
         """Its time guard while its worker runs (see ``timeouts``)."""
         self.task: asyncio.Task[Any] | None = None
@@ -91,19 +98,12 @@ class InFlight:
         """The job's jid, once decoded."""
         return self.job.jid if self.job is not None else None
 
-    @property
-    def job_class(self) -> str:
-        """The worker's name for the metrics, ``"unknown"`` when none ran it."""
-        spec = self.spec  # resolved by the normalised class name: the same string
-        return spec.name if spec is not None and self.job is not None else "unknown"
-
-    @property
-    def latency(self) -> float | None:
-        """Seconds from enqueue to start, for a first attempt only."""
-        job = self.job
-        if job is None or job.enqueued_at is None or job.retry_count:
-            return None
-        return self.run_at - job.enqueued_at
+    def release(self) -> None:
+        """The job has ended: let go of what only its run needed (the decoded job
+        and its args, the worker, the time guard, the task), so that a record
+        waiting for its batch holds little (fewer objects for the garbage
+        collector to promote while acks are in flight)."""
+        self.job = self.spec = self.deadline = self.task = None
 
 
 class InFlightJobs:

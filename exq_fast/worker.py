@@ -246,13 +246,16 @@ class WorkerServer:
     def _resolve(self, record: InFlight) -> Exception | None:
         """Decode the job and find its worker; the error that fails it, if any."""
         try:
-            record.job = decode(record.raw)
+            record.job = job = decode(record.raw)
         except InvalidJob as exc:
             return exc  # not a job: the dead set at once (see outcome)
+        if job.enqueued_at is not None and not job.retry_count:
+            record.latency = record.run_at - job.enqueued_at
         try:
-            record.spec = self.registry.lookup(record.job.job_class)
+            record.spec = spec = self.registry.lookup(job.job_class)
         except UnknownWorker as exc:
             return exc  # not run; the retry rule applies (see outcome)
+        record.job_class = spec.name  # resolved by the normalised class: the same string
         return None
 
     def _before(self, pipeline: Pipeline,
@@ -349,6 +352,7 @@ class WorkerServer:
             if record.suspect and outcome is not None and outcome.ack:
                 outcome.writes += RecoveryPolicy.started_commands(self.services.keys, record.raw)
             record.duration = time.perf_counter() - record.started
+            record.release()
             self.acks.job_done(record)
             del self.running[record.seq]
         finally:
