@@ -3,8 +3,9 @@
 One loop per node, on its own thread (``exq-asyncio``), started at the first
 async job. An async job starts on a worker thread, one of the node's few
 starter threads (its middleware ``before_work`` hooks run there, and the call
-to the worker returns a coroutine); the coroutine is then handed to this loop (``spawn``: the loop
-is woken once per batch of new tasks) and the worker thread is free. The job
+to the worker returns a coroutine); the coroutine is then handed to this loop
+(``run_soon``: the loop is woken once per batch of new tasks) and the worker
+thread is free. The job
 keeps its concurrency slot until the coroutine ends; then its after-hooks and
 ack run back on a worker thread.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 logger = logging.getLogger("exq_fast")
@@ -69,10 +70,9 @@ class EventLoop:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped = False
-        # Tasks to create, handed over in batches: one wake-up of the loop (a write
-        # to its self-pipe) per batch, not per job.
-        self._spawns: Handoff[tuple[Callable[[], Coroutine[Any, Any, Any]],
-                                    Callable[[asyncio.Task[Any]], None]]] = Handoff()
+        # Calls to run on the loop (each starts a task), handed over in batches: one
+        # wake-up of the loop (a write to its self-pipe) per batch, not per job.
+        self._calls: Handoff[Callable[[], None]] = Handoff()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -99,24 +99,26 @@ class EventLoop:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
-    def spawn(self, make: Callable[[], Coroutine[Any, Any, Any]],
-              on_task: Callable[[asyncio.Task[Any]], None]) -> None:
-        """Create a task of ``make()`` on the loop; ``on_task`` gets it (on the loop
-        thread) before its first step. RuntimeError once the loop is stopped."""
+    def run_soon(self, call: Callable[[], None]) -> None:
+        """Run ``call`` on the loop thread, in a batch with the other calls handed
+        over since the loop last took them (``call`` typically creates a task).
+        RuntimeError once the loop is stopped. A call that raises is logged."""
         loop = self.loop
-        if not self._spawns.put((make, on_task)):
+        if not self._calls.put(call):
             return  # the loop is woken already and takes this one too
         try:
-            loop.call_soon_threadsafe(self._create_tasks)
+            loop.call_soon_threadsafe(self._run_calls)
         except RuntimeError:  # closed meanwhile: nothing of this batch will run
-            self._spawns.take()
+            self._calls.take()
             raise
 
-    def _create_tasks(self) -> None:
-        """On the loop thread: create the tasks handed over since the last wake-up."""
-        loop = asyncio.get_running_loop()
-        for make, on_task in self._spawns.take():
-            on_task(loop.create_task(make()))
+    def _run_calls(self) -> None:
+        """On the loop thread: run the calls handed over since the last wake-up."""
+        for call in self._calls.take():
+            try:
+                call()
+            except Exception:  # the others of the batch must still run
+                logger.exception("internal error starting a task on the event loop")
 
     def call_soon(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` on the loop thread (from any thread)."""

@@ -129,7 +129,8 @@ class WorkerServer:
         self.running: dict[int, InFlight] = {}
         """The jobs running now, by their ``seq`` (heartbeats, cancel, the stop)."""
         self._ids = itertools.count(1)
-        self._ends: Handoff[tuple[Pipeline, Any, BaseException | None]] = Handoff()
+        self._ends: Handoff[Pipeline] = Handoff()  # async jobs whose coroutine ended
+        self._tasks: dict[asyncio.Task[Any], Pipeline] = {}  # on the loop thread only
         self._unmarked = 0  # recovered jobs whose start mark Redis refused, this outage
         self._marks_lock = threading.Lock()
 
@@ -364,52 +365,59 @@ class WorkerServer:
 
     def _hand_over(self, pipeline: Pipeline, awaitable: Awaitable[Any]) -> None:
         """Run ``awaitable`` on the node's loop; finish the job when it ends."""
-        record = pipeline.record
-        job = record.job
-
-        async def body() -> Any:
-            _current.set(job)  # this task's own context: current_job() works inside
-            if inspect.iscoroutine(awaitable):
-                return await awaitable
-            return await await_any(awaitable)
-
-        def on_task(task: asyncio.Task[Any]) -> None:
-            record.task = task
-            task.add_done_callback(lambda t: self._ended(pipeline, t, awaitable))
-            if record.deadline is not None:
-                record.deadline.attach(lambda: self.loop.call_soon(
-                    lambda: _cancel_task(record)))
-            if job is not None and job.cancelled:
-                task.cancel()
-
         try:
-            self.loop.spawn(body, on_task)
+            self.loop.run_soon(functools.partial(self._start_task, pipeline, awaitable))
         except RuntimeError as exc:  # the loop is stopped: the node is stopping
             _close(awaitable)
             self._performed(pipeline, None, exc)
-            self._finish(record)
+            self._finish(pipeline.record)
 
-    def _ended(self, pipeline: Pipeline, task: asyncio.Task[Any],
-               awaitable: Awaitable[Any]) -> None:
-        """On the loop thread: the job's coroutine ended; finish it on a worker thread."""
-        error: BaseException | None = None
-        result: Any = None
-        if task.cancelled():
-            error = Cancelled()
-            _close(awaitable)  # cancelled before its first step: never awaited
-        else:
-            error = task.exception()
-            result = task.result() if error is None else None
+    def _start_task(self, pipeline: Pipeline, awaitable: Awaitable[Any]) -> None:
+        """On the loop thread: the job's task, in a context of its own where
+        ``current_job()`` is the job; ``_ended`` hears of its end."""
         record = pipeline.record
-        if isinstance(error, Cancelled) and record.job is not None and not record.job.cancelled:
-            record.job.cancelled = True  # task.cancel() from the job's own code
+        try:
+            job = record.job
+            context = contextvars.copy_context()
+            context.run(_current.set, job)
+            coroutine = awaitable if inspect.iscoroutine(awaitable) else await_any(awaitable)
+            task = asyncio.get_running_loop().create_task(coroutine, context=context)
+        except BaseException:  # no task: the job ends here, without an outcome
+            logger.exception("internal error starting an async job; it stays in the backup list")
+            _close(awaitable)
+            record.outcome = None
+            self._finish(record)
+            return
+        record.task = task
+        self._tasks[task] = pipeline
+        task.add_done_callback(self._ended)
+        deadline = record.deadline
+        if deadline is not None and deadline.seconds is not None:  # only a limit fires
+            deadline.attach(functools.partial(self.loop.call_soon,
+                                              functools.partial(_cancel_task, record)))
+        if job is not None and job.cancelled:
+            task.cancel()
+
+    def _ended(self, task: asyncio.Task[Any]) -> None:
+        """On the loop thread: the job's coroutine ended; finish it on a worker thread."""
+        pipeline = self._tasks.pop(task)
+        if task.cancelled():
+            pipeline.error = Cancelled()
+            _close(task.get_coro())  # cancelled before its first step: never awaited
+        else:
+            pipeline.error = task.exception()
+            if pipeline.error is None:
+                pipeline.result = task.result()
+        job = pipeline.record.job
+        if isinstance(pipeline.error, Cancelled) and job is not None and not job.cancelled:
+            job.cancelled = True  # task.cancel() from the job's own code
 
         if self.pool is None:
-            self._finish_async(pipeline, result, error)
+            self._finish_async(pipeline)
             return
         # Handed to a worker thread in batches: one pool hand-off per batch of ended
         # jobs, not per job (the after hooks still run off the loop).
-        if not self._ends.put((pipeline, result, error)):
+        if not self._ends.put(pipeline):
             return
         try:
             self.pool.submit(self._finish_ended)
@@ -417,24 +425,24 @@ class WorkerServer:
             # The pool is shut down (the node stopped): the jobs were put back in
             # their queues at the stop; they are not acked, but they have ended.
             logger.debug("async jobs ended after the node stopped: not acked")
-            for ended_pipeline, _, _ in self._ends.take():
-                ended_pipeline.record.outcome = None
-                self._finish(ended_pipeline.record)
+            for ended in self._ends.take():
+                ended.record.outcome = None
+                self._finish(ended.record)
 
     def _finish_ended(self) -> None:
         """On a worker thread: finish the async jobs that ended (those ending meanwhile
         go in the next batch)."""
-        for pipeline, result, error in self._ends.take():
+        for pipeline in self._ends.take():
             try:
-                self._finish_async(pipeline, result, error)
+                self._finish_async(pipeline)
             except BaseException:  # the others of the batch must still finish
                 logger.exception("internal error finishing an async job")
 
-    def _finish_async(self, pipeline: Pipeline, result: Any,
-                      error: BaseException | None) -> None:
+    def _finish_async(self, pipeline: Pipeline) -> None:
+        """After the coroutine's end (its result or error on the pipeline)."""
         record = pipeline.record
         try:
-            self._performed(pipeline, result, error)
+            self._performed(pipeline, pipeline.result, pipeline.error)
         except BaseException:  # a bug must not kill the thread
             logger.exception("internal error after an async job; it stays in the backup list")
             record.outcome = None
@@ -459,7 +467,7 @@ def _cancel_task(record: InFlight) -> None:
         record.task.cancel()
 
 
-def _close(awaitable: Awaitable[Any]) -> None:
+def _close(awaitable: object) -> None:
     """Drop an awaitable that will not run (no 'never awaited' warning)."""
     close = getattr(awaitable, "close", None)
     if callable(close):
