@@ -38,13 +38,14 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol, TypeVar
 
 import redis
 
@@ -57,6 +58,15 @@ from .outcome import Status
 from .store.fetch import ack_command
 
 logger = logging.getLogger("exq_fast")
+
+T = TypeVar("T")
+
+FIELDS_PER_COMMAND = 1000
+"""Most fields in one HSET or HDEL of a batch: Lua's unpack() takes 8000 values,
+and the batch script unpacks each command's arguments."""
+
+_json_str: Callable[[str], str] = json.encoder.encode_basestring
+"""A str as a JSON string, non-ASCII left raw (``json.dumps(ensure_ascii=False)``)."""
 
 
 class BatchListener(Protocol):
@@ -212,9 +222,12 @@ class AckWriter:
         if not done and not records:
             return None
         batch = _Batch(next(self._ids))
-        for record in records:
-            batch.add(("HSET", self.workers_key, record.field, _progress(record, self.node_id)))
-            record.written = True
+        for chunk in _chunks(records, FIELDS_PER_COMMAND):
+            fields: list[Any] = ["HSET", self.workers_key]
+            for record in chunk:
+                fields += (record.field, _progress(record, self.node_id))
+                record.written = True
+            batch.add(fields)
         acks: dict[str, list[bytes]] = {}
         forget: list[str] = []
         for record in done:
@@ -225,8 +238,8 @@ class AckWriter:
         # and the records of the jobs that ended.
         for backup, raws in acks.items():
             batch.add(ack_command(backup, raws))
-        if forget:
-            batch.add(("HDEL", self.workers_key, *forget))
+        for names in _chunks(forget, FIELDS_PER_COMMAND):
+            batch.add(("HDEL", self.workers_key, *names))
         self._add_counts(batch, now_seconds())
         return batch
 
@@ -273,12 +286,22 @@ class AckWriter:
             batch.add(("INCRBY", self.keys.stat_day(kind, at), count))
 
 
+def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
 def _progress(record: InFlight, host: str) -> bytes:
-    """Exq's in-progress JSON (docs/wire-format.md §8.3); ``payload`` is the job as fetched."""
-    return encode({
-        "host": host,
-        "payload": record.raw.decode("utf-8", "replace"),
-        "pid": record.field,
-        "queue": record.queue,
-        "run_at": record.run_at,
-    })
+    """Exq's in-progress JSON (docs/wire-format.md §8.3); ``payload`` is the job as fetched.
+
+    The same bytes as ``job.encode`` of the dict, put together by hand: one is
+    written for every job that outlives a flush, and ``json.dumps`` of a dict
+    costs several times as much."""
+    try:
+        return (f'{{"host":{_json_str(host)},'
+                f'"payload":{_json_str(record.raw.decode("utf-8", "replace"))},'
+                f'"pid":{_json_str(record.field)},"queue":{_json_str(record.queue)},'
+                f'"run_at":{float(record.run_at)!r}}}').encode()
+    except UnicodeEncodeError:  # a lone surrogate in a name: encode() escapes it
+        return encode({"host": host, "payload": record.raw.decode("utf-8", "replace"),
+                       "pid": record.field, "queue": record.queue, "run_at": record.run_at})

@@ -57,6 +57,30 @@ def test_a_job_outliving_a_flush_gets_an_in_progress_record(
     assert redis_client.llen(flight.backup) == 0
 
 
+def test_thousands_of_records_written_and_forgotten_in_one_batch_each(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    # Given 9000 running jobs (a high concurrency) and a batch size that lets them
+    # all end in one batch: each record is two arguments of HSET and one of HDEL,
+    # beyond what one Lua unpack() takes (8000 values)
+    writer = AckWriter(redis_client, keys, "n1", batch_size=10_000)
+    flights = [in_flight(keys, "n1", i) for i in range(9000)]
+    put_in_backup(redis_client, flights)
+    for flight in flights:
+        writer.job_started(flight)
+    # When a flush records them, and the next acks them all
+    assert writer.flush()
+    assert redis_client.hlen(keys.workers("n1")) == 9000
+    for flight in flights:
+        writer.job_done(finished(flight, "processed"))
+    assert writer.flush()
+    # Then every job is acked and counted and every record is gone
+    assert writer.pending() == 0
+    assert redis_client.llen(keys.backup("n1", "q")) == 0
+    assert redis_client.get(keys.stat("processed")) == b"9000"
+    assert not redis_client.exists(keys.workers("n1"))
+
+
 def test_a_job_ending_within_one_flush_writes_no_record(
     redis_client: redis.Redis, keys: Keys
 ) -> None:
