@@ -12,14 +12,16 @@ run), this drains, in one process and one run:
 
 for each ``--concurrency`` (default 100, 500 and 2000), ``--per-slot`` jobs per slot
 (default 20; N = concurrency x per-slot, at least 2000), enqueued beforehand with
-``enqueue_all`` (not timed). Each row is a new ``Exq`` node (default config, one
-queue at that concurrency, metrics on).
+``enqueue_all`` (not timed); the no-op row drains ``--noop-jobs`` (default 100,000).
+Each row is a new ``Exq`` node (default config, one queue at that concurrency,
+metrics on) in a process of its own, one row after the other, so that a row's
+memory figures are its own (a process keeps the heap an earlier row grew).
 
 Columns: jobs/s from ``Exq.start()`` until ``exq.acks.totals["processed"] == N``
 (the last ack applied in Redis); ``ideal`` = min(concurrency / 10 ms, the no-op
 rate of this run); ``% ideal``; ``RSS`` = ``VmRSS`` right after the drain, and the
-process-wide peak (``ru_maxrss``, never decreasing: later rows include earlier
-peaks); ``CPU µs/job`` = this process's CPU time (all threads) per job.
+row's process's peak (``ru_maxrss``); ``CPU µs/job`` = that process's CPU time
+(all threads) over the drain, per job.
 
 Everything is written under a random namespace whose keys, and only those, are
 deleted at the end; a private server, if one was started, is stopped.
@@ -35,7 +37,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import resource
+import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -139,24 +145,43 @@ def report(rows: list[Row], cap: float) -> None:
     print(f"\nideal = min(concurrency / {WAIT * 1000:.0f} ms, the no-op rate of this run)")
 
 
+JOB_CLASSES = {"noop": "Lat.Noop", "sync": "Lat.Sync", "async": "Lat.Async"}
+
+
+def drain_in_child(url: str, namespace: str, kind: str, concurrency: int, jobs: int) -> Row:
+    """``drain`` in a new process (this script with ``--row``): the row's RSS is its own."""
+    command = [sys.executable, __file__, "--redis-url", url, "--row",
+               json.dumps([namespace, kind, concurrency, jobs])]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return Row(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, action="append", default=None)
     parser.add_argument("--per-slot", type=int, default=20, help="jobs per slot (default 20)")
+    parser.add_argument("--noop-jobs", type=int, default=100_000,
+                        help="jobs of the no-op row (default 100000)")
     parser.add_argument("--quick", action="store_true", help="C=100 and 500 only")
     parser.add_argument("--redis-url", default=None)
+    parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # the child's task
     args = parser.parse_args()
+    if args.row is not None:
+        namespace, kind, concurrency, jobs = json.loads(args.row)
+        row = drain(args.redis_url, namespace, kind, JOB_CLASSES[kind], concurrency, jobs)
+        print(json.dumps(dataclasses.asdict(row)))
+        return
     levels = args.concurrency or ((100, 500) if args.quick else DEFAULT_CONCURRENCY)
     url, server = (args.redis_url, None) if args.redis_url else find_redis()
     namespace = f"lat{uuid.uuid4().hex}"
     client = redis.Redis.from_url(url)
     try:
         print(describe_server(client, url, server is not None))
-        rows = [drain(url, namespace, "noop", "Lat.Noop", 100, 100 * 200)]
+        rows = [drain_in_child(url, namespace, "noop", 100, args.noop_jobs)]
         for concurrency in levels:
             jobs = max(concurrency * args.per_slot, 2000)
-            rows.append(drain(url, namespace, "sync", "Lat.Sync", concurrency, jobs))
-            rows.append(drain(url, namespace, "async", "Lat.Async", concurrency, jobs))
+            for kind in ("sync", "async"):
+                rows.append(drain_in_child(url, namespace, kind, concurrency, jobs))
         report(rows, rows[0].rate)
     finally:
         print(f"clean-up: deleted {delete_namespace(client, namespace)} keys of {namespace}")
