@@ -4,8 +4,9 @@ does worker memory stay flat?
 
 A private ``redis-server`` is started for the run (``exq_fast.embedded.RedisServer``,
 no persistence, 127.0.0.1 only) and stopped at the end; nothing else is touched.
-Two ``exq-fast run`` worker processes (``--queue soak:50`` each, node ids ``soak-1``
-and ``soak-2``, run with ``EXQ_SCHEDULER_ENABLE=false``) consume a worker module that
+Two ``exq-fast run`` worker processes (``--processes``; ``--queue soak:50`` each,
+``--concurrency``; node ids ``soak-1``, ``soak-2``, ..., run with
+``EXQ_SCHEDULER_ENABLE=false``) consume a worker module that
 this script writes into a temporary directory put on their ``PYTHONPATH``. Once both
 are up, N jobs (default 1,000,000; ``--quick`` = 100,000) are enqueued with
 ``enqueue_all`` in batches of 1000 while the workers run. Job ``i`` (its tag) is:
@@ -29,7 +30,9 @@ Printed: a progress line every ~5 s; the totals from Redis and exact checks (pro
 failed == N, ...), each OK or MISMATCH; lost tags (never executed) and duplicates
 (executions - unique tags); throughput overall and per process; the VmRSS of each
 worker process after warm-up (5% done), at 50% and at the end, and its growth from
-middle to end (over 10% is flagged SUSPICIOUS). The workers are then stopped with
+middle to end (over 10% is flagged SUSPICIOUS), with the lowest and highest of the
+samples taken every 5% from warm-up to the end ("spread": flat within +-2 MB when
+under 4 MB). The workers are then stopped with
 SIGTERM and must exit 0. The exit status is non-zero if any check fails.
 
 Run from the project root::
@@ -37,11 +40,13 @@ Run from the project root::
     .venv/bin/python benchmarks/soak.py            # 1,000,000 jobs (a few minutes)
     .venv/bin/python benchmarks/soak.py --quick    # 100,000 jobs
     .venv/bin/python benchmarks/soak.py --jobs 250000
+    .venv/bin/python benchmarks/soak.py --processes 1 --concurrency 100   # one process
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import re
@@ -81,6 +86,7 @@ RECORD_DB = 1
 PROGRESS_SECONDS = 5.0
 POLL_SECONDS = 0.1
 WARMUP_FRACTION = 0.05
+SAMPLE_STEP = 0.05
 GROWTH_LIMIT = 0.10
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
@@ -156,6 +162,8 @@ class Node:
     log: Path
     rss: dict[str, float] = field(default_factory=dict)
     """VmRSS in MB at ``start`` (after warm-up), ``middle`` and ``end``."""
+    samples: list[float] = field(default_factory=list)
+    """VmRSS in MB every ``SAMPLE_STEP`` of the jobs, from warm-up to the end."""
     exit_code: int | None = None
 
 
@@ -175,12 +183,13 @@ def worker_env(module_dir: Path, record_url: str, dead_max_jobs: int) -> dict[st
     return env
 
 
-def start_node(index: int, url: str, work_dir: Path, env: dict[str, str]) -> Node:
+def start_node(index: int, url: str, work_dir: Path, env: dict[str, str],
+               concurrency: int) -> Node:
     """Start worker process ``soak-<index>``, its output going to a log file."""
     node_id = f"soak-{index}"
     log = work_dir / f"{node_id}.log"
     command = [*worker_command(), "run", "--redis-url", url, "--namespace", NAMESPACE,
-               "--queue", f"{QUEUE}:{CONCURRENCY}", "--workers", WORKER_MODULE,
+               "--queue", f"{QUEUE}:{concurrency}", "--workers", WORKER_MODULE,
                "--node-id", node_id]
     with log.open("wb") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -300,11 +309,16 @@ def read_done(client: redis.Redis, keys: Keys) -> int:
 
 
 def sample_rss(nodes: Sequence[Node], done: int, jobs: int) -> None:
-    """Take the ``start`` and ``middle`` RSS samples once their threshold is passed."""
+    """Take the ``start`` and ``middle`` RSS samples once their threshold is passed,
+    and one more sample each ``SAMPLE_STEP`` of the jobs from warm-up on."""
     for label, threshold in (("start", WARMUP_FRACTION * jobs), ("middle", 0.5 * jobs)):
         if done >= threshold:
             for node in nodes:
                 node.rss.setdefault(label, rss_mb(node.process.pid))
+    for node in nodes:
+        due = WARMUP_FRACTION + SAMPLE_STEP * len(node.samples)
+        if done >= due * jobs and due <= 1.0:
+            node.samples.append(rss_mb(node.process.pid))
 
 
 def check_alive(nodes: Sequence[Node], producer: Producer, started: float,
@@ -357,6 +371,7 @@ def watch(client: redis.Redis, nodes: Sequence[Node], producer: Producer, run: R
         time.sleep(POLL_SECONDS)
     for node in nodes:
         node.rss["end"] = rss_mb(node.process.pid)
+        node.samples.append(node.rss["end"])
     print_progress(run.wall, done, run.jobs, (done - last_done) / max(now - last_time, 1e-9),
                    producer.enqueued)
     producer.join(10)
@@ -444,14 +459,14 @@ def node_checks(nodes: Sequence[Node], totals: Totals) -> list[Check]:
 
 
 def print_header(client: redis.Redis, url: str, jobs: int, expected: Counter[str],
-                 dead_max_jobs: int) -> None:
+                 options: argparse.Namespace) -> None:
     """Versions and settings."""
     print(describe_server(client, url, True))
     print(f"Python {platform.python_version()} ({platform.machine()}), exq-fast {__version__}, "
           f"redis-py {redis.__version__}, {os.cpu_count()} CPUs")
-    print(f"{PROCESSES} worker processes (exq-fast run --queue "
-          f"{QUEUE}:{CONCURRENCY}), EXQ_SCHEDULER_ENABLE=false, "
-          f"EXQ_DEAD_MAX_JOBS={dead_max_jobs}")
+    print(f"{options.processes} worker process(es) (exq-fast run --queue "
+          f"{QUEUE}:{options.concurrency}), EXQ_SCHEDULER_ENABLE=false, "
+          f"EXQ_DEAD_MAX_JOBS={options.dead_max_jobs}")
     print(f"{jobs:,} jobs: {expected['ok']:,} no-op, {expected['slow']:,} slow (20-50 ms), "
           f"{expected['dead']:,} failing max_retries=0, {expected['retry']:,} failing "
           f"max_retries=1; enqueue_all batches of {BATCH} while the workers run")
@@ -498,7 +513,7 @@ def print_memory(nodes: Sequence[Node]) -> bool:
     """RSS per process at start, middle and end; True if a growth looks suspicious."""
     print()
     print(f"{'process':<8} {'RSS start':>10} {'RSS middle':>11} {'RSS end':>9} "
-          f"{'end-middle':>11}")
+          f"{'end-middle':>18} {'lowest':>8} {'highest':>8} {'spread':>8}")
     suspicious = False
     for node in nodes:
         start, middle, end = (node.rss.get(k, float("nan")) for k in ("start", "middle", "end"))
@@ -506,11 +521,14 @@ def print_memory(nodes: Sequence[Node]) -> bool:
         flag = ""
         if not growth <= GROWTH_LIMIT:
             flag, suspicious = "  SUSPICIOUS", True
+        low, high = min(node.samples, default=math.nan), max(node.samples, default=math.nan)
         print(f"{node.node_id:<8} {start:>8.1f}MB {middle:>9.1f}MB {end:>7.1f}MB "
-              f"{end - middle:>+8.1f}MB ({growth:+.1%}){flag}")
+              f"{end - middle:>+8.1f}MB ({growth:+.1%}) {low:>6.1f}MB {high:>6.1f}MB "
+              f"{high - low:>6.1f}MB{flag}")
     print(f"RSS = VmRSS of /proc/<pid>/status; start = after warm-up ({WARMUP_FRACTION:.0%} "
           f"done), middle = 50% done, end = all done (before SIGTERM); growth over "
-          f"{GROWTH_LIMIT:.0%} is flagged")
+          f"{GROWTH_LIMIT:.0%} is flagged; lowest / highest / spread: of the "
+          f"{len(nodes[0].samples) if nodes else 0} samples from warm-up to the end")
     return suspicious
 
 
@@ -526,6 +544,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds until all jobs must be accounted for "
                              "(default 120 + 2 ms per job)")
+    parser.add_argument("--processes", type=int, default=PROCESSES,
+                        help=f"worker processes (default {PROCESSES})")
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY,
+                        help=f"concurrency of each worker process (default {CONCURRENCY})")
     parser.add_argument("--dead-max-jobs", type=int, default=None,
                         help="EXQ_DEAD_MAX_JOBS of the workers (default: the number of jobs, "
                              "so that the dead set is never trimmed)")
@@ -534,6 +556,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         options.jobs = QUICK_JOBS if options.quick else DEFAULT_JOBS
     if options.jobs < 1:
         parser.error("--jobs must be at least 1")
+    if options.processes < 1 or options.concurrency < 1:
+        parser.error("--processes and --concurrency must be at least 1")
     if options.timeout is None:
         options.timeout = 120 + 0.002 * options.jobs
     if options.dead_max_jobs is None:
@@ -551,8 +575,9 @@ def soak(server: RedisServer, work_dir: Path, options: argparse.Namespace) -> in
     client, record = redis.Redis.from_url(url), redis.Redis.from_url(record_url)
     nodes: list[Node] = []
     try:
-        print_header(client, url, jobs, expected, options.dead_max_jobs)
-        nodes = [start_node(i + 1, url, work_dir, env) for i in range(PROCESSES)]
+        print_header(client, url, jobs, expected, options)
+        nodes = [start_node(i + 1, url, work_dir, env, options.concurrency)
+                 for i in range(options.processes)]
         wait_ready(nodes)
         run = Run(jobs)
         watch(client, nodes, Producer(url, jobs), run, options.timeout)
