@@ -1,15 +1,16 @@
-"""What the benchmark scripts share: server description and chunking."""
+"""What the benchmark scripts share: server description, chunking, a process's RSS."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import redis
 
 from exq_fast.embedded import delete_namespace
 
-__all__ = ["chunks", "delete_namespace", "describe_server"]
+__all__ = ["chunks", "delete_namespace", "describe_server", "rss_mb"]
 
 
 def chunks(n: int, size: int) -> Iterator[int]:
@@ -25,3 +26,14 @@ def describe_server(client: redis.Redis, url: str, private: bool) -> str:
     version = client.info("server").get("redis_version", "?")
     kind = "private server started for this run" if private else "existing server"
     return f"Redis {version} at {where} ({kind})"
+
+
+def rss_mb(pid: int | str = "self") -> float:
+    """``VmRSS`` of process ``pid`` (default: this one) in MB; NaN if it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return float("nan")

@@ -47,7 +47,7 @@ import uuid
 from dataclasses import dataclass
 
 import redis
-from _common import chunks, delete_namespace, describe_server
+from _common import chunks, delete_namespace, describe_server, rss_mb
 
 from exq_fast import Config, Enqueuer, Exq, Registry
 from exq_fast.embedded import find_redis
@@ -93,16 +93,6 @@ class Row:
         return self.jobs / self.seconds
 
 
-def rss_mb() -> float:
-    """``VmRSS`` of this process in MB (NaN without procfs)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 def peak_mb() -> float:

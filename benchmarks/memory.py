@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
-from _common import delete_namespace, describe_server
+from _common import delete_namespace, describe_server, rss_mb
 
 from exq_fast import Config, Enqueuer
 from exq_fast.embedded import find_redis
@@ -83,15 +83,6 @@ class Result:
         return self.samples[index] if 0 <= index < len(self.samples) else float("nan")
 
 
-def rss_mb(pid: int) -> float:
-    """``VmRSS`` of process ``pid`` in MB (NaN if it cannot be read)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError):
-        pass
-    return float("nan")
 
 
 def start_worker(url: str, namespace: str, concurrency: int, work_dir: Path,

@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from _common import chunks, describe_server
+from _common import chunks, describe_server, rss_mb
 
 from exq_fast import __version__
 from exq_fast.admin import Api
@@ -214,15 +214,6 @@ def wait_ready(nodes: Sequence[Node]) -> None:
         time.sleep(0.05)
 
 
-def rss_mb(pid: int) -> float:
-    """``VmRSS`` of process ``pid`` in MB (NaN if it cannot be read)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError):
-        pass
-    return float("nan")
 
 
 def stop_nodes(nodes: Sequence[Node]) -> None:
