@@ -235,8 +235,8 @@ def _extract(raw: bytes) -> Job | str:
         doc = _parse(raw)
     except UnicodeDecodeError:
         return "payload is not valid UTF-8"
-    except ValueError as exc:
-        return _extract_fallback(raw, exc)
+    except ValueError:  # or a valid document simdjson refuses (a 65-bit integer)
+        return _extract_fallback(raw)
     if not isinstance(doc, simdjson.Object):
         return f"payload is not a JSON object (got {_kind(doc)})"
     data = doc.as_dict()
@@ -244,7 +244,7 @@ def _extract(raw: bytes) -> Job | str:
     return _fields(raw, data)
 
 
-def _extract_fallback(raw: bytes, exc: ValueError) -> Job | str:
+def _extract_fallback(raw: bytes) -> Job | str:
     try:
         # Decode as UTF-8 first: json.loads(bytes) would accept UTF-16/32 too.
         data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
@@ -252,8 +252,9 @@ def _extract_fallback(raw: bytes, exc: ValueError) -> Job | str:
         return "payload is not valid UTF-8"
     except RecursionError:
         return "payload is not valid JSON: nested too deeply"
-    except ValueError:
-        return f"payload is not valid JSON: {str(exc).split(':')[0]}"
+    except ValueError as error:
+        # The stdlib's words say where (simdjson's are internal codes, T_ATOM_ERROR).
+        return f"payload is not valid JSON: {error}"
     if not isinstance(data, dict):
         return f"payload is not a JSON object (got {_kind(data)})"
     return _fields(raw, data)
