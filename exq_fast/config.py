@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 UNLIMITED = None
 """Concurrency value meaning "no limit" (Exq's ``:infinity``)."""
@@ -39,6 +39,72 @@ _RESERVED_NODE_IDS = frozenset(
 )
 """Ids whose node hash ``R(<id>)`` would be one of the namespace's fixed keys."""
 _URL_SCHEMES = frozenset({"redis", "rediss", "unix"})
+SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
+"""Sentinel URL schemes, and whether each uses TLS (to the sentinels and to Redis)."""
+DEFAULT_SENTINEL_PORT = 26379
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelTarget:
+    """A Redis that Sentinel manages: where to ask, which service, and how to log in
+    to the master it names (the sentinels' own credentials are ``Config`` options)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """``redis+sentinel://[user:pass@]host[:port][,host[:port]...]/service[/db]``
+    (``rediss+sentinel://`` for TLS). ``ValueError`` says what is wrong."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in SENTINEL_SCHEMES:
+        raise ValueError("scheme must be redis+sentinel:// or rediss+sentinel://")
+    if "?" in rest or "#" in rest:
+        raise ValueError("no query string or fragment in a sentinel URL")
+    netloc, _, path = rest.partition("/")
+    credentials, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = credentials.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    service, _, db = path.strip("/").partition("/")
+    if not service:
+        raise ValueError("no service name: .../<service>[/<db>]")
+    if db and not db.isdigit():
+        raise ValueError(f"db must be a number, got {db!r}")
+    return SentinelTarget(parse_sentinels(hosts.split(",")), unquote(service),
+                          int(db or 0), username, password, SENTINEL_SCHEMES[scheme])
+
+
+def parse_sentinels(items: Sequence[str]) -> tuple[tuple[str, int], ...]:
+    """``host[:port]`` strings (IPv6 in brackets) as (host, port); port 26379 by default."""
+    found = []
+    for item in items:
+        host, port = item.strip(), DEFAULT_SENTINEL_PORT
+        if host.startswith("["):
+            host, _, tail = host[1:].partition("]")
+            if tail:
+                port = _sentinel_port(item, tail.removeprefix(":"))
+        elif host.count(":") == 1:
+            host, tail = host.split(":")
+            port = _sentinel_port(item, tail)
+        if not host:
+            raise ValueError(f"no host in sentinel {item!r}")
+        found.append((host, port))
+    if not found:
+        raise ValueError("no sentinel")
+    return tuple(found)
+
+
+def _sentinel_port(item: str, text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"bad port in sentinel {item!r}")
+    return int(text)
 
 
 class ConfigError(ValueError):
@@ -147,7 +213,9 @@ def default_node_id() -> str:
 class Config:
     """All options of an exq-fast process or client. See the module docstring."""
 
-    # Redis connection. ``redis_url`` (redis://, rediss://, unix://) overrides the parts.
+    # Redis connection. ``redis_url`` (redis://, rediss://, unix://, or a Sentinel URL:
+    # redis+sentinel://[user:pass@]host:port[,host:port...]/service[/db]) overrides
+    # the parts.
     redis_url: str | None = None
     redis_host: str = "127.0.0.1"
     redis_port: int = 6379
@@ -158,6 +226,13 @@ class Config:
     redis_tls_ca_certs: str | None = None
     redis_tls_verify: bool = True
     redis_timeout: int = 5000
+    # Sentinel without a URL: the sentinels ("host:port", a list or a comma-separated
+    # string) and the service; then redis_db, redis_username, redis_password and
+    # redis_tls are the master's. The sentinels' own credentials, with either form:
+    redis_sentinels: str | Sequence[str] = ()
+    redis_sentinel_service: str | None = None
+    redis_sentinel_username: str | None = None
+    redis_sentinel_password: str | None = None
     # Layout and queues.
     namespace: str = "exq"
     queues: str | Sequence[QueueInput] = ("default",)
@@ -234,6 +309,20 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     @property
+    def sentinel(self) -> SentinelTarget | None:
+        """The Sentinel-managed Redis to connect to, or None for a plain one."""
+        url = self.redis_url
+        if url is not None and url.partition("://")[0] in SENTINEL_SCHEMES:
+            return parse_sentinel_url(url)
+        if not self.redis_sentinels:
+            return None
+        items = self.redis_sentinels
+        hosts = items.split(",") if isinstance(items, str) else list(items)
+        return SentinelTarget(parse_sentinels(hosts), self.redis_sentinel_service or "",
+                              self.redis_db, self.redis_username, self.redis_password,
+                              self.redis_tls)
+
+    @property
     def queue_names(self) -> list[str]:
         """The configured queue names, in order."""
         return [spec.name for spec in self.queue_specs]
@@ -266,6 +355,7 @@ def _validate(config: Config) -> None:
             raise ConfigError(name, value, f"must be at least {minimum}")
     if config.redis_url is not None:
         _validate_url(config.redis_url)
+    _validate_sentinel(config)
     if not config.node_id or config.node_id in _RESERVED_NODE_IDS or "::" in config.node_id:
         raise ConfigError("node_id", config.node_id, "empty, reserved or containing '::'")
     port = config.metrics_port
@@ -283,14 +373,46 @@ def _validate(config: Config) -> None:
         raise ConfigError("namespace", config.namespace, "must not end with ':'")
 
 
+def _validate_sentinel(config: Config) -> None:
+    if config.redis_url is None and config.redis_sentinel_service is not None \
+            and not config.redis_sentinels:
+        raise ConfigError("redis_sentinels", config.redis_sentinels,
+                          "redis_sentinel_service is set: name the sentinels too")
+    if config.redis_sentinels and not config.redis_sentinel_service:
+        raise ConfigError("redis_sentinel_service", config.redis_sentinel_service,
+                          "redis_sentinels are set: name the service they watch")
+    if config.redis_sentinels and config.redis_url is None:
+        try:
+            _ = config.sentinel
+        except ValueError as exc:
+            raise ConfigError("redis_sentinels", config.redis_sentinels, str(exc)) from None
+
+
+def _without_password(url: str) -> str:
+    """``url`` with the password of its credentials masked (for error messages)."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    credentials, at, hosts = netloc.rpartition("@")
+    if at and ":" in credentials:
+        credentials = credentials.split(":", 1)[0] + ":***"
+    return f"{scheme}{sep}{credentials}{at}{hosts}{slash}{path}"
+
+
 def _validate_url(url: str) -> None:
+    if url.partition("://")[0] in SENTINEL_SCHEMES:
+        try:
+            parse_sentinel_url(url)
+        except ValueError as exc:
+            raise ConfigError("redis_url", _without_password(url), str(exc)) from None
+        return
     try:
         parts = urlsplit(url)
         _ = parts.port
     except ValueError as exc:
         raise ConfigError("redis_url", url, str(exc)) from None
     if parts.scheme not in _URL_SCHEMES:
-        raise ConfigError("redis_url", url, "scheme must be redis://, rediss:// or unix://")
+        raise ConfigError("redis_url", url, "scheme must be redis://, rediss://, unix:// "
+                          "or redis+sentinel://")
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigError("redis_url", url, "no host")
 
@@ -380,6 +502,10 @@ _ENV_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "redis_tls_ca_certs": _env_str,
     "redis_tls_verify": _env_bool,
     "redis_timeout": _env_int,
+    "redis_sentinels": _env_str,
+    "redis_sentinel_service": _env_str,
+    "redis_sentinel_username": _env_str,
+    "redis_sentinel_password": _env_str,
     "namespace": _env_str,
     "queues": _env_str,
     "concurrency": parse_concurrency,

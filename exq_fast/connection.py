@@ -1,4 +1,14 @@
-"""Redis connections built from a ``Config``: URL or parts, password, ACL user, TLS."""
+"""Redis connections built from a ``Config``: URL or parts, password, ACL user, TLS,
+or a Sentinel-managed master.
+
+Through Sentinel, every connection asks the sentinels for the current master when
+it connects (redis-py's ``SentinelConnectionPool``). After a failover the old
+master's connections fail (closed, or ``READONLY`` once it is a replica, which
+redis-py turns into a connection error); the failed call reaches exq-fast's own
+retry logic (the fetch backoff and reconciliation, the ack writer's idempotent
+batches) and the next connection goes to the promoted replica. No command is
+re-sent by the client library (see ``connection_kwargs``).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +16,11 @@ import ssl
 from typing import Any
 
 import redis
+import redis.sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .config import Config
+from .config import Config, SentinelTarget
 
 
 def no_retry() -> Retry:
@@ -61,6 +72,9 @@ def connect(config: Config, *, max_connections: int | None = None) -> redis.Redi
     kwargs = connection_kwargs(config)
     if max_connections is not None:
         kwargs["max_connections"] = max_connections
+    target = config.sentinel
+    if target is not None:
+        return _sentinel_master(config, target, kwargs)
     if config.redis_url:
         url = config.redis_url
         if config.redis_tls and url.startswith("redis://"):
@@ -75,6 +89,30 @@ def connect(config: Config, *, max_connections: int | None = None) -> redis.Redi
     return redis.Redis(
         host=config.redis_host, port=config.redis_port, db=config.redis_db, **kwargs
     )
+
+
+def _sentinel_master(config: Config, target: SentinelTarget,
+                     kwargs: dict[str, Any]) -> redis.Redis:
+    """A client of the master that ``target``'s sentinels name, following failovers."""
+    timeout = config.redis_timeout / 1000
+    to_sentinels: dict[str, Any] = {"socket_timeout": timeout,
+                                    "socket_connect_timeout": timeout, "retry": no_retry()}
+    if config.redis_sentinel_username is not None:
+        to_sentinels["username"] = config.redis_sentinel_username
+    if config.redis_sentinel_password is not None:
+        to_sentinels["password"] = config.redis_sentinel_password
+    # The master's credentials and TLS come from the URL, else from the redis_* options.
+    for name in ("username", "password"):
+        kwargs.pop(name, None)
+        if getattr(target, name) is not None:
+            kwargs[name] = getattr(target, name)
+    if target.tls or config.redis_tls:  # rediss+sentinel://, or redis_tls with either form
+        tls = _tls_kwargs(config)
+        kwargs.update(tls, ssl=True)
+        to_sentinels.update(tls, ssl=True)
+    sentinel = redis.sentinel.Sentinel(target.sentinels, sentinel_kwargs=to_sentinels)
+    client: redis.Redis = sentinel.master_for(target.service, db=target.db, **kwargs)
+    return client
 
 
 def text(value: bytes | str) -> str:

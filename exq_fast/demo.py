@@ -18,11 +18,9 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import redis
-
 from .app import Exq
 from .config import Config
-from .connection import text
+from .connection import connect, text
 from .embedded import RedisServer, delete_namespace, find_redis
 from .keys import Keys
 from .registry import Registry
@@ -148,7 +146,7 @@ def _progress(done: int, count: int, elapsed: float, tty: bool) -> None:
 def _empty_namespace(redis_url: str, namespace: str | None) -> str:
     """The demo's namespace: ``namespace`` if it holds no key, else a refusal; by default
     a new random one (never one that holds keys)."""
-    client = redis.Redis.from_url(redis_url)
+    client = connect(Config(redis_url=redis_url))  # a Sentinel URL too
     try:
         for _ in range(10):
             ns = namespace or f"exq-demo-{uuid.uuid4().hex[:6]}"
@@ -165,7 +163,7 @@ def _empty_namespace(redis_url: str, namespace: str | None) -> str:
 
 
 def _cleanup(redis_url: str, namespace: str) -> None:
-    client = redis.Redis.from_url(redis_url)
+    client = connect(Config(redis_url=redis_url))  # a Sentinel URL too
     try:
         delete_namespace(client, namespace)
     finally:

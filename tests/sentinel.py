@@ -1,0 +1,143 @@
+"""A real Sentinel setup on loopback ports: a master, a replica, three sentinels.
+
+The sentinels are ``redis-sentinel`` (Debian's package) when it is on PATH, else
+``redis-server --sentinel`` (the same program in sentinel mode), so the tests run
+wherever ``redis-server`` does. Failover is quick: a master is judged down after
+1 s without answers, by 2 of the 3 sentinels.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from exq_fast.embedded import RedisServer, free_port, server_binary
+
+SERVICE = "exqmaster"
+DOWN_AFTER_MS = 1000
+
+
+class SentinelSetup:
+    """Start with ``start()``, stop everything with ``stop()``."""
+
+    def __init__(self) -> None:
+        self.master = RedisServer()
+        self.replica = RedisServer()
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.dir = Path(tempfile.mkdtemp(prefix="exq-fast-sentinel-"))
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        """``redis+sentinel://`` URL naming the three sentinels and the service."""
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{SERVICE}/0"
+
+    def start(self) -> SentinelSetup:
+        """Master, replica (in sync), sentinels (each aware of the others)."""
+        self.master.start()
+        self.replica.extra_args += ("--replicaof", "127.0.0.1", str(self.master.port))
+        self.replica.start()
+        _wait(lambda: _info(self.replica.port, "replication").get("master_link_status") == "up",
+              "the replica to sync")
+        for port in self.sentinel_ports:
+            self.sentinels.append(self._start_sentinel(port))
+        _wait(self._ready, "the sentinels to see the master, the replica and each other")
+        return self
+
+    def _start_sentinel(self, port: int) -> subprocess.Popen[bytes]:
+        conf = self.dir / f"sentinel-{port}.conf"
+        conf.write_text(
+            f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+            f"sentinel monitor {SERVICE} 127.0.0.1 {self.master.port} 2\n"
+            f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
+            f"sentinel failover-timeout {SERVICE} 4000\n"
+            f"sentinel parallel-syncs {SERVICE} 1\n")
+        binary = shutil.which("redis-sentinel")
+        args = [binary, str(conf)] if binary else [server_binary() or "redis-server", str(conf),
+                                                   "--sentinel"]
+        with (self.dir / f"sentinel-{port}.log").open("wb") as log:
+            return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+
+    def _ready(self) -> bool:
+        for port in self.sentinel_ports:
+            state = _ask(port, lambda client: client.sentinel_master(SERVICE))
+            if not state or state.get("num-slaves", 0) < 1 \
+                    or state.get("num-other-sentinels", 0) < 2:
+                return False
+        return True
+
+    def master_port(self) -> int | None:
+        """The master's port as the first sentinel that answers names it."""
+        for port in self.sentinel_ports:
+            found = _ask(port,
+                         lambda client: client.sentinel_get_master_addr_by_name(SERVICE))
+            if found:
+                return int(found[1])
+        return None
+
+    def kill_master(self) -> None:
+        """SIGKILL the master (a crash); the sentinels promote the replica."""
+        self.master.kill()
+
+    def wait_failover(self, timeout: float = 60.0) -> None:
+        """Until the sentinels name the replica as master and it takes writes."""
+        def promoted() -> bool:
+            if self.master_port() != self.replica.port:
+                return False
+            return _info(self.replica.port, "replication").get("role") == "master"
+        _wait(promoted, "the replica's promotion", timeout)
+
+    def stop(self) -> None:
+        """Stop every process and remove the files."""
+        for process in self.sentinels:
+            process.terminate()
+        for process in self.sentinels:
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+        self.replica.stop()
+        self.master.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _ask(port: int, question: Callable[[redis.Redis], Any]) -> Any:
+    """``question(client)`` of the sentinel on ``port``; None when it does not answer."""
+    client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1,
+                         decode_responses=True)
+    try:
+        return question(client)
+    except (redis.exceptions.RedisError, OSError):
+        return None
+    finally:
+        client.close()
+
+
+def _info(port: int, section: str) -> dict[str, object]:
+    client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1,
+                         decode_responses=True)
+    try:
+        info: dict[str, object] = client.info(section)
+        return info
+    except (redis.exceptions.RedisError, OSError):
+        return {}
+    finally:
+        client.close()
+
+
+def _wait(condition: object, what: str, timeout: float = 30.0) -> None:
+    assert callable(condition)
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.1)
