@@ -42,6 +42,8 @@ _URL_SCHEMES = frozenset({"redis", "rediss", "unix"})
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
 """Sentinel URL schemes, and whether each uses TLS (to the sentinels and to Redis)."""
 DEFAULT_SENTINEL_PORT = 26379
+CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
+"""Redis Cluster URL schemes, and whether each uses TLS."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,12 +68,7 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     if "?" in rest or "#" in rest:
         raise ValueError("no query string or fragment in a sentinel URL")
     netloc, _, path = rest.partition("/")
-    credentials, at, hosts = netloc.rpartition("@")
-    username = password = None
-    if at:
-        user, colon, secret = credentials.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if colon else None
+    username, password, hosts = _credentials(netloc)
     service, _, db = path.strip("/").partition("/")
     if not service:
         raise ValueError("no service name: .../<service>[/<db>]")
@@ -81,11 +78,54 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
                           int(db or 0), username, password, SENTINEL_SCHEMES[scheme])
 
 
-def parse_sentinels(items: Sequence[str]) -> tuple[tuple[str, int], ...]:
+@dataclass(frozen=True, slots=True)
+class ClusterTarget:
+    """A Redis Cluster: some of its nodes (the client discovers the rest) and how to
+    log in to them."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+
+def parse_cluster_url(url: str) -> ClusterTarget:
+    """``redis+cluster://[user:pass@]host:port[,host:port...]`` (``rediss+cluster://``
+    for TLS). ``ValueError`` says what is wrong."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in CLUSTER_SCHEMES:
+        raise ValueError("scheme must be redis+cluster:// or rediss+cluster://")
+    if "?" in rest or "#" in rest or rest.partition("/")[2].strip("/") not in ("", "0"):
+        raise ValueError("a cluster URL has no path (db 0 only), query or fragment")
+    username, password, hosts = _credentials(rest.partition("/")[0])
+    return ClusterTarget(parse_sentinels(hosts.split(","), default_port=6379), username,
+                         password, CLUSTER_SCHEMES[scheme])
+
+
+def hash_tag(key: str) -> str | None:
+    """The part of ``key`` Redis Cluster hashes when it has one: between the first
+    ``{`` and the next ``}``, when not empty."""
+    start = key.find("{")
+    end = key.find("}", start + 1) if start >= 0 else -1
+    return key[start + 1:end] if end > start + 1 else None
+
+
+def _credentials(netloc: str) -> tuple[str | None, str | None, str]:
+    credentials, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = credentials.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    return username, password, hosts
+
+
+def parse_sentinels(items: Sequence[str],
+                    default_port: int = DEFAULT_SENTINEL_PORT) -> tuple[tuple[str, int], ...]:
     """``host[:port]`` strings (IPv6 in brackets) as (host, port); port 26379 by default."""
     found = []
     for item in items:
-        host, port = item.strip(), DEFAULT_SENTINEL_PORT
+        host, port = item.strip(), default_port
         if host.startswith("["):
             host, _, tail = host[1:].partition("]")
             if tail:
@@ -94,16 +134,16 @@ def parse_sentinels(items: Sequence[str]) -> tuple[tuple[str, int], ...]:
             host, tail = host.split(":")
             port = _sentinel_port(item, tail)
         if not host:
-            raise ValueError(f"no host in sentinel {item!r}")
+            raise ValueError(f"no host in {item!r}")
         found.append((host, port))
     if not found:
-        raise ValueError("no sentinel")
+        raise ValueError("no host")
     return tuple(found)
 
 
 def _sentinel_port(item: str, text: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ValueError(f"bad port in sentinel {item!r}")
+        raise ValueError(f"bad port in {item!r}")
     return int(text)
 
 
@@ -213,9 +253,9 @@ def default_node_id() -> str:
 class Config:
     """All options of an exq-fast process or client. See the module docstring."""
 
-    # Redis connection. ``redis_url`` (redis://, rediss://, unix://, or a Sentinel URL:
-    # redis+sentinel://[user:pass@]host:port[,host:port...]/service[/db]) overrides
-    # the parts.
+    # Redis connection. ``redis_url`` (redis://, rediss://, unix://, a Sentinel URL:
+    # redis+sentinel://[user:pass@]host:port[,host:port...]/service[/db], or a Cluster
+    # URL: redis+cluster://[user:pass@]host:port[,host:port...]) overrides the parts.
     redis_url: str | None = None
     redis_host: str = "127.0.0.1"
     redis_port: int = 6379
@@ -323,6 +363,14 @@ class Config:
                               self.redis_tls)
 
     @property
+    def cluster(self) -> ClusterTarget | None:
+        """The Redis Cluster to connect to, or None."""
+        url = self.redis_url
+        if url is not None and url.partition("://")[0] in CLUSTER_SCHEMES:
+            return parse_cluster_url(url)
+        return None
+
+    @property
     def queue_names(self) -> list[str]:
         """The configured queue names, in order."""
         return [spec.name for spec in self.queue_specs]
@@ -356,6 +404,7 @@ def _validate(config: Config) -> None:
     if config.redis_url is not None:
         _validate_url(config.redis_url)
     _validate_sentinel(config)
+    _validate_cluster(config)
     if not config.node_id or config.node_id in _RESERVED_NODE_IDS or "::" in config.node_id:
         raise ConfigError("node_id", config.node_id, "empty, reserved or containing '::'")
     port = config.metrics_port
@@ -398,7 +447,21 @@ def _without_password(url: str) -> str:
     return f"{scheme}{sep}{credentials}{at}{hosts}{slash}{path}"
 
 
+def _validate_cluster(config: Config) -> None:
+    if config.redis_url is None or config.redis_url.partition("://")[0] not in CLUSTER_SCHEMES:
+        return
+    if hash_tag(config.namespace + ":") is None:
+        raise ConfigError("namespace", config.namespace, "a Redis Cluster needs a namespace "
+                          "with a hash tag, e.g. '{exq}', so that all its keys share a slot")
+
+
 def _validate_url(url: str) -> None:
+    if url.partition("://")[0] in CLUSTER_SCHEMES:
+        try:
+            parse_cluster_url(url)
+        except ValueError as exc:
+            raise ConfigError("redis_url", _without_password(url), str(exc)) from None
+        return
     if url.partition("://")[0] in SENTINEL_SCHEMES:
         try:
             parse_sentinel_url(url)
@@ -411,8 +474,8 @@ def _validate_url(url: str) -> None:
     except ValueError as exc:
         raise ConfigError("redis_url", url, str(exc)) from None
     if parts.scheme not in _URL_SCHEMES:
-        raise ConfigError("redis_url", url, "scheme must be redis://, rediss://, unix:// "
-                          "or redis+sentinel://")
+        raise ConfigError("redis_url", url, "scheme must be redis://, rediss://, unix://, "
+                          "redis+sentinel:// or redis+cluster://")
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigError("redis_url", url, "no host")
 

@@ -13,14 +13,15 @@ re-sent by the client library (see ``connection_kwargs``).
 from __future__ import annotations
 
 import ssl
-from typing import Any
+from typing import Any, cast
 
 import redis
+import redis.cluster
 import redis.sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .config import Config, SentinelTarget
+from .config import ClusterTarget, Config, SentinelTarget
 
 
 def no_retry() -> Retry:
@@ -75,6 +76,9 @@ def connect(config: Config, *, max_connections: int | None = None) -> redis.Redi
     target = config.sentinel
     if target is not None:
         return _sentinel_master(config, target, kwargs)
+    cluster = config.cluster
+    if cluster is not None:
+        return _cluster(config, cluster, kwargs)
     if config.redis_url:
         url = config.redis_url
         if config.redis_tls and url.startswith("redis://"):
@@ -113,6 +117,26 @@ def _sentinel_master(config: Config, target: SentinelTarget,
     sentinel = redis.sentinel.Sentinel(target.sentinels, sentinel_kwargs=to_sentinels)
     client: redis.Redis = sentinel.master_for(target.service, db=target.db, **kwargs)
     return client
+
+
+def _cluster(config: Config, target: ClusterTarget, kwargs: dict[str, Any]) -> redis.Redis:
+    """A Redis Cluster client: each command goes to the node serving its slot (a
+    namespace's keys share one slot, see ``Config``'s check), following MOVED and
+    ASK redirections (a redirected command was not run, so following it is no
+    retry); the ``no_retry`` policy applies to everything else."""
+    for name in ("username", "password"):
+        kwargs.pop(name, None)
+        if getattr(target, name) is not None:
+            kwargs[name] = getattr(target, name)
+    if target.tls or config.redis_tls:
+        kwargs.update(_tls_kwargs(config), ssl=True)
+    kwargs.pop("health_check_interval", None)
+    nodes = [redis.cluster.ClusterNode(host, port)  # type: ignore[no-untyped-call]
+             for host, port in target.nodes]
+    client = redis.cluster.RedisCluster(startup_nodes=nodes, **kwargs)
+    # The rest of exq-fast is typed against redis.Redis; RedisCluster offers the same
+    # commands, pipelines (one slot for a transaction) and scripts (routed by KEYS).
+    return cast(redis.Redis, client)
 
 
 def text(value: bytes | str) -> str:

@@ -156,8 +156,10 @@ class NodePinger(BackgroundLoop):
         # Re-registered at every ping: a node a monitor took for dead (cut off
         # from Redis for too long) is known again once it is back -- unless
         # another process claimed its id meanwhile (see ``_lost_id``).
-        pipe.eval(scripts.REFRESH_NODE, 1, self.keys.nodes, self.node_id,
-                  self.identity.to_json())
+        # execute_command, not pipe.eval: a Redis Cluster pipeline has no eval().
+        pipe.execute_command(  # type: ignore[no-untyped-call]
+            "EVAL", scripts.REFRESH_NODE, 1, self.keys.nodes, self.node_id,
+            self.identity.to_json())
         for processes, node_key in self._registries:
             pipe.sadd(processes, self.node_id)
             pipe.hset(node_key(self.node_id), mapping=fields)

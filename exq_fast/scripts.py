@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis
+import redis.cluster
 
 # Take a job's unique lock, shared by the three enqueue scripts: SET key jid PX ms NX
 # when a lock is asked for (a key, and ms a number). Returns the jid holding the
@@ -384,6 +385,10 @@ ALL = (
 
 def load_all(client: redis.Redis) -> None:
     """Register every script with SCRIPT LOAD (once per process start)."""
+    if isinstance(client, redis.cluster.RedisCluster):
+        for script in ALL:  # a cluster client sends each to every master; no pipeline
+            client.script_load(script.source)
+        return
     pipe = client.pipeline(transaction=False)
     for script in ALL:
         pipe.script_load(script.source)

@@ -1,0 +1,85 @@
+"""A real Redis Cluster on loopback ports: three masters, no replicas.
+
+Three ``redis-server --cluster-enabled yes`` processes joined by
+``redis-cli --cluster create``; ``start()`` returns once every node reports
+``cluster_state:ok``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+
+import redis
+
+from exq_fast.embedded import RedisServer, free_port
+
+MASTERS = 3
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is valid and free too."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 < 65536 and _free(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+class ClusterSetup:
+    """Start with ``start()``, stop everything with ``stop()``."""
+
+    def __init__(self) -> None:
+        self.nodes: list[RedisServer] = []
+
+    @property
+    def url(self) -> str:
+        """``redis+cluster://`` URL naming every node."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> ClusterSetup:
+        for _ in range(MASTERS):
+            node = RedisServer(port=_cluster_port(), extra_args=(
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "2000"))
+            self.nodes.append(node.start())
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            self.stop()
+            raise RuntimeError("redis-cli is needed to create a cluster")
+        subprocess.run([cli, "--cluster", "create",
+                        *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=30)
+        deadline = time.monotonic() + 30
+        while not all(self._ok(node.port) for node in self.nodes):
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError("the cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+        return self
+
+    @staticmethod
+    def _ok(port: int) -> bool:
+        client = redis.Redis(port=port, socket_timeout=1, decode_responses=True)
+        try:
+            return "cluster_state:ok" in str(client.execute_command("CLUSTER", "INFO"))
+        except (redis.exceptions.RedisError, OSError):
+            return False
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
