@@ -86,20 +86,6 @@ def current_job() -> Job | None:
     return _current.get()
 
 
-def _leave(deadline: Deadline) -> None:
-    """Close the window in which an exception may be raised into this thread.
-
-    A ``JobTimeout`` or ``NodeStopped`` raised just before may land in here (at
-    any bytecode): it is absorbed and ``leave`` called again, which withdraws
-    nothing more (one is raised per job at most)."""
-    while True:
-        try:
-            deadline.leave()
-            return
-        except INTERRUPTS:
-            continue
-
-
 class WorkerServer:
     """Runs jobs through the worker's core and the middleware chain; shared by all
     executor threads."""
@@ -299,8 +285,19 @@ class WorkerServer:
             result = spec.perform(*job.args)
         except BaseException as exc:  # SystemExit etc. fail the job only
             error = exc
-        # No call between the except and _leave: an interrupt must land inside one.
-        _leave(deadline)
+        # Close the window in which an exception may be raised into this thread. A
+        # JobTimeout or NodeStopped raised just before may land at any bytecode
+        # from here on, up to inside leave(): the loop stands right here, with no
+        # call before its try, because CPython delivers it at a call or a
+        # function's entry -- a helper's own try would not cover its entry. It is
+        # absorbed and leave() called again, which withdraws nothing more (one is
+        # raised per job at most).
+        while True:
+            try:
+                deadline.leave()
+                break
+            except INTERRUPTS:
+                continue
         _current.reset(token)
         if error is None and result is not None and inspect.isawaitable(result):
             if not (deadline.fired or deadline.interrupted):

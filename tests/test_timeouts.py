@@ -27,12 +27,12 @@ from typing import Any, cast
 import pytest
 import redis
 
-from exq_fast import Config, Exq, JobTimeout, current_job
+from exq_fast import Config, Enqueuer, Exq, JobTimeout, current_job
 from exq_fast.config import QueueInput
 from exq_fast.define import worker
 from exq_fast.keys import Keys
 from exq_fast.registry import Registry
-from tests.conftest import fast_node, stat, wait_for, zset_jobs
+from tests.conftest import RunProcesses, fast_node, stat, wait_for, zset_jobs
 
 QUEUE = "tq"
 ConfigFactory = Callable[..., Config]
@@ -215,6 +215,49 @@ def test_many_jobs_ending_at_their_limit_never_leak_the_exception(
         exq.enqueue(QUEUE, "S", [0.0])
         wait_for(lambda: stat(redis_client, keys, "processed")
                  + stat(redis_client, keys, "failed") == 301, what="the node still works")
+
+
+GUARD_CLOSING = """
+import sys
+
+from exq_fast import JobTimeout, worker
+
+
+def inject(frame, event, arg):
+    # The first function the worker calls once the job returned: a JobTimeout
+    # lands at its entry, before any try in it, as an asynchronous one may.
+    if event == "call" and frame.f_back is not None \\
+            and frame.f_back.f_code.co_name == "_perform":
+        sys.settrace(None)
+        print("injected", file=sys.stderr, flush=True)
+        raise JobTimeout(0.02)
+
+
+@worker("Guard.Job", timeout=30)
+def job():
+    sys.settrace(inject)  # this worker thread only, from the job's return on
+"""
+
+
+def test_a_timeout_landing_as_the_guard_closes_is_absorbed_not_an_internal_error(
+    redis_url: str, namespace: str, redis_client: redis.Redis, keys: Keys, tmp_path: Path
+) -> None:
+    processes = RunProcesses(tmp_path, "guardjobs", GUARD_CLOSING)
+    try:
+        processes.start("--redis-url", redis_url, "--namespace", namespace, "--queue", "q:1",
+                        "--workers", "guardjobs")
+        wait_for(lambda: "consuming" in processes.stderr(), 20, "the node's start",
+                 detail=processes.stderr)
+        with Enqueuer(Config(redis_url=redis_url, namespace=namespace)) as enqueuer:
+            enqueuer.enqueue("q", "Guard.Job", [])
+        # Then the job ends like any other (counted, acked), not as an internal error
+        wait_for(lambda: stat(redis_client, keys, "processed")
+                 + stat(redis_client, keys, "failed") == 1, 15, "the job's end",
+                 detail=processes.stderr)
+        assert "injected" in processes.stderr()
+        assert "internal error" not in processes.stderr()
+    finally:
+        processes.close()
 
 
 def test_job_ignoring_its_timeout_keeps_its_slot_and_is_reported(
