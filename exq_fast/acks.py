@@ -79,14 +79,22 @@ class BatchListener(Protocol):
 class _Batch:
     """One batch under construction or awaiting a retry."""
 
-    def __init__(self, batch_id: str) -> None:
+    def __init__(self, batch_id: str, marker: str) -> None:
+        self.keys: list[str] = [marker]  # APPLY_BATCH's KEYS: the marker, then each key
+        self._positions: dict[str, int] = {marker: 1}
         self.args: list[Any] = [batch_id]  # APPLY_BATCH's ARGV: the id, then the commands
         self.counts: dict[StatKind, int] = {"processed": 0, "failed": 0}
         self.done: list[InFlight] = []
 
     def add(self, command: Sequence[Any]) -> None:
-        self.args.append(len(command))
-        self.args.extend(command)
+        """Add ``(name, key, arg...)``: its one key goes to KEYS, its position in ARGV."""
+        key = command[1]
+        position = self._positions.get(key)
+        if position is None:
+            self.keys.append(key)
+            position = self._positions[key] = len(self.keys)
+        self.args += (len(command), command[0], position)
+        self.args.extend(command[2:])
 
 
 class AckWriter:
@@ -186,7 +194,7 @@ class AckWriter:
             return True
         started = time.perf_counter()
         try:
-            skipped = scripts.apply_batch(self.client, [self.marker_key], batch.args)
+            skipped = scripts.apply_batch(self.client, batch.keys, batch.args)
         except Exception as exc:  # any failure: keep the batch, retry
             self._failed(batch, exc)
             return False
@@ -221,7 +229,7 @@ class AckWriter:
         records = self._to_record()
         if not done and not records:
             return None
-        batch = _Batch(next(self._ids))
+        batch = _Batch(next(self._ids), self.marker_key)
         for chunk in _chunks(records, FIELDS_PER_COMMAND):
             fields: list[Any] = ["HSET", self.workers_key]
             for record in chunk:

@@ -23,9 +23,9 @@ P(<node>:workers)               HASH    pid string -> in-progress record (Exq)
 R(heartbeats)                   ZSET    node id scored by last heartbeat
 P(unique:<token>)               STRING  jid holding the unique lock; PX TTL
 P(<node>:stats-batch)           STRING  id of the last stats batch applied (exq-fast)
-P(recoveries:<sha1>)            STRING  times a job was recovered from a backup (exq-fast)
-P(suspects)                     ZSET    digests of recovered jobs, by time (exq-fast)
-P(started:<sha1>)               STRING  a recovered job was seen starting (exq-fast)
+P(recoveries)                   HASH    job sha1 -> times recovered from a backup (exq-fast)
+P(suspects)                     ZSET    sha1 of recovered jobs, by time (exq-fast)
+P(started)                      HASH    sha1 -> time a recovered job was seen starting
 P(poison)                       LIST    jobs recovered too often, on their way to dead
 P(nodes)                        HASH    node id -> process identity JSON (exq-fast)
 P(processes), P(<id>),          Sidekiq's process registry; identical to the
@@ -168,13 +168,15 @@ class Keys:
         """Digests of jobs recovered from backups, scored by time (poison detection)."""
         return self.prefix + "suspects"
 
-    def started(self, digest: str) -> str:
-        """Set just before a recovered job runs again (poison detection)."""
-        return self.prefix + "started:" + digest
+    @property
+    def started(self) -> str:
+        """Hash of the suspects seen starting: digest -> time (exq-fast's)."""
+        return self.prefix + "started"
 
-    def recoveries(self, digest: str) -> str:
-        """How often the job with ``digest`` counted as recovered."""
-        return self.prefix + "recoveries:" + digest
+    @property
+    def recoveries(self) -> str:
+        """Hash of the recovery counts: digest -> times recovered (exq-fast's)."""
+        return self.prefix + "recoveries"
 
     @property
     def poison(self) -> str:

@@ -99,40 +99,20 @@ end
 return 0
 """
 
-# Move one member of a zset to the front of its own queue, only if this call's
-# ZREM removed it (so concurrent movers push each member once); returns 1 or 0.
-_MOVE_MEMBER = """
-local function move(zset, prefix, fallback, member)
-  if redis.call('ZREM', zset, member) == 0 then return 0 end
-  local ok, job = pcall(cjson.decode, member)
-  local queue = fallback
-  if ok and type(job) == 'table' and type(job['queue']) == 'string' then queue = job['queue'] end
-  redis.call('SADD', prefix .. 'queues', queue)
-  redis.call('LPUSH', prefix .. 'queue:' .. queue, member)
-  return 1
-end
-"""
-
-# Exq's paged scheduler move: KEYS [zset], ARGV [page, now, prefix, fallback queue];
-# returns {seen, moved} (the caller pages on seen). A member whose JSON cannot be
-# read is moved to the fallback queue rather than left to block every later page:
-# the worker then sends it to the dead set with its reason (bad input is never
-# dropped and never stops the scheduler).
-SCHEDULER_DEQUEUE = _MOVE_MEMBER + """
-local members = redis.call('ZRANGEBYSCORE', KEYS[1], 0, ARGV[2], 'LIMIT', 0, tonumber(ARGV[1]))
+# Move given members of a zset to the front of their queues: KEYS [zset, queues,
+# then the queue keys], ARGV per member [queue name, position of its queue key in
+# KEYS, member]. A member is moved only if this call's ZREM removed it, so
+# concurrent movers (schedulers, the admin's requeue) push each member once. The
+# caller read each member's queue from its JSON (the fallback queue for one that
+# is not JSON), so every key the script touches is in KEYS. Returns how many moved.
+MOVE_MEMBERS = """
 local moved = 0
-for _, member in ipairs(members) do
-  moved = moved + move(KEYS[1], ARGV[3], ARGV[4], member)
-end
-return {#members, moved}
-"""
-
-# The admin's requeue of given members: KEYS [zset], ARGV [prefix, fallback queue,
-# then the members] (the prefix and the queue name are not keys, so not in KEYS).
-SCHEDULER_DEQUEUE_JOBS = _MOVE_MEMBER + """
-local moved = 0
-for i = 3, #ARGV do
-  moved = moved + move(KEYS[1], ARGV[1], ARGV[2], ARGV[i])
+for i = 1, #ARGV, 3 do
+  if redis.call('ZREM', KEYS[1], ARGV[i + 2]) == 1 then
+    redis.call('SADD', KEYS[2], ARGV[i])
+    redis.call('LPUSH', KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2])
+    moved = moved + 1
+  end
 end
 return moved
 """
@@ -140,23 +120,32 @@ return moved
 # LPOP from KEYS[1], RPUSH to KEYS[2], up to `limit` jobs: the moved jobs keep
 # their order and are popped next (front of the queue).
 #
-# Poison jobs (`max` > 0): each recovery of a job may count against it (a key
-# per job digest, TTL `ttl`); at `max` the job goes to the `poison` list, from
-# which the caller moves it to the dead set with a reason. A job's first
-# recovery always counts (nothing tells whether it had started). It then
-# becomes a suspect (zset `prefix..suspects`): the fetch flags it, the worker
-# marks it started just before running it, and a later recovery counts only
-# if that mark is there -- so jobs that merely waited beside a job that kills
-# its process at once are not buried with it.
-# `move_front(a)` reads its arguments from ARGV[a..a+5]: limit, max, prefix, ttl,
-# poison list, now.
+# Poison jobs (`max` > 0): each recovery of a job may count against it (a field
+# per job digest of the `recoveries` hash); at `max` the job goes to the `poison`
+# list, from which the caller moves it to the dead set with a reason. A job's
+# first recovery always counts (nothing tells whether it had started). It then
+# becomes a suspect (zset `suspects`, digest -> time of its last recovery): the
+# fetch flags it, the worker marks it started (`started` hash) just before
+# running it, and a later recovery counts only if that mark is there -- so jobs
+# that merely waited beside a job that kills its process at once are not buried
+# with it. A suspect not recovered again within `ttl` seconds is forgotten with
+# its mark and its count.
+# `move_front(a, k)` reads limit, max, ttl, now from ARGV[a..a+3] and the keys
+# suspects, started, recoveries, poison from KEYS[k..k+3]: every key it touches
+# is in KEYS.
 _MOVE_FRONT = """
-local function move_front(a)
-  local limit, max, prefix, ttl, poison, now = tonumber(ARGV[a]), tonumber(ARGV[a+1]),
-    ARGV[a+2], tonumber(ARGV[a+3]), ARGV[a+4], tonumber(ARGV[a+5])
+local function move_front(a, k)
+  local limit, max, ttl, now = tonumber(ARGV[a]), tonumber(ARGV[a+1]), tonumber(ARGV[a+2]),
+    tonumber(ARGV[a+3])
+  local suspects, started, recoveries, poison = KEYS[k], KEYS[k+1], KEYS[k+2], KEYS[k+3]
   local moved, poisoned = 0, 0
-  local suspects = prefix .. 'suspects'
-  if max > 0 then redis.call('ZREMRANGEBYSCORE', suspects, '-inf', now - ttl) end
+  if max > 0 then
+    for _, digest in ipairs(redis.call('ZRANGEBYSCORE', suspects, '-inf', now - ttl)) do
+      redis.call('HDEL', started, digest)
+      redis.call('HDEL', recoveries, digest)
+    end
+    redis.call('ZREMRANGEBYSCORE', suspects, '-inf', now - ttl)
+  end
   for i = 1, limit do
     local job = redis.call('LPOP', KEYS[1])
     if not job then break end
@@ -164,10 +153,8 @@ local function move_front(a)
     if max > 0 then
       local digest = redis.sha1hex(job)
       local seen = redis.call('ZSCORE', suspects, digest)
-      if (not seen) or redis.call('DEL', prefix .. 'started:' .. digest) == 1 then
-        local counter = prefix .. 'recoveries:' .. digest
-        bury = redis.call('INCR', counter) >= max
-        redis.call('EXPIRE', counter, ttl)
+      if (not seen) or redis.call('HDEL', started, digest) == 1 then
+        bury = redis.call('HINCRBY', recoveries, digest, 1) >= max
       end
       redis.call('ZADD', suspects, now, digest)
     end
@@ -183,27 +170,29 @@ local function move_front(a)
 end
 """
 
-# KEYS [backup, queue], ARGV [limit, max, prefix, ttl, poison_list, now]
-MLPOP_RPUSH = _MOVE_FRONT + "return move_front(1)"
+# KEYS [backup, queue, suspects, started, recoveries, poison], ARGV [limit, max, ttl, now]
+MLPOP_RPUSH = _MOVE_FRONT + "return move_front(1, 3)"
 
-# KEYS [backup, queue, heartbeats], ARGV [node, expected_score, limit, max, prefix,
-# ttl, poison_list, now]: moves only while the node's heartbeat is expected_score.
+# KEYS [backup, queue, heartbeats, suspects, started, recoveries, poison],
+# ARGV [node, expected_score, limit, max, ttl, now]: moves only while the node's
+# heartbeat is expected_score.
 HEARTBEAT_RE_ENQUEUE_BACKUP = _MOVE_FRONT + """
 local score = redis.call('ZSCORE', KEYS[3], ARGV[1])
 if not score or tonumber(score) ~= tonumber(ARGV[2]) then
   return {0, 0, 0}
 end
-return move_front(3)
+return move_front(3, 4)
 """
 
-# KEYS [backup, queue, nodes], ARGV [node, expected_entry, limit, max, prefix, ttl,
-# poison_list, now]: moves only while the node's registry entry is expected_entry,
-# so a process that claimed the id again (a restart) keeps what it fetches.
+# KEYS [backup, queue, nodes, suspects, started, recoveries, poison],
+# ARGV [node, expected_entry, limit, max, ttl, now]: moves only while the node's
+# registry entry is expected_entry, so a process that claimed the id again (a
+# restart) keeps what it fetches.
 REGISTERED_RE_ENQUEUE_BACKUP = _MOVE_FRONT + """
 if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then
   return {0, 0, 0}
 end
-return move_front(3)
+return move_front(3, 4)
 """
 
 # Claim a node id: KEYS [nodes], ARGV [node, expected ('' = no entry), entry].
@@ -248,9 +237,9 @@ redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[5]) - 1)
 return 1
 """
 
-# exq-fast's batched fetch: KEYS[1] is the suspects zset, then (queue, backup)
-# pairs; ARGV = [prefix, quarantine_at, then the number of jobs to take from
-# each queue]. RPOP with a count takes the oldest first and LPUSH of the batch
+# exq-fast's batched fetch: KEYS are the suspects zset, the recoveries hash, then
+# (queue, backup) pairs; ARGV = [quarantine_at, then the number of jobs to take
+# from each queue]. RPOP with a count takes the oldest first and LPUSH of the batch
 # leaves the backup list as N single RPOPLPUSHes would. Each queue's reply is
 # {jobs, positions of the suspects, positions of the quarantined} (suspects:
 # recovered before; quarantined: their recovery count reached quarantine_at,
@@ -259,21 +248,21 @@ return 1
 FETCH = """
 local out = {}
 local look = redis.call('ZCARD', KEYS[1]) > 0
-local prefix, quarantine_at = ARGV[1], tonumber(ARGV[2])
-for i = 3, #ARGV do
-  local q = i - 2
+local quarantine_at = tonumber(ARGV[1])
+for i = 2, #ARGV do
+  local q = i - 1
   local n = tonumber(ARGV[i])
   local jobs = false
-  if n > 0 then jobs = redis.call('RPOP', KEYS[2*q], n) end
+  if n > 0 then jobs = redis.call('RPOP', KEYS[2*q+1], n) end
   local suspects, quarantined = {}, {}
   if jobs then
-    redis.call('LPUSH', KEYS[2*q+1], unpack(jobs))
+    redis.call('LPUSH', KEYS[2*q+2], unpack(jobs))
     if look then
       for j, job in ipairs(jobs) do
         local digest = redis.sha1hex(job)
         if redis.call('ZSCORE', KEYS[1], digest) then
           table.insert(suspects, j)
-          local count = tonumber(redis.call('GET', prefix .. 'recoveries:' .. digest) or '0')
+          local count = tonumber(redis.call('HGET', KEYS[2], digest) or '0')
           if count >= quarantine_at then table.insert(quarantined, j) end
         end
       end
@@ -290,9 +279,12 @@ return out
 # stat increment of a batch, applied atomically and at most once. KEYS[1] holds
 # the id of the last batch applied for this node: a batch retried after a lost
 # reply is recognised and skipped, so counts converge exactly after an outage.
-# ARGV = [batch_id, n, cmd, arg..., n, cmd, arg..., ...]; the command ACK key raw...
-# (not a Redis command) runs LREM key -1 raw for each raw: the acks of one backup
-# list in one command.
+# KEYS[2..] are every key the commands touch (each command names exactly one, its
+# first argument: a Redis Cluster sees every key the script reaches).
+# ARGV = [batch_id, n, cmd, key index, arg..., n, cmd, key index, arg..., ...]
+# (n counts cmd, the key index and the args); the command ACK key raw... (not a
+# Redis command) runs LREM key -1 raw for each raw: the acks of one backup list
+# in one command.
 # A transient error (OOM at maxmemory, READONLY after a failover, LOADING...)
 # aborts the batch: a job's ack must not land when its retry/dead write did
 # not. What ran before the abort stays applied, and the whole batch is sent
@@ -313,14 +305,14 @@ local function check(reply)
 end
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
-  if ARGV[i + 1] == 'ACK' then
-    local key = ARGV[i + 2]
+  local command, key = ARGV[i + 1], KEYS[tonumber(ARGV[i + 2])]
+  if command == 'ACK' then
     for j = i + 3, i + n do
       local abort = check(redis.pcall('LREM', key, -1, ARGV[j]))
       if abort then return abort end
     end
   else
-    local abort = check(redis.pcall(unpack(ARGV, i + 1, i + n)))
+    local abort = check(redis.pcall(command, key, unpack(ARGV, i + 3, i + n)))
     if abort then return abort end
   end
   i = i + n + 1
@@ -354,8 +346,7 @@ enqueue = Script(ENQUEUE)
 enqueue_at = Script(ENQUEUE_AT)
 enqueue_all = Script(ENQUEUE_ALL)
 compare_and_delete = Script(COMPARE_AND_DELETE)
-scheduler_dequeue = Script(SCHEDULER_DEQUEUE)
-scheduler_dequeue_jobs = Script(SCHEDULER_DEQUEUE_JOBS)
+move_members = Script(MOVE_MEMBERS)
 mlpop_rpush = Script(MLPOP_RPUSH)
 heartbeat_re_enqueue_backup = Script(HEARTBEAT_RE_ENQUEUE_BACKUP)
 registered_re_enqueue_backup = Script(REGISTERED_RE_ENQUEUE_BACKUP)
@@ -370,8 +361,7 @@ ALL = (
     enqueue_at,
     enqueue_all,
     compare_and_delete,
-    scheduler_dequeue,
-    scheduler_dequeue_jobs,
+    move_members,
     mlpop_rpush,
     heartbeat_re_enqueue_backup,
     registered_re_enqueue_backup,

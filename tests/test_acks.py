@@ -109,11 +109,11 @@ def test_a_batch_applied_twice_counts_once(redis_client: redis.Redis, keys: Keys
     writer.job_done(finished(flight, "processed"))
     batch = writer._build()
     assert batch is not None
-    marker = [keys.batch_marker("n1")]
+    assert batch.keys[0] == keys.batch_marker("n1")
     scripts.load_all(redis_client)
-    assert scripts.apply_batch(redis_client, marker, batch.args) == 0
+    assert scripts.apply_batch(redis_client, batch.keys, batch.args) == 0
     # As after a reply lost on the way back: the same batch again.
-    assert scripts.apply_batch(redis_client, marker, batch.args) == -1
+    assert scripts.apply_batch(redis_client, batch.keys, batch.args) == -1
     assert redis_client.get(keys.stat("processed")) == b"1"
 
 

@@ -3,6 +3,7 @@ core of exq-fast runs against a real three-master cluster (``tests/cluster.py``)
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import uuid
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from exq_fast import Config, Conflict, Enqueuer, Exq, Registry
+from exq_fast import Config, Conflict, Enqueuer, Exq, Registry, scripts
 from exq_fast.admin import Api
 from exq_fast.config import ClusterTarget, ConfigError, parse_cluster_url
 from exq_fast.connection import connect
@@ -148,3 +149,22 @@ def test_the_cli_reads_a_cluster(cluster_config: Config) -> None:
         check=False)
     assert done.returncode == 0, done.stderr
     assert "default" in done.stdout and "1" in done.stdout
+
+
+_KEY_ARG = re.compile(r"redis\.p?call\((?:'[A-Z]+'|command),\s*([^,)]+)")
+
+
+def test_every_script_names_every_key_it_touches_in_keys() -> None:
+    # A cluster (or a proxy in front of one) routes a script by its KEYS: a key built
+    # inside the script, or passed in ARGV, is one it cannot see
+    for script in scripts.ALL:
+        source = script.source
+        assert ".." not in source, f"a script builds a string (a key?):\n{source}"
+        for expression in _KEY_ARG.findall(source):
+            name = expression.strip()
+            if name.startswith("KEYS["):
+                continue
+            if name == "key" and "local function held_by(key" in source:
+                continue  # held_by's parameter: called with KEYS entries only
+            assignment = re.search(rf"\b{re.escape(name)}\b[^\n]*=[^\n]*KEYS\[", source)
+            assert assignment, f"{name!r} is not taken from KEYS in:\n{source}"

@@ -631,24 +631,26 @@ def test_a_recovered_job_is_marked_started_while_it_runs_and_cleared_by_its_ack(
     wait_for(lambda: sorted(j for j in runs.snapshot() if j) == sorted(["suspect", fresh]),
              what="both jobs running")
 
-    # Then the recovered job is marked started in Redis (for poison detection), for the
-    # recovery TTL, and is a suspect with one counted recovery; the fresh job has no mark
+    # Then the recovered job is marked started in Redis (for poison detection), at the
+    # time it started, and is a suspect with one counted recovery; the fresh job has no
+    # mark
     assert exq.recovered == {(QUEUE, "startup"): 1}
-    assert redis_client.get(keys.started(digest)) == b"1"
-    assert 0 < redis_client.ttl(keys.started(digest)) <= RECOVERY_TTL
+    marked = redis_client.hget(keys.started, digest)
+    assert marked is not None and abs(float(marked) - time.time()) < RECOVERY_TTL
     assert redis_client.zscore(keys.suspects, digest) is not None
-    assert redis_client.get(keys.recoveries(digest)) == b"1"
+    assert redis_client.hget(keys.recoveries, digest) == b"1"
     fresh_raw = [r for r in cast(list[bytes], redis_client.lrange(
         keys.backup(node_id, QUEUE), 0, -1)) if r != suspect]
     assert len(fresh_raw) == 1
-    assert not redis_client.exists(keys.started(job_digest(fresh_raw[0])))
+    assert not redis_client.hexists(keys.started, job_digest(fresh_raw[0]))
 
     # When they finish and are acked
     gate.set()
     wait_for(lambda: counter(redis_client, keys.stat("processed")) == 2, what="both acked")
 
     # Then the ack cleared the mark, the suspect entry and the recovery count
-    assert not redis_client.exists(keys.started(digest), keys.recoveries(digest))
+    assert not redis_client.hexists(keys.started, digest)
+    assert not redis_client.hexists(keys.recoveries, digest)
     assert redis_client.zscore(keys.suspects, digest) is None
     assert redis_client.llen(keys.backup(node_id, QUEUE)) == 0
 

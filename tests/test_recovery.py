@@ -31,7 +31,7 @@ def crash_with(client: redis.Redis, keys: Keys, node: str, raw: bytes,
     just before running it again)."""
     client.lpush(keys.backup(node, "q"), raw)
     if started:
-        client.set(keys.started(hashlib.sha1(raw).hexdigest()), 1)
+        client.hset(keys.started, hashlib.sha1(raw).hexdigest(), 1)
 
 
 def test_the_third_recovery_sends_the_job_to_dead(
@@ -70,7 +70,7 @@ def test_jobs_that_only_waited_beside_a_crashing_job_are_spared(
         # Then every recovery puts it back in the queue: only one counted
         assert recovery.recover_backup(redis_client, keys, "n1", "q", POLICY) == (1, 0)
         assert redis_client.rpop(keys.queue("q")) == raw
-    assert redis_client.get(keys.recoveries(hashlib.sha1(raw).hexdigest())) == b"1"
+    assert redis_client.hget(keys.recoveries, hashlib.sha1(raw).hexdigest()) == b"1"
 
 
 def test_a_recovered_job_that_completes_is_no_longer_a_suspect(
@@ -86,7 +86,8 @@ def test_a_recovered_job_that_completes_is_no_longer_a_suspect(
         wait_for(lambda: ran and redis_client.zscore(keys.suspects, digest) is None,
                  what="the suspect mark cleared by the ack")
     # Then its marks are gone with its ack: a later crash would count from zero
-    assert not redis_client.exists(keys.started(digest), keys.recoveries(digest))
+    assert not redis_client.hexists(keys.started, digest)
+    assert not redis_client.hexists(keys.recoveries, digest)
 
 
 def test_recoveries_are_counted_per_job_and_never_when_disabled(
@@ -98,7 +99,7 @@ def test_recoveries_are_counted_per_job_and_never_when_disabled(
         crash_with(redis_client, keys, "n1", b'{"class":"W","args":[%d],"jid":"b"}' % n)
         assert recovery.recover_backup(redis_client, keys, "n1", "q", off) == (2, 0)
     assert redis_client.llen(keys.queue("q")) == 10
-    assert not redis_client.keys(keys.prefix + "recoveries:*")
+    assert not redis_client.exists(keys.recoveries)
 
 
 def test_a_dead_nodes_poison_job_is_buried_by_the_monitor(
@@ -176,7 +177,7 @@ def test_quarantined_jobs_run_one_at_a_time_beside_normal_ones(
         raw = json.dumps({"class": "Q", "args": [name], "jid": name, "queue": "q"}).encode()
         digest = hashlib.sha1(raw).hexdigest()
         redis_client.zadd(keys.suspects, {digest: time.time()})
-        redis_client.set(keys.recoveries(digest), 2)
+        redis_client.hset(keys.recoveries, digest, 2)
         redis_client.lpush(keys.queue("q"), raw)
     redis_client.lpush(keys.queue("q"), b'{"class":"Q","args":["n"],"jid":"n","queue":"q"}')
     with Exq(config, workers=Registry({"Q": work})):

@@ -44,8 +44,8 @@ def fetch(client: redis.Redis, keys: Keys, node_id: str, wanted: Sequence[tuple[
     ``n`` is capped at ``scripts.FETCH_BATCH_LIMIT``. Returns each queue's jobs
     in the order of ``wanted``.
     """
-    job_keys: list[str] = [keys.suspects]
-    args: list[str | int] = [keys.prefix, (policy or RecoveryPolicy()).quarantine_at]
+    job_keys: list[str] = [keys.suspects, keys.recoveries]
+    args: list[str | int] = [(policy or RecoveryPolicy()).quarantine_at]
     for queue, count in wanted:
         job_keys += [keys.queue(queue), keys.backup(node_id, queue)]
         args.append(min(count, scripts.FETCH_BATCH_LIMIT))

@@ -44,7 +44,8 @@ RECOVERY_BATCH = 100
 
 
 RECOVERY_TTL = 7 * 24 * 3600
-"""Seconds a job's recovery count and suspect mark are kept."""
+"""Seconds a suspect is remembered (with its started mark and recovery count) after
+its last recovery."""
 
 
 def job_digest(raw: bytes) -> str:
@@ -73,16 +74,21 @@ class RecoveryPolicy:
         """A suspect with this many counted recoveries runs alone: one more crash buries it."""
         return max(self.max_recoveries - 1, 1) if self.max_recoveries else 1 << 30
 
-    def args(self, keys: Keys) -> list[str | int | float]:
-        """The recovery scripts' arguments ``max, prefix, ttl, poison_list, now``."""
-        return [self.max_recoveries, keys.prefix, self.counter_ttl, keys.poison, time.time()]
+    def args(self) -> list[int | float]:
+        """The recovery scripts' arguments after the batch size: ``max, ttl, now``."""
+        return [self.max_recoveries, self.counter_ttl, time.time()]
+
+    @staticmethod
+    def keys(keys: Keys) -> list[str]:
+        """The recovery scripts' last KEYS: ``suspects, started, recoveries, poison``."""
+        return [keys.suspects, keys.started, keys.recoveries, keys.poison]
 
     @staticmethod
     def started_commands(keys: Keys, raw: bytes) -> list[tuple[str, ...]]:
         """What a suspect job's ack clears: it is a suspect no more."""
         digest = job_digest(raw)
-        return [("ZREM", keys.suspects, digest),
-                ("DEL", keys.started(digest), keys.recoveries(digest))]
+        return [("ZREM", keys.suspects, digest), ("HDEL", keys.started, digest),
+                ("HDEL", keys.recoveries, digest)]
 
 
 def recover_backup(client: redis.Redis, keys: Keys, node_id: str, queue: str,
@@ -94,8 +100,8 @@ def recover_backup(client: redis.Redis, keys: Keys, node_id: str, queue: str,
     instead (see ``bury_poison``). Returns ``(moved, poisoned)``.
     """
     return _drain(lambda: scripts.mlpop_rpush(
-        client, [keys.backup(node_id, queue), keys.queue(queue)],
-        [RECOVERY_BATCH, *policy.args(keys)],
+        client, [keys.backup(node_id, queue), keys.queue(queue), *policy.keys(keys)],
+        [RECOVERY_BATCH, *policy.args()],
     ))
 
 
@@ -110,8 +116,9 @@ def recover_dead_node_backup(client: redis.Redis, keys: Keys, dead_node: str, qu
     """
     return _drain(lambda: scripts.heartbeat_re_enqueue_backup(
         client,
-        [keys.backup(dead_node, queue), keys.queue(queue), keys.heartbeats],
-        [dead_node, expected_score, RECOVERY_BATCH, *policy.args(keys)],
+        [keys.backup(dead_node, queue), keys.queue(queue), keys.heartbeats,
+         *policy.keys(keys)],
+        [dead_node, expected_score, RECOVERY_BATCH, *policy.args()],
     ))
 
 
@@ -137,8 +144,8 @@ def recover_registered_backup(client: redis.Redis, keys: Keys, dead_node: str, q
     ``entry`` (a process that claimed the id since keeps its jobs); as ``recover_backup``."""
     return _drain(lambda: scripts.registered_re_enqueue_backup(
         client,
-        [keys.backup(dead_node, queue), keys.queue(queue), keys.nodes],
-        [dead_node, entry, RECOVERY_BATCH, *policy.args(keys)],
+        [keys.backup(dead_node, queue), keys.queue(queue), keys.nodes, *policy.keys(keys)],
+        [dead_node, entry, RECOVERY_BATCH, *policy.args()],
     ))
 
 
@@ -155,7 +162,7 @@ def _drain(move_batch: Callable[[], Sequence[int]]) -> tuple[int, int]:
 def mark_started(client: redis.Redis, keys: Keys, raw: bytes) -> None:
     """Mark a suspect as started, just before it runs (one round trip): if its
     process dies during this run, the next recovery counts against it."""
-    client.set(keys.started(job_digest(raw)), 1, ex=RECOVERY_TTL)
+    client.hset(keys.started, job_digest(raw), repr(time.time()))
 
 
 def settle(client: redis.Redis, keys: Keys, policy: RecoveryPolicy, queue: str,

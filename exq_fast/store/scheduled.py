@@ -1,18 +1,21 @@
 """Scheduled jobs: move the due members of ``schedule`` and ``retry`` into their queues.
 
-Contract: ``move_due`` makes one round trip per page of ``page_size`` members
-(``scheduler_dequeue``), each page atomic, until a page comes back short; a
-member is moved by the one caller whose ZREM removed it, so any number of
-callers may run at once.
+Contract: ``move_due`` reads a page of ``page_size`` due members (ZRANGEBYSCORE),
+reads each one's queue from its JSON, and moves the page in one atomic call
+(``move_members``, which names every key it touches: the zset, ``queues`` and
+each target queue), until a page comes back short; a member is moved by the one
+caller whose ZREM removed it, so any number of callers may run at once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import redis
 
 from .. import scripts
+from ..job import loads
 from ..keys import Keys
 
 
@@ -25,11 +28,11 @@ def move_due(client: redis.Redis, keys: Keys, zset: str, now: float, page_size: 
     """
     moved = 0
     while True:
-        seen, count = scripts.scheduler_dequeue(
-            client, [zset], [page_size, repr(now), keys.prefix, fallback_queue]
-        )
-        moved += int(count)
-        if int(seen) < page_size:
+        members = cast(list[bytes], client.zrangebyscore(zset, 0, repr(now), start=0,
+                                                         num=page_size))
+        if members:
+            moved += move_members(client, keys, zset, members, fallback_queue)
+        if len(members) < page_size:
             return moved
 
 
@@ -39,5 +42,26 @@ def move_members(client: redis.Redis, keys: Keys, zset: str, members: Sequence[b
     (the admin's requeue), in one atomic call. A member another caller removed first
     is not moved; one whose JSON cannot be read goes to ``fallback_queue``. Returns
     how many moved."""
-    return int(scripts.scheduler_dequeue_jobs(client, [zset],
-                                              [keys.prefix, fallback_queue, *members]))
+    names: list[str] = [zset, keys.queues]
+    positions: dict[str, int] = {}
+    args: list[bytes | str | int] = []
+    for member in members:
+        queue = queue_of(member, fallback_queue)
+        position = positions.get(queue)
+        if position is None:
+            names.append(keys.queue(queue))
+            position = positions[queue] = len(names)
+        args += (queue, position, member)
+    return int(scripts.move_members(client, names, args))
+
+
+def queue_of(member: bytes | str, fallback_queue: str) -> str:
+    """The ``queue`` a scheduled job names, or ``fallback_queue`` when it is not a JSON
+    object with a string ``queue`` (the worker then buries it with its reason)."""
+    try:
+        job = loads(member.encode("utf-8", "surrogatepass") if isinstance(member, str)
+                    else member)
+    except (ValueError, RecursionError):
+        return fallback_queue
+    queue = job.get("queue") if isinstance(job, dict) else None
+    return queue if isinstance(queue, str) else fallback_queue
