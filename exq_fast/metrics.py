@@ -45,9 +45,9 @@ from prometheus_client.registry import Collector
 from .config import Config, ConfigError
 from .connection import text
 from .inflight import InFlight
+from .job import loads
 from .keys import Keys
 from .outcome import Status
-from .scripts import Script
 
 logger = logging.getLogger("exq_fast")
 
@@ -288,35 +288,11 @@ def _labelled(family: Any, values: dict[str, int]) -> Metric:
 
 # -- cluster-wide figures (opt-in) ----------------------------------------------------------
 
-CLUSTER = Script("""
-local out = {}
-local queues = redis.call('SMEMBERS', KEYS[1])
-for _, q in ipairs(queues) do
-  local key = ARGV[1] .. 'queue:' .. q
-  local oldest = redis.call('LINDEX', key, -1)
-  local at = false
-  if oldest then
-    local ok, job = pcall(cjson.decode, oldest)
-    if ok and type(job) == 'table' and type(job['enqueued_at']) == 'number' then
-      at = tostring(job['enqueued_at'])
-    end
-  end
-  table.insert(out, {q, redis.call('LLEN', key), at})
-end
-local busy = 0
-local nodes = redis.call('SMEMBERS', KEYS[5])
-for _, node in ipairs(nodes) do
-  local b = redis.call('HGET', ARGV[2] .. node, 'busy')
-  if b then busy = busy + tonumber(b) end
-end
-return {out, redis.call('ZCARD', KEYS[2]), redis.call('ZCARD', KEYS[3]),
-        redis.call('ZCARD', KEYS[4]), redis.call('GET', KEYS[6]) or '0',
-        redis.call('GET', KEYS[7]) or '0', #nodes, busy}
-""")
-
-
 class ClusterCollector(Collector):
-    """Redis-wide queue, set and process figures, read at scrape time in one call."""
+    """Redis-wide queue, set and process figures, read at scrape time in two
+    pipelined round trips: the queue and node names, then their figures. (Not a
+    script: the keys it reads are named by what it finds, and a script must name
+    every key it touches; a scrape needs no atomicity.)"""
 
     def __init__(self, client: redis.Redis, keys: Keys, prefix: str = "exq_",
                  clock: Callable[[], float] = time.time) -> None:
@@ -335,10 +311,27 @@ class ClusterCollector(Collector):
 
     def _read(self) -> list[Any]:
         k = self.keys
-        keys = [k.queues, k.retry, k.schedule, k.dead, k.processes, k.stat("processed"),
-                k.stat("failed")]
-        reply: list[Any] = CLUSTER(self.client, keys, [k.prefix, k.raw_prefix])
-        return reply
+        pipe = self.client.pipeline(transaction=False)
+        pipe.smembers(k.queues)
+        pipe.smembers(k.processes)
+        for key in (k.retry, k.schedule, k.dead):
+            pipe.zcard(key)
+        pipe.get(k.stat("processed"))
+        pipe.get(k.stat("failed"))
+        queues, nodes, retry, scheduled, dead, processed, failed = pipe.execute()
+        names, node_ids = sorted(text(q) for q in queues), sorted(text(n) for n in nodes)
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.llen(k.queue(name))
+            pipe.lindex(k.queue(name), -1)
+        for node_id in node_ids:
+            pipe.hget(k.node(node_id), "busy")
+        figures = pipe.execute() if names or node_ids else []
+        out = [(name, figures[2 * i], _enqueued_at(figures[2 * i + 1]))
+               for i, name in enumerate(names)]
+        busy = sum(_count(b) for b in figures[2 * len(names):])
+        return [out, retry, scheduled, dead, processed or b"0", failed or b"0", len(node_ids),
+                busy]
 
     def _families(self, reply: list[Any]) -> Iterable[Metric]:
         p, now = self.prefix, self.clock()
@@ -360,6 +353,25 @@ class ClusterCollector(Collector):
         yield GaugeMetricFamily(f"{p}failed_jobs", "stat:failed in Redis", value=int(failed))
         yield GaugeMetricFamily(f"{p}processes", "Registered nodes", value=int(nodes))
         yield GaugeMetricFamily(f"{p}busy_workers", "Jobs running, all nodes", value=int(busy))
+
+
+def _enqueued_at(oldest: bytes | None) -> str | None:
+    """The oldest job's ``enqueued_at``, when it is a JSON object with a number there."""
+    if oldest is None:
+        return None
+    try:
+        job = loads(oldest)
+    except (ValueError, RecursionError):
+        return None
+    at = job.get("enqueued_at") if isinstance(job, dict) else None
+    return repr(at) if isinstance(at, int | float) and not isinstance(at, bool) else None
+
+
+def _count(value: bytes | None) -> int:
+    try:
+        return int(value) if value is not None else 0
+    except ValueError:
+        return 0
 
 
 def _seconds(value: bytes | str) -> float:

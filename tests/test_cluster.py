@@ -18,6 +18,7 @@ from exq_fast.config import ClusterTarget, ConfigError, parse_cluster_url
 from exq_fast.connection import connect
 from exq_fast.embedded import delete_namespace
 from exq_fast.keys import Keys
+from exq_fast.metrics import ClusterCollector
 from tests.cluster import ClusterSetup
 from tests.conftest import RunProcesses, wait_for
 
@@ -91,6 +92,10 @@ def test_enqueue_run_retry_dead_schedule_unique_and_stats_on_a_cluster(
     assert api.stats.total("processed") == 24 and api.stats.total("failed") == 2
     assert api.queues.sizes() == {"default": 0, "other": 0}
     client = connect(cluster_config)
+    figures = {family.name: family.samples[0].value
+               for family in ClusterCollector(client, keys).collect() if family.samples}
+    assert (figures["exq_retry_set_size"], figures["exq_dead_set_size"],
+            figures["exq_processed_jobs"], figures["exq_failed_jobs"]) == (1, 1, 24, 2)
     assert not list(client.scan_iter(match=keys.backups_pattern()))
     # And every key of the namespace lives in one slot
     names = list(client.scan_iter(match=keys.all_keys_pattern()))
