@@ -456,15 +456,12 @@ def _validate_cluster(config: Config) -> None:
 
 
 def _validate_url(url: str) -> None:
-    if url.partition("://")[0] in CLUSTER_SCHEMES:
+    scheme = url.partition("://")[0]
+    parse = parse_cluster_url if scheme in CLUSTER_SCHEMES else \
+        parse_sentinel_url if scheme in SENTINEL_SCHEMES else None
+    if parse is not None:
         try:
-            parse_cluster_url(url)
-        except ValueError as exc:
-            raise ConfigError("redis_url", _without_password(url), str(exc)) from None
-        return
-    if url.partition("://")[0] in SENTINEL_SCHEMES:
-        try:
-            parse_sentinel_url(url)
+            parse(url)
         except ValueError as exc:
             raise ConfigError("redis_url", _without_password(url), str(exc)) from None
         return

@@ -55,6 +55,16 @@ def free_port() -> int:
         return port
 
 
+def port_is_free(port: int) -> bool:
+    """Whether a TCP port on 127.0.0.1 can be bound now."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 class RedisServer:
     """A private ``redis-server`` process on 127.0.0.1, with no persistence."""
 

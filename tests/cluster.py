@@ -8,13 +8,12 @@ Three ``redis-server --cluster-enabled yes`` processes joined by
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 
 import redis
 
-from exq_fast.embedded import RedisServer, free_port
+from exq_fast.embedded import RedisServer, free_port, port_is_free
 
 MASTERS = 3
 
@@ -23,18 +22,9 @@ def _cluster_port() -> int:
     """A free port whose cluster bus port (port + 10000) is valid and free too."""
     for _ in range(100):
         port = free_port()
-        if port + 10000 < 65536 and _free(port + 10000):
+        if port + 10000 < 65536 and port_is_free(port + 10000):
             return port
     raise RuntimeError("no free port pair for a cluster node")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 class ClusterSetup:

@@ -24,7 +24,6 @@ import ipaddress
 import json
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -41,7 +40,13 @@ import pytest
 import redis
 
 from exq_fast import Config, Enqueuer, Exq
-from exq_fast.embedded import RedisServer, delete_namespace, free_port, server_binary
+from exq_fast.embedded import (
+    RedisServer,
+    delete_namespace,
+    free_port,
+    port_is_free,
+    server_binary,
+)
 from exq_fast.job import encode, normalize_class
 from exq_fast.keys import Keys
 from exq_fast.registry import Registry
@@ -81,15 +86,6 @@ def fast(**values: Any) -> dict[str, Any]:
 
 def exq_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t is not threading.current_thread()}
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 class Calls:
