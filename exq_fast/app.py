@@ -49,6 +49,7 @@ from prometheus_client import CollectorRegistry
 from . import define, nodes, scripts
 from ._version import __version__
 from .acks import AckWriter
+from .background import REDIS_ERRORS
 from .config import Config
 from .connection import connect
 from .enqueuer import EnqueueOptions, Enqueuer, WorkerRef
@@ -271,7 +272,7 @@ class Exq:
         try:
             return sum(requeue_backup(self.redis, self.keys, node, name)
                        for name in backup_queues(self.redis, self.keys, node))
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             # The jobs stay in the backup list: a restart or a monitor re-runs them.
             logger.warning("could not put the unfinished jobs back at stop: %s", exc)
             return None
@@ -292,7 +293,7 @@ class Exq:
             self.pinger.remove()
             if forget:  # nothing of this node's is left: no monitor needs to know it
                 nodes.forget(self.redis, self.keys, self.config.node_id, self.identity.to_json())
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             # Redis is down: the node hash expires by itself (60 s TTL) and the
             # next start cleans this node's in-progress records.
             logger.warning("could not remove this node's entries at stop: %s", exc)

@@ -27,8 +27,11 @@ RecoveredHook = Callable[[str, str, int], None]
 backup list (reason ``startup``, ``subscribe``, ``heartbeat``) or buried as poison
 (reason ``poison``)."""
 
-REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, OSError)
-"""Exceptions that mean "Redis is unreachable or refused": an outage, not a bug."""
+REDIS_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
+"""Exceptions that mean "Redis is unreachable or refused": an outage, not a bug.
+(redis-py's cluster client raises ``RedisClusterException``s, such as
+``RedisClusterUnreachableError``, that are not ``RedisError``s.)"""
 
 MAX_BACKOFF_FLOOR = 5.0
 """The backoff cap is 10 intervals, but never less than this many seconds."""

@@ -31,7 +31,10 @@ DESCRIPTION = ("Run Exq / Sidekiq compatible workers, enqueue jobs, and inspect 
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL or 127.0.0.1:6379)")
+    parser.add_argument("--redis-url", help="Redis URL: redis://, rediss://, unix://, "
+                        "redis+sentinel://host:port[,...]/service[/db] or "
+                        "redis+cluster://host:port[,...] (default: $REDIS_URL, else "
+                        "EXQ_REDIS_SENTINELS, else 127.0.0.1:6379)")
     parser.add_argument("--namespace", help="key namespace (default: $EXQ_NAMESPACE or 'exq')")
     parser.add_argument("--debug", action="store_true",
                         help="show tracebacks (and log at debug unless --log-level is given)")
@@ -385,9 +388,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except redis.exceptions.AuthenticationError as exc:
         return _fail(args, exc, f"error: Redis refused the credentials at {redis_location(args)} "
                                 f"({exc}) — check the password in --redis-url / REDIS_URL")
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        return _fail(args, exc, f"error: cannot reach Redis at {redis_location(args)}: {exc} "
-                                "— check --redis-url / REDIS_URL")
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+            redis.exceptions.RedisClusterException) as exc:
+        location = redis_location(args)
+        hint = "EXQ_REDIS_SENTINELS / EXQ_REDIS_SENTINEL_SERVICE" \
+            if location.startswith("the master of") else "--redis-url / REDIS_URL"
+        return _fail(args, exc, f"error: cannot reach Redis at {location}: {_reason(exc)} "
+                                f"— check {hint}")
     except redis.exceptions.RedisError as exc:
         return _fail(args, exc, f"error: Redis at {redis_location(args)} answered: {exc}")
     except BrokenPipeError:
@@ -395,6 +402,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _reason(exc: BaseException) -> str:
+    """The error's text without the client object redis-py puts in some (Sentinel's
+    ``No master found for 'x' : <redis.client.Redis(...)> - network:...``)."""
+    text = str(exc)
+    head, sep, tail = text.partition(" : <redis.")
+    if not sep:
+        return text
+    cause = tail.rpartition(">")[2].strip(" -")
+    return f"{head}: {cause}" if cause else head
 
 
 def _fail(args: argparse.Namespace, exc: Exception, message: str, code: int = 2) -> int:

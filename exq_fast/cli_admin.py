@@ -69,6 +69,10 @@ def redis_location(args: argparse.Namespace) -> str:
         config = config_from(args)
     except ValueError:
         return out.mask_url(getattr(args, "redis_url", None) or os.environ.get("REDIS_URL", "?"))
+    if config.redis_url is None and config.sentinel is not None:
+        target = config.sentinel
+        hosts = ",".join(f"{host}:{port}" for host, port in target.sentinels)
+        return f"the master of {target.service!r} (sentinels {hosts})"
     url = config.redis_url or f"redis://{config.redis_host}:{config.redis_port}/{config.redis_db}"
     return out.mask_url(url)
 

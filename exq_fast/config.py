@@ -350,17 +350,17 @@ class Config:
 
     @property
     def sentinel(self) -> SentinelTarget | None:
-        """The Sentinel-managed Redis to connect to, or None for a plain one."""
+        """The Sentinel-managed Redis to connect to, or None. A ``redis_url`` wins over
+        the ``redis_sentinels`` options, as it does over the host and port."""
         url = self.redis_url
-        if url is not None and url.partition("://")[0] in SENTINEL_SCHEMES:
-            return parse_sentinel_url(url)
+        if url is not None:
+            return parse_sentinel_url(url) if url.partition("://")[0] in SENTINEL_SCHEMES \
+                else None
         if not self.redis_sentinels:
             return None
-        items = self.redis_sentinels
-        hosts = items.split(",") if isinstance(items, str) else list(items)
-        return SentinelTarget(parse_sentinels(hosts), self.redis_sentinel_service or "",
-                              self.redis_db, self.redis_username, self.redis_password,
-                              self.redis_tls)
+        return SentinelTarget(parse_sentinels(_sentinel_list(self.redis_sentinels)),
+                              self.redis_sentinel_service or "", self.redis_db,
+                              self.redis_username, self.redis_password, self.redis_tls)
 
     @property
     def cluster(self) -> ClusterTarget | None:
@@ -430,11 +430,26 @@ def _validate_sentinel(config: Config) -> None:
     if config.redis_sentinels and not config.redis_sentinel_service:
         raise ConfigError("redis_sentinel_service", config.redis_sentinel_service,
                           "redis_sentinels are set: name the service they watch")
-    if config.redis_sentinels and config.redis_url is None:
+    if config.redis_sentinels:  # checked even when a redis_url overrides them
         try:
-            _ = config.sentinel
-        except ValueError as exc:
+            parse_sentinels(_sentinel_list(config.redis_sentinels))
+        except (ValueError, TypeError) as exc:
             raise ConfigError("redis_sentinels", config.redis_sentinels, str(exc)) from None
+
+
+def _sentinel_list(items: object) -> list[str]:
+    """``redis_sentinels`` as "host:port" strings: a comma-separated string or a list
+    (of strings, or of (host, port) pairs)."""
+    if isinstance(items, str):
+        return items.split(",")
+    if not isinstance(items, list | tuple):
+        raise TypeError(f"expected 'host:port,...' or a list, got {type(items).__name__}")
+    return [f"{item[0]}:{item[1]}" if isinstance(item, list | tuple) and len(item) == 2
+            else item if isinstance(item, str) else _not_a_host(item) for item in items]
+
+
+def _not_a_host(item: object) -> str:
+    raise TypeError(f"not a sentinel 'host:port': {item!r}")
 
 
 def _without_password(url: str) -> str:

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 
 import redis
 
-from .background import ErrorHook, RecoveredHook
+from .background import REDIS_ERRORS, ErrorHook, RecoveredHook
 from .config import Config
 from .inflight import Dispatch, InFlight, InFlightJobs, Quarantine
 from .keys import Keys
@@ -320,7 +320,7 @@ class Fetcher:
                 return 0.0  # the orphans took slots: decide again before fetching
             replies = fetch(self.client, self.keys, self.config.node_id, wanted,
                             self.policy)
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             # The script may have run and only its reply been lost.
             self._unsure.update(name for name, _ in wanted)
             self._fetch_failed(exc)

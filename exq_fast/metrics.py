@@ -42,6 +42,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from .background import REDIS_ERRORS
 from .config import Config, ConfigError
 from .connection import text
 from .inflight import InFlight
@@ -304,7 +305,7 @@ class ClusterCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         try:
             reply = self._read()
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             logger.warning("cluster metrics: %s", exc)
             return
         yield from self._families(reply)

@@ -47,9 +47,8 @@ import time
 from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol
 
-import redis
-
 from .aio import EventLoop, Handoff, await_any
+from .background import REDIS_ERRORS
 from .inflight import InFlight, JobHook, Pool
 from .job import InvalidJob, Job, decode, now_seconds
 from .middleware import Middleware, Pipeline, Services
@@ -173,7 +172,7 @@ class WorkerServer:
     def _mark_started(self, raw: bytes) -> None:
         try:
             mark_started(self.services.redis, self.services.keys, raw)
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             # Only poison detection loses a count (a crash now is not blamed on
             # this job): the job itself runs. Logged once per outage, not per job.
             with self._marks_lock:

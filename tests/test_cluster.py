@@ -3,6 +3,7 @@ core of exq-fast runs against a real three-master cluster (``tests/cluster.py``)
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from exq_fast import Config, Conflict, Enqueuer, Exq, Registry, scripts
 from exq_fast.admin import Api
 from exq_fast.config import ClusterTarget, ConfigError, parse_cluster_url
 from exq_fast.connection import connect
-from exq_fast.embedded import delete_namespace
+from exq_fast.embedded import delete_namespace, free_port
 from exq_fast.keys import Keys
 from exq_fast.metrics import ClusterCollector
 from tests.cluster import ClusterSetup
@@ -173,3 +174,22 @@ def test_every_script_names_every_key_it_touches_in_keys() -> None:
                 continue  # held_by's parameter: called with KEYS entries only
             assignment = re.search(rf"\b{re.escape(name)}\b[^\n]*=[^\n]*KEYS\[", source)
             assert assignment, f"{name!r} is not taken from KEYS in:\n{source}"
+
+
+def test_an_unreachable_cluster_or_sentinel_is_one_line_naming_where(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXQ_") and k != "REDIS_URL"}
+    port = free_port()
+    cases = [
+        (["--redis-url", f"redis+cluster://127.0.0.1:{port}", "--namespace", "{x}"], {},
+         f"redis+cluster://127.0.0.1:{port}", "--redis-url"),
+        ([], {"EXQ_REDIS_SENTINELS": f"127.0.0.1:{port}", "EXQ_REDIS_SENTINEL_SERVICE": "m"},
+         f"the master of 'm' (sentinels 127.0.0.1:{port})", "EXQ_REDIS_SENTINELS"),
+    ]
+    for flags, extra, where, hint in cases:
+        done = subprocess.run([sys.executable, "-m", "exq_fast", "stats", *flags],
+                              env={**env, **extra}, capture_output=True, text=True, timeout=30,
+                              check=False, cwd=tmp_path)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, done.stderr
+        assert lines[0].startswith(f"error: cannot reach Redis at {where}: "), lines[0]
+        assert hint in lines[0] and "<redis." not in lines[0]

@@ -47,6 +47,14 @@ def test_a_sentinel_url_names_sentinels_service_db_and_the_masters_credentials()
                            "EXQ_REDIS_PASSWORD": "pw"})
     assert env.sentinel == SentinelTarget((("s1", 1), ("s2", 2)), "main", 2, None, "pw")
     assert Config().sentinel is None
+    # (host, port) pairs are taken too; a redis_url wins over the options (as over host
+    # and port), whose values are still checked
+    assert Config(redis_sentinels=[("s1", 1)], redis_sentinel_service="m").sentinel == \
+        SentinelTarget((("s1", 1),), "m")
+    assert Config.from_env({"EXQ_REDIS_SENTINELS": "s1:1", "EXQ_REDIS_SENTINEL_SERVICE": "m"},
+                           redis_url="redis://127.0.0.1:6379/0").sentinel is None
+    with pytest.raises(ConfigError, match="bad port"):
+        Config(redis_url="redis://h:1/0", redis_sentinels="s1:x", redis_sentinel_service="m")
 
 
 @pytest.mark.parametrize(("options", "option", "why"), [
