@@ -39,6 +39,14 @@ class ClusterSetup:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def start(self) -> ClusterSetup:
+        """Start the nodes and join them; on any failure, stop what was started."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> ClusterSetup:
         for _ in range(MASTERS):
             node = RedisServer(port=_cluster_port(), extra_args=(
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
@@ -46,7 +54,6 @@ class ClusterSetup:
             self.nodes.append(node.start())
         cli = shutil.which("redis-cli")
         if cli is None:
-            self.stop()
             raise RuntimeError("redis-cli is needed to create a cluster")
         subprocess.run([cli, "--cluster", "create",
                         *(f"127.0.0.1:{n.port}" for n in self.nodes),
@@ -55,7 +62,6 @@ class ClusterSetup:
         deadline = time.monotonic() + 30
         while not all(self._ok(node.port) for node in self.nodes):
             if time.monotonic() > deadline:
-                self.stop()
                 raise TimeoutError("the cluster did not reach cluster_state:ok")
             time.sleep(0.1)
         return self

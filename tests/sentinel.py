@@ -41,7 +41,15 @@ class SentinelSetup:
         return f"redis+sentinel://{hosts}/{SERVICE}/0"
 
     def start(self) -> SentinelSetup:
-        """Master, replica (in sync), sentinels (each aware of the others)."""
+        """Master, replica (in sync), sentinels (each aware of the others); on any
+        failure, stop what was started."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> SentinelSetup:
         self.master.start()
         self.replica.extra_args += ("--replicaof", "127.0.0.1", str(self.master.port))
         self.replica.start()
