@@ -27,9 +27,15 @@ DOWN_AFTER_MS = 1000
 class SentinelSetup:
     """Start with ``start()``, stop everything with ``stop()``."""
 
-    def __init__(self) -> None:
-        self.master = RedisServer()
-        self.replica = RedisServer()
+    def __init__(self, password: str | None = None,
+                 sentinel_password: str | None = None) -> None:
+        """``password``: the master's and replica's; ``sentinel_password``: the
+        sentinels' own (each then uses it with the others)."""
+        auth = ("--requirepass", password, "--masterauth", password) if password else ()
+        self.password = password
+        self.sentinel_password = sentinel_password
+        self.master = RedisServer(extra_args=auth)
+        self.replica = RedisServer(extra_args=auth)
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.dir = Path(tempfile.mkdtemp(prefix="exq-fast-sentinel-"))
         self.sentinels: list[subprocess.Popen[bytes]] = []
@@ -53,8 +59,8 @@ class SentinelSetup:
         self.master.start()
         self.replica.extra_args += ("--replicaof", "127.0.0.1", str(self.master.port))
         self.replica.start()
-        _wait(lambda: _info(self.replica.port, "replication").get("master_link_status") == "up",
-              "the replica to sync")
+        _wait(lambda: _info(self.replica.port, "replication", self.password)
+              .get("master_link_status") == "up", "the replica to sync")
         for port in self.sentinel_ports:
             self.sentinels.append(self._start_sentinel(port))
         _wait(self._ready, "the sentinels to see the master, the replica and each other")
@@ -62,12 +68,17 @@ class SentinelSetup:
 
     def _start_sentinel(self, port: int) -> subprocess.Popen[bytes]:
         conf = self.dir / f"sentinel-{port}.conf"
-        conf.write_text(
-            f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
-            f"sentinel monitor {SERVICE} 127.0.0.1 {self.master.port} 2\n"
-            f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
-            f"sentinel failover-timeout {SERVICE} 4000\n"
-            f"sentinel parallel-syncs {SERVICE} 1\n")
+        lines = [f"port {port}", "bind 127.0.0.1", f"dir {self.dir}",
+                 f"sentinel monitor {SERVICE} 127.0.0.1 {self.master.port} 2",
+                 f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}",
+                 f"sentinel failover-timeout {SERVICE} 4000",
+                 f"sentinel parallel-syncs {SERVICE} 1"]
+        if self.password:
+            lines.append(f"sentinel auth-pass {SERVICE} {self.password}")
+        if self.sentinel_password:
+            lines += [f"requirepass {self.sentinel_password}",
+                      f"sentinel sentinel-pass {self.sentinel_password}"]
+        conf.write_text("\n".join(lines) + "\n")
         binary = shutil.which("redis-sentinel")
         args = [binary, str(conf)] if binary else [server_binary() or "redis-server", str(conf),
                                                    "--sentinel"]
@@ -76,7 +87,8 @@ class SentinelSetup:
 
     def _ready(self) -> bool:
         for port in self.sentinel_ports:
-            state = _ask(port, lambda client: client.sentinel_master(SERVICE))
+            state = _ask(port, lambda client: client.sentinel_master(SERVICE),
+                         self.sentinel_password)
             if not state or state.get("num-slaves", 0) < 1 \
                     or state.get("num-other-sentinels", 0) < 2:
                 return False
@@ -86,7 +98,8 @@ class SentinelSetup:
         """The master's port as the first sentinel that answers names it."""
         for port in self.sentinel_ports:
             found = _ask(port,
-                         lambda client: client.sentinel_get_master_addr_by_name(SERVICE))
+                         lambda client: client.sentinel_get_master_addr_by_name(SERVICE),
+                         self.sentinel_password)
             if found:
                 return int(found[1])
         return None
@@ -100,7 +113,7 @@ class SentinelSetup:
         def promoted() -> bool:
             if self.master_port() != self.replica.port:
                 return False
-            return _info(self.replica.port, "replication").get("role") == "master"
+            return _info(self.replica.port, "replication", self.password).get("role") == "master"
         _wait(promoted, "the replica's promotion", timeout)
 
     def stop(self) -> None:
@@ -118,10 +131,11 @@ class SentinelSetup:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _ask(port: int, question: Callable[[redis.Redis], Any]) -> Any:
+def _ask(port: int, question: Callable[[redis.Redis], Any],
+         password: str | None = None) -> Any:
     """``question(client)`` of the sentinel on ``port``; None when it does not answer."""
     client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1,
-                         decode_responses=True)
+                         decode_responses=True, password=password)
     try:
         return question(client)
     except (redis.exceptions.RedisError, OSError):
@@ -130,9 +144,9 @@ def _ask(port: int, question: Callable[[redis.Redis], Any]) -> Any:
         client.close()
 
 
-def _info(port: int, section: str) -> dict[str, object]:
+def _info(port: int, section: str, password: str | None = None) -> dict[str, object]:
     client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1,
-                         decode_responses=True)
+                         decode_responses=True, password=password)
     try:
         info: dict[str, object] = client.info(section)
         return info

@@ -149,12 +149,21 @@ def test_a_killed_nodes_jobs_are_recovered_by_another_on_a_cluster(
 def test_the_cli_reads_a_cluster(cluster_config: Config) -> None:
     with Enqueuer(cluster_config) as enqueuer:
         enqueuer.enqueue("default", "C.Job", ["x"])
-    done = subprocess.run(
-        [sys.executable, "-m", "exq_fast", "queues", "--redis-url", cluster_config.redis_url or "",
-         "--namespace", cluster_config.namespace], capture_output=True, text=True, timeout=30,
-        check=False)
-    assert done.returncode == 0, done.stderr
-    assert "default" in done.stdout and "1" in done.stdout
+        enqueuer.enqueue_in("default", 3600, "C.Job", ["later"])
+
+    def cli(*verb: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "exq_fast", *verb, "--redis-url",
+             cluster_config.redis_url or "", "--namespace", cluster_config.namespace],
+            capture_output=True, text=True, timeout=30, check=False)
+        assert done.returncode == 0, (verb, done.stderr)
+        return done.stdout
+
+    assert "default" in cli("queues") and "1" in cli("queues")
+    assert "C.Job" in cli("scheduled")
+    for verb in (("stats",), ("retries",), ("dead",), ("processes",), ("backups",)):
+        cli(*verb)
+    assert "C.Job" in cli("jobs", "default")
 
 
 _KEY_ARG = re.compile(r"redis\.p?call\((?:'[A-Z]+'|command),\s*([^,)]+)")

@@ -25,7 +25,7 @@ from exq_fast.connection import connect
 from exq_fast.embedded import delete_namespace
 from exq_fast.keys import Keys
 from tests.conftest import RunProcesses, wait_for
-from tests.sentinel import SentinelSetup
+from tests.sentinel import SERVICE, SentinelSetup
 
 
 @pytest.fixture
@@ -100,6 +100,32 @@ def test_every_client_follows_the_master_the_sentinels_name(
     assert int(master.get(Keys(namespace).stat("processed")) or 0) == 20
     client.close()
     master.close()
+
+
+def test_the_masters_and_the_sentinels_passwords_are_each_used_where_they_belong() -> None:
+    # Given a master and replica with a password, and sentinels with one of their own
+    setup = SentinelSetup(password="master-pw", sentinel_password="sentinel-pw").start()
+    namespace = "s" + uuid.uuid4().hex[:10]
+    hosts = ",".join(f"127.0.0.1:{port}" for port in setup.sentinel_ports)
+    url = f"redis+sentinel://:master-pw@{hosts}/{SERVICE}/0"
+    try:
+        # When a client names both (the master's in the URL, the sentinels' as an option)
+        config = Config(redis_url=url, namespace=namespace,
+                        redis_sentinel_password="sentinel-pw")
+        with Enqueuer(config) as enqueuer:
+            enqueuer.enqueue("default", "S.Job", [1])
+        # Then it reaches the master through the sentinels
+        with Api(config) as api:
+            assert api.queues.queue("default").size() == 1
+        # And a wrong or missing sentinel password finds no master (no password shown)
+        for wrong in ("nope", None):
+            bad = Config(redis_url=url, namespace=namespace, redis_sentinel_password=wrong)
+            with pytest.raises(redis.exceptions.ConnectionError) as raised, \
+                    Enqueuer(bad) as enqueuer:
+                enqueuer.enqueue("default", "S.Job", [2])
+            assert "master-pw" not in str(raised.value)
+    finally:
+        setup.stop()
 
 
 RECORDER = '''\
