@@ -14,8 +14,8 @@ import redis
 
 from . import __version__, cli_admin
 from .cli_admin import CliError, UsageError, config_from, redis_location
-from .cli_output import one_line, scrub
-from .config import ConfigError
+from .cli_output import one_line
+from .config import ConfigError, scrub
 from .demo import run_demo
 from .enqueuer import Enqueuer, to_timestamp
 from .logs import FORMATS, LEVELS, setup_logging

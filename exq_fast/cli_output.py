@@ -9,13 +9,13 @@ zset scores as the exact float stored).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from .admin import Entry, NodeInfo, ProcessInfo, Stats
+from .config import scrub
 from .nodes import Backup
 from .retry import decode_backtrace
 
@@ -26,10 +26,6 @@ MESSAGE_WIDTH = 50
 BACKTRACE_INDENT = "    "
 """What a backtrace line is indented by under its job's row (``--backtrace``)."""
 ELLIPSIS = "…"
-MASK = "***"
-
-_URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)\S*@", re.IGNORECASE)
-_PASSWORD_PARAM = re.compile(r"(\bpassword=)[^&\s'\"]*", re.IGNORECASE)
 
 
 # -- text ------------------------------------------------------------------------------
@@ -72,11 +68,6 @@ def mask_url(url: str) -> str:
     """``url`` with any password (``user:PASSWORD@`` or ``?password=``) replaced by ***,
     the rest of the text as given."""
     return scrub(url)
-
-
-def scrub(text: str) -> str:
-    """``text`` with the password of every URL in it masked (for error messages)."""
-    return _PASSWORD_PARAM.sub(rf"\g<1>{MASK}", _URL_CREDENTIALS.sub(rf"\g<1>{MASK}@", text))
 
 
 def one_line(text: str) -> str:

@@ -22,6 +22,7 @@ import difflib
 import logging
 import math
 import os
+import re
 import secrets
 import socket
 import threading
@@ -452,14 +453,14 @@ def _not_a_host(item: object) -> str:
     raise TypeError(f"not a sentinel 'host:port': {item!r}")
 
 
-def _without_password(url: str) -> str:
-    """``url`` with the password of its credentials masked (for error messages)."""
-    scheme, sep, rest = url.partition("://")
-    netloc, slash, path = rest.partition("/")
-    credentials, at, hosts = netloc.rpartition("@")
-    if at and ":" in credentials:
-        credentials = credentials.split(":", 1)[0] + ":***"
-    return f"{scheme}{sep}{credentials}{at}{hosts}{slash}{path}"
+MASK = "***"
+_URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)\S*@", re.IGNORECASE)
+_PASSWORD_PARAM = re.compile(r"(\bpassword=)[^&\s'\"]*", re.IGNORECASE)
+
+
+def scrub(text: str) -> str:
+    """``text`` with the password of every URL in it masked (for error messages)."""
+    return _PASSWORD_PARAM.sub(rf"\g<1>{MASK}", _URL_CREDENTIALS.sub(rf"\g<1>{MASK}@", text))
 
 
 def _validate_cluster(config: Config) -> None:
@@ -478,7 +479,7 @@ def _validate_url(url: str) -> None:
         try:
             parse(url)
         except ValueError as exc:
-            raise ConfigError("redis_url", _without_password(url), str(exc)) from None
+            raise ConfigError("redis_url", scrub(url), str(exc)) from None
         return
     try:
         parts = urlsplit(url)
