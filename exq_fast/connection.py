@@ -95,6 +95,21 @@ def connect(config: Config, *, max_connections: int | None = None) -> redis.Redi
     )
 
 
+def _login(config: Config, target: SentinelTarget | ClusterTarget,
+           kwargs: dict[str, Any]) -> bool:
+    """Set the Redis credentials and TLS of ``kwargs`` from ``target`` (its URL, or the
+    redis_* options a ``SentinelTarget`` was built from); True when TLS is on
+    (a ``rediss+`` scheme, or ``redis_tls`` with either form)."""
+    for name in ("username", "password"):
+        kwargs.pop(name, None)
+        if getattr(target, name) is not None:
+            kwargs[name] = getattr(target, name)
+    tls = target.tls or config.redis_tls
+    if tls:
+        kwargs.update(_tls_kwargs(config), ssl=True)
+    return tls
+
+
 def _sentinel_master(config: Config, target: SentinelTarget,
                      kwargs: dict[str, Any]) -> redis.Redis:
     """A client of the master that ``target``'s sentinels name, following failovers."""
@@ -105,15 +120,8 @@ def _sentinel_master(config: Config, target: SentinelTarget,
         to_sentinels["username"] = config.redis_sentinel_username
     if config.redis_sentinel_password is not None:
         to_sentinels["password"] = config.redis_sentinel_password
-    # The master's credentials and TLS come from the URL, else from the redis_* options.
-    for name in ("username", "password"):
-        kwargs.pop(name, None)
-        if getattr(target, name) is not None:
-            kwargs[name] = getattr(target, name)
-    if target.tls or config.redis_tls:  # rediss+sentinel://, or redis_tls with either form
-        tls = _tls_kwargs(config)
-        kwargs.update(tls, ssl=True)
-        to_sentinels.update(tls, ssl=True)
+    if _login(config, target, kwargs):
+        to_sentinels.update(_tls_kwargs(config), ssl=True)
     sentinel = redis.sentinel.Sentinel(target.sentinels, sentinel_kwargs=to_sentinels)
     client: redis.Redis = sentinel.master_for(target.service, db=target.db, **kwargs)
     return client
@@ -124,12 +132,7 @@ def _cluster(config: Config, target: ClusterTarget, kwargs: dict[str, Any]) -> r
     namespace's keys share one slot, see ``Config``'s check), following MOVED and
     ASK redirections (a redirected command was not run, so following it is no
     retry); the ``no_retry`` policy applies to everything else."""
-    for name in ("username", "password"):
-        kwargs.pop(name, None)
-        if getattr(target, name) is not None:
-            kwargs[name] = getattr(target, name)
-    if target.tls or config.redis_tls:
-        kwargs.update(_tls_kwargs(config), ssl=True)
+    _login(config, target, kwargs)
     kwargs.pop("health_check_interval", None)
     nodes = [redis.cluster.ClusterNode(host, port)  # type: ignore[no-untyped-call]
              for host, port in target.nodes]
