@@ -54,7 +54,6 @@ from .background import ErrorHook
 from .inflight import InFlight
 from .job import encode, now_seconds
 from .keys import RT_STAT_TTL, Keys, StatKind
-from .outcome import Status
 from .store.fetch import ack_command
 
 logger = logging.getLogger("exq_fast")
@@ -273,14 +272,16 @@ class AckWriter:
         # The decision to ack: an outcome that acks (every status but terminated).
         # No outcome (an internal error) or a terminated job: no write and no ack,
         # the job stays in the backup list and runs again.
-        if outcome is not None and outcome.status is not Status.TERMINATED:
+        if outcome is not None and outcome.ack:
             for command in outcome.writes:
                 batch.add(command)
             raws = acks.get(record.backup)
             if raws is None:
                 raws = acks[record.backup] = []
             raws.append(record.raw)  # its ack, sent below
-            batch.counts["processed" if outcome.status is Status.PROCESSED else "failed"] += 1
+            stat = outcome.stat
+            if stat is not None:
+                batch.counts[stat] += 1
         batch.done.append(record)
 
     def _add_counts(self, batch: _Batch, at: float) -> None:

@@ -46,9 +46,8 @@ from .background import REDIS_ERRORS
 from .config import Config, ConfigError
 from .connection import text
 from .inflight import InFlight
-from .job import loads
+from .job import loads, to_seconds
 from .keys import Keys
-from .outcome import Status
 
 logger = logging.getLogger("exq_fast")
 
@@ -177,25 +176,21 @@ class Metrics:
 
     def _record(self, record: InFlight) -> None:
         outcome = record.outcome
-        if outcome is None:
-            return  # not counted in Redis either (an internal error)
-        status = outcome.status
-        if status is Status.TERMINATED:
-            return  # not acked, not counted
+        stat = outcome.stat if outcome is not None and outcome.ack else None
+        if outcome is None or stat is None:
+            return  # not counted in Redis either (terminated, or an internal error)
         key = (record.queue, record.job_class)
         series = self._series.get(key)
         if series is None:
             series = self._series[key] = _Series()
-        if status is Status.PROCESSED:
+        if stat == "processed":
             series.processed += 1
         else:
             series.failed += 1
-        fate = outcome.fate
-        if fate is not None:
-            if fate == "retried":
-                series.retried += 1
-            elif fate == "dead":
-                series.dead += 1
+        if outcome.fate == "retried":
+            series.retried += 1
+        elif outcome.fate == "dead":
+            series.dead += 1
         series.duration.observe(record.duration)
         latency = record.latency
         if latency is not None:
@@ -343,7 +338,7 @@ class ClusterCollector(Collector):
         for name, length, at in sorted(queues):
             queue = text(name)
             size.add_metric([queue], int(length))
-            latency.add_metric([queue], max(now - _seconds(at), 0.0) if at else 0.0)
+            latency.add_metric([queue], max(now - at, 0.0) if at is not None else 0.0)
         yield size
         yield latency
         yield GaugeMetricFamily(f"{p}retry_set_size", "Jobs in the retry set", value=int(retry))
@@ -356,16 +351,16 @@ class ClusterCollector(Collector):
         yield GaugeMetricFamily(f"{p}busy_workers", "Jobs running, all nodes", value=int(busy))
 
 
-def _enqueued_at(oldest: bytes | None) -> str | None:
-    """The oldest job's ``enqueued_at``, when it is a JSON object with a number there."""
+def _enqueued_at(oldest: bytes | None) -> float | None:
+    """The oldest job's ``enqueued_at`` in seconds (Sidekiq 8 millis too), when it is a
+    JSON object with a number there."""
     if oldest is None:
         return None
     try:
         job = loads(oldest)
     except (ValueError, RecursionError):
         return None
-    at = job.get("enqueued_at") if isinstance(job, dict) else None
-    return repr(at) if isinstance(at, int | float) and not isinstance(at, bool) else None
+    return to_seconds(job.get("enqueued_at")) if isinstance(job, dict) else None
 
 
 def _count(value: bytes | None) -> int:
@@ -373,11 +368,6 @@ def _count(value: bytes | None) -> int:
         return int(value) if value is not None else 0
     except ValueError:
         return 0
-
-
-def _seconds(value: bytes | str) -> float:
-    number = float(text(value))
-    return number / 1000 if number > 1e11 else number  # Sidekiq 8 millis
 
 
 # -- the HTTP endpoint ------------------------------------------------------------------------
