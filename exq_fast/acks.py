@@ -79,20 +79,19 @@ class _Batch:
     """One batch under construction or awaiting a retry."""
 
     def __init__(self, batch_id: str, marker: str) -> None:
-        self.keys: list[str] = [marker]  # APPLY_BATCH's KEYS: the marker, then each key
-        self._positions: dict[str, int] = {marker: 1}
+        self._keys = scripts.ScriptKeys(marker)  # APPLY_BATCH's KEYS: the marker, each key
         self.args: list[Any] = [batch_id]  # APPLY_BATCH's ARGV: the id, then the commands
         self.counts: dict[StatKind, int] = {"processed": 0, "failed": 0}
         self.done: list[InFlight] = []
 
+    @property
+    def keys(self) -> list[str]:
+        """APPLY_BATCH's KEYS."""
+        return self._keys.keys
+
     def add(self, command: Sequence[Any]) -> None:
         """Add ``(name, key, arg...)``: its one key goes to KEYS, its position in ARGV."""
-        key = command[1]
-        position = self._positions.get(key)
-        if position is None:
-            self.keys.append(key)
-            position = self._positions[key] = len(self.keys)
-        self.args += (len(command), command[0], position)
+        self.args += (len(command), command[0], self._keys.position(command[1]))
         self.args.extend(command[2:])
 
 

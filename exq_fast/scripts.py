@@ -325,6 +325,27 @@ FETCH_BATCH_LIMIT = 1000
 """Most jobs ``FETCH`` takes from one queue in one call (bounded by Lua's unpack)."""
 
 
+class ScriptKeys:
+    """The KEYS of one script call, each key once; a command names a key by its
+    1-based position (``position``), as ``apply_batch`` and ``move_members`` do."""
+
+    __slots__ = ("_positions", "keys")
+
+    def __init__(self, *keys: str) -> None:
+        self.keys: list[str] = []
+        self._positions: dict[str, int] = {}
+        for key in keys:
+            self.position(key)
+
+    def position(self, key: str) -> int:
+        """``key``'s position in KEYS, added at the end the first time."""
+        found = self._positions.get(key)
+        if found is None:
+            self.keys.append(key)
+            found = self._positions[key] = len(self.keys)
+        return found
+
+
 class Script:
     """One Lua script, identified by the SHA1 of its source."""
 

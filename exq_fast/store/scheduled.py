@@ -42,17 +42,12 @@ def move_members(client: redis.Redis, keys: Keys, zset: str, members: Sequence[b
     (the admin's requeue), in one atomic call. A member another caller removed first
     is not moved; one whose JSON cannot be read goes to ``fallback_queue``. Returns
     how many moved."""
-    names: list[str] = [zset, keys.queues]
-    positions: dict[str, int] = {}
+    names = scripts.ScriptKeys(zset, keys.queues)
     args: list[bytes | str | int] = []
     for member in members:
         queue = queue_of(member, fallback_queue)
-        position = positions.get(queue)
-        if position is None:
-            names.append(keys.queue(queue))
-            position = positions[queue] = len(names)
-        args += (queue, position, member)
-    return int(scripts.move_members(client, names, args))
+        args += (queue, names.position(keys.queue(queue)), member)
+    return int(scripts.move_members(client, names.keys, args))
 
 
 def queue_of(member: bytes | str, fallback_queue: str) -> str:
