@@ -464,9 +464,7 @@ def scrub(text: str) -> str:
 
 
 def _validate_cluster(config: Config) -> None:
-    if config.redis_url is None or config.redis_url.partition("://")[0] not in CLUSTER_SCHEMES:
-        return
-    if hash_tag(config.namespace + ":") is None:
+    if config.cluster is not None and hash_tag(config.namespace + ":") is None:
         raise ConfigError("namespace", config.namespace, "a Redis Cluster needs a namespace "
                           "with a hash tag, e.g. '{exq}', so that all its keys share a slot")
 
