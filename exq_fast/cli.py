@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 import redis
 
 from . import __version__, cli_admin
-from .cli_admin import CliError, UsageError, config_from, redis_location
+from .cli_admin import CliError, UsageError, config_from, redis_location, redis_target
 from .cli_output import one_line
 from .config import ConfigError, scrub
 from .demo import run_demo
@@ -390,11 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 f"({exc}) — check the password in --redis-url / REDIS_URL")
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
             redis.exceptions.RedisClusterException) as exc:
-        location = redis_location(args)
-        hint = "EXQ_REDIS_SENTINELS / EXQ_REDIS_SENTINEL_SERVICE" \
-            if location.startswith("the master of") else "--redis-url / REDIS_URL"
+        location, options = redis_target(args)
         return _fail(args, exc, f"error: cannot reach Redis at {location}: {_reason(exc)} "
-                                f"— check {hint}")
+                                f"— check {options}")
     except redis.exceptions.RedisError as exc:
         return _fail(args, exc, f"error: Redis at {redis_location(args)} answered: {exc}")
     except BrokenPipeError:

@@ -63,18 +63,30 @@ def config_from(args: argparse.Namespace, **extra: Any) -> Config:
     return Config.from_env(**{k: v for k, v in overrides.items() if v is not None})
 
 
+URL_OPTIONS = "--redis-url / REDIS_URL"
+"""The options that name a command's Redis, unless the sentinels are named instead."""
+
+
 def redis_location(args: argparse.Namespace) -> str:
     """The Redis a command talks to, as a URL with its password masked."""
+    return redis_target(args)[0]
+
+
+def redis_target(args: argparse.Namespace) -> tuple[str, str]:
+    """The Redis a command talks to (as ``redis_location``), and the options that
+    name it, for an error's hint."""
     try:
         config = config_from(args)
     except ValueError:
-        return out.mask_url(getattr(args, "redis_url", None) or os.environ.get("REDIS_URL", "?"))
+        return (out.mask_url(getattr(args, "redis_url", None)
+                             or os.environ.get("REDIS_URL", "?")), URL_OPTIONS)
     if config.redis_url is None and config.sentinel is not None:
         target = config.sentinel
         hosts = ",".join(f"{host}:{port}" for host, port in target.sentinels)
-        return f"the master of {target.service!r} (sentinels {hosts})"
+        return (f"the master of {target.service!r} (sentinels {hosts})",
+                "EXQ_REDIS_SENTINELS / EXQ_REDIS_SENTINEL_SERVICE")
     url = config.redis_url or f"redis://{config.redis_host}:{config.redis_port}/{config.redis_db}"
-    return out.mask_url(url)
+    return out.mask_url(url), URL_OPTIONS
 
 
 @contextmanager
