@@ -45,16 +45,15 @@ class InFlight:
                  "outcome", "quarantined", "queue", "raw", "run_at", "seq", "spec", "started",
                  "suspect", "task", "written")
 
-    def __init__(self, raw: bytes, queue: str, backup: str, *, suspect: bool = False,
-                 quarantined: bool = False) -> None:
+    def __init__(self, raw: bytes, queue: str, backup: str) -> None:
         self.raw = raw
         """The job exactly as fetched: what the ack removes from the backup list."""
         self.queue = queue
         self.backup = backup
         """The backup list the fetch moved it to (``queue:backup::<node>::<queue>``)."""
-        self.suspect = suspect
-        """Recovered from a backup list before (poison detection)."""
-        self.quarantined = quarantined
+        self.suspect = False
+        """Recovered from a backup list before (poison detection; the fetcher sets it)."""
+        self.quarantined = False
         """One crash from the dead set: run alone (see ``Quarantine``)."""
         self.seq = 0
         """Its number on this node, from 1, given when it starts (0 before)."""
