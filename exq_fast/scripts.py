@@ -237,6 +237,25 @@ redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[5]) - 1)
 return 1
 """
 
+# The admin's kill: move the given members of a zset (KEYS[1], the retry or
+# schedule set) to the dead set (KEYS[2]) byte for byte, scored `now`, then trim
+# the dead set by age and size as a job's death does. Only the caller whose ZREM
+# removed a member writes its dead entry. ARGV [now, cutoff, max_jobs, raw...]
+KILL = """
+local moved = 0
+for i = 4, #ARGV do
+  if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
+    redis.call('ZADD', KEYS[2], ARGV[1], ARGV[i])
+    moved = moved + 1
+  end
+end
+if moved > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[2])
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[3]) - 1)
+end
+return moved
+"""
+
 # exq-fast's batched fetch: KEYS are the suspects zset, the recoveries hash, then
 # (queue, backup) pairs; ARGV = [quarantine_at, then the number of jobs to take
 # from each queue]. RPOP with a count takes the oldest first and LPUSH of the batch
@@ -376,6 +395,7 @@ release_node = Script(RELEASE_NODE)
 fetch = Script(FETCH)
 apply_batch = Script(APPLY_BATCH)
 bury = Script(BURY)
+kill = Script(KILL)
 
 ALL = (
     enqueue,
@@ -391,6 +411,7 @@ ALL = (
     fetch,
     apply_batch,
     bury,
+    kill,
 )
 
 

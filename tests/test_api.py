@@ -545,6 +545,35 @@ def test_requeue_all_pages_through_a_large_set(
     assert api.retries.requeue_all() == 0
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_kill_moves_retries_to_the_dead_set_byte_for_byte_and_trims_it(
+    make_config: Callable[..., Config], redis_client: redis.Redis, keys: Keys, version: str
+) -> None:
+    # Given a library's retry and schedule sets, and a dead set kept to 3 entries
+    loaded = load_payloads(redis_client, keys, version)
+    with Api(make_config(dead_max_jobs=3)) as api:
+        dead_before = api.dead.size()
+        member = loaded.retry[0][0]
+
+        # When one retry is killed (twice), then every scheduled job
+        before = time.time()
+        killed, again = api.retries.kill([member]), api.retries.kill([member])
+        all_scheduled = api.scheduled.kill_all()
+
+        # Then each moved once, unchanged, scored now; the dead set trimmed to 3
+        assert (killed, again) == (1, 0)
+        assert all_scheduled == len(loaded.scheduled)
+        assert api.scheduled.size() == 0
+        assert api.retries.size() == len(loaded.retry) - 1
+        assert api.dead.size() == min(3, dead_before + 1 + len(loaded.scheduled))
+        newest = {e.raw for e in api.dead.page(size=3)}
+        assert newest <= {member, *(m for m, _ in loaded.scheduled)}
+        assert all(e.score is not None and e.score >= before for e in api.dead.page(size=3))
+        with pytest.raises(ValueError, match="already dead"):
+            api.dead.kill([member])
+        assert api.retries.kill([b'{"jid":"not-a-member"}']) == 0
+
+
 def test_concurrent_requeues_of_the_same_member_move_it_once(
     config: Config, redis_client: redis.Redis, keys: Keys
 ) -> None:

@@ -30,7 +30,8 @@ Exq.Api name -> name here:
 * ``retries`` / ``scheduled`` / ``failed``, their ``*_size``, ``find_*``,
   ``remove_*_jobs`` and ``dequeue_*_jobs`` -> ``page``, ``size``, ``find``, ``remove``
   and ``requeue`` of ``retries`` / ``scheduled`` / ``dead`` (plus ``requeue_all``,
-  ``clear``); ``retry_job`` -> ``retries.requeue_jid``
+  ``clear``, and Sidekiq's ``kill`` / ``kill_all`` of a retry or scheduled entry to
+  the dead set); ``retry_job`` -> ``retries.requeue_jid``
 * ``stats/2`` / ``stats/3`` / ``realtime_stats`` / ``clear_failed`` -> ``stats.total``,
   ``stats.for_dates``, ``stats.realtime``, ``stats.clear_failed`` (plus ``stats.daily``
   and the dashboard ``stats.summary()``)
@@ -52,12 +53,12 @@ from ..keys import Keys
 from ._common import Entry
 from .processes import NodeAlive, NodeInfo, Processes, ProcessInfo, Source, prune_dead_nodes
 from .queues import Queue, Queues
-from .sets import JobSet, SetName
+from .sets import DeadLimits, JobSet, SetName
 from .stats import Counters, Stats
 
 __all__ = [
-    "Api", "Counters", "Entry", "JobSet", "NodeAlive", "NodeInfo", "ProcessInfo", "Processes",
-    "Queue", "Queues", "SetName", "Source", "Stats", "prune_dead_nodes",
+    "Api", "Counters", "DeadLimits", "Entry", "JobSet", "NodeAlive", "NodeInfo", "ProcessInfo",
+    "Processes", "Queue", "Queues", "SetName", "Source", "Stats", "prune_dead_nodes",
 ]
 
 
@@ -72,9 +73,10 @@ class Api:
         self._owns_client = client is None
         self.queues = Queues(self.redis, self.keys)
         """Every queue; ``queues.queue(name)`` is one of them."""
-        self.retries = JobSet(self.redis, self.keys, "retry")
+        limits = DeadLimits(self.config.dead_max_jobs, self.config.dead_timeout_in_seconds)
+        self.retries = JobSet(self.redis, self.keys, "retry", limits)
         """The retry set, soonest first."""
-        self.scheduled = JobSet(self.redis, self.keys, "schedule")
+        self.scheduled = JobSet(self.redis, self.keys, "schedule", limits)
         """The schedule set, soonest first."""
         self.dead = JobSet(self.redis, self.keys, "dead")
         """The dead set, newest death first."""

@@ -7,22 +7,28 @@ the only difference between the three views.
 
 Round trips: one per call, except ``find`` without a score (one per page of
 ``PAGE_SIZE`` members until found), ``remove`` (one pipeline, plus one
-compare-and-delete per unique lock released) and the requeues (one script
-call per ``REQUEUE_CHUNK`` members). A requeue is the scheduler's move
+compare-and-delete per unique lock released), the requeues and the kills (one
+script call per ``REQUEUE_CHUNK`` members). A requeue is the scheduler's move
 (docs/wire-format.md §6.1) on the given members: atomic per member, so of
 concurrent callers exactly one moves it, byte for byte (error fields kept),
-to the front of its own queue (``default`` when it names none). ``clear`` is
-one MULTI. Members are always the exact bytes stored.
+to the front of its own queue (``default`` when it names none). A kill
+(retry or schedule set only) is the same kind of move to the dead set, byte
+for byte, scored now, then the dead set trimmed by ``DeadLimits`` as a job's
+death trims it (docs/wire-format.md §6.4). ``clear`` is one MULTI. Members
+are always the exact bytes stored.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal, cast
 
 import redis
 from redis.client import Pipeline
 
+from .. import scripts
+from ..job import now_seconds
 from ..keys import Keys
 from ..store.scheduled import move_members
 from ._common import (
@@ -38,7 +44,7 @@ from ._common import (
     raw_list,
 )
 
-__all__ = ["FALLBACK_QUEUE", "REQUEUE_CHUNK", "JobSet", "SetName"]
+__all__ = ["FALLBACK_QUEUE", "REQUEUE_CHUNK", "DeadLimits", "JobSet", "SetName"]
 
 SetName = Literal["retry", "schedule", "dead"]
 """The sorted sets, by their key's name."""
@@ -49,13 +55,24 @@ FALLBACK_QUEUE = "default"
 """Queue a requeued member goes to when it names none (or is not JSON)."""
 
 
+@dataclass(frozen=True, slots=True)
+class DeadLimits:
+    """How the dead set is trimmed after a kill: Config's ``dead_max_jobs`` and
+    ``dead_timeout_in_seconds`` (the same trim a job's death applies)."""
+
+    max_jobs: int = 10000
+    timeout_s: int = 15552000
+
+
 class JobSet(Members):
     """One of the retry / schedule / dead sets; ``remove`` is ZREM. See the module doc."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, name: SetName) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, name: SetName,
+                 dead_limits: DeadLimits | None = None) -> None:
         super().__init__(client, keys, {"retry": keys.retry, "schedule": keys.schedule,
                                         "dead": keys.dead}[name])
         self.name: SetName = name
+        self._limits = dead_limits if dead_limits is not None else DeadLimits()
         self.newest_first = name == "dead"
         """Listing order: newest score first (dead), else soonest first."""
 
@@ -97,21 +114,32 @@ class JobSet(Members):
         Bounded by the size at the start: members added meanwhile wait for a
         later call, so a set that keeps filling cannot keep this looping.
         """
-        budget, moved = self.size(), 0
-        while budget > 0:
-            page = cast(list[bytes], self._redis.zrange(
-                self.key, 0, min(budget, REQUEUE_CHUNK) - 1, desc=self.newest_first))
-            if not page:
-                break
-            moved += self._requeue([as_bytes(m) for m in page])
-            budget -= len(page)
-        return moved
+        return self._each_chunk(self._requeue)
 
     def requeue_jid(self, jid: str) -> int:
         """Move the entry of ``jid`` (its exact bytes) to its queue now; on the retry
         set this is Exq's ``retry_job``. Returns 1, or 0 when no entry has that jid."""
         found = self.find(jid)
         return 0 if found is None else self.requeue([found.raw])
+
+    def kill(self, raws: Sequence[bytes | str]) -> int:
+        """Move the raw members, byte for byte, to the dead set now (Sidekiq's kill),
+        then trim it as a death does; return how many moved. Atomic per member: of
+        concurrent callers exactly one moves it. ``ValueError`` on the dead set."""
+        members = raw_list(raws)
+        if self.name == "dead":
+            raise ValueError("the dead set's entries are already dead")
+        moved = 0
+        for start in range(0, len(members), REQUEUE_CHUNK):
+            now = now_seconds()
+            moved += int(scripts.kill(self._redis, [self.key, self._keys.dead], [
+                repr(now), repr(now - self._limits.timeout_s), self._limits.max_jobs,
+                *members[start:start + REQUEUE_CHUNK]]))
+        return moved
+
+    def kill_all(self) -> int:
+        """Move every member (bounded by the size at the start) to the dead set."""
+        return self._each_chunk(self.kill)
 
     def clear(self) -> int:
         """Delete the set; return how many entries it had."""
@@ -122,6 +150,19 @@ class JobSet(Members):
 
     def _remove_one(self, pipe: Pipeline, raw: bytes) -> object:
         return pipe.zrem(self.key, raw)
+
+    def _each_chunk(self, move: Callable[[list[bytes]], int]) -> int:
+        """``move`` every member, a chunk at a time in listing order, bounded by the
+        size at the start (members added meanwhile wait for a later call)."""
+        budget, moved = self.size(), 0
+        while budget > 0:
+            page = cast(list[bytes], self._redis.zrange(
+                self.key, 0, min(budget, REQUEUE_CHUNK) - 1, desc=self.newest_first))
+            if not page:
+                break
+            moved += move([as_bytes(m) for m in page])
+            budget -= len(page)
+        return moved
 
     def _pages(self) -> Iterator[list[Entry]]:
         start = 0
