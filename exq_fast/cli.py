@@ -351,6 +351,34 @@ def _add_write_verbs(verbs: Any) -> None:
     _verb(verbs, "prune", cli_admin.prune, "unregister the nodes that have stopped")
 
 
+def _web(args: argparse.Namespace) -> int:
+    try:
+        from .web.serve import auth_from, serve  # noqa: PLC0415 - optional extra
+    except ImportError as exc:
+        raise UsageError(f"the web UI needs its extra: pip install 'exq-fast[web]' ({exc})"
+                         ) from None
+    auth = auth_from(args.basic_auth, args.token)
+    return serve(config_from(args), bind=args.bind, port=args.port, auth=auth)
+
+
+def _add_web_verb(verbs: Any) -> None:
+    web = _verb(verbs, "web", _web, "serve the web UI (dashboard, queues, busy, retries, "
+                "scheduled, dead) until Ctrl-C",
+                "Serve the web UI: the dashboard, the queues, the busy nodes and the retry, "
+                "scheduled and dead sets, with their actions. Needs "
+                "pip install 'exq-fast[web]'. It binds to 127.0.0.1; any other address needs "
+                "--basic-auth or --token.")
+    web.add_argument("--port", type=int, default=7433, help="TCP port (default 7433)")
+    web.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
+                     help="address to listen on (default 127.0.0.1; another needs auth)")
+    web.add_argument("--basic-auth", metavar="USER:PASSWORD",
+                     help="require HTTP basic auth (default: $EXQ_WEB_BASIC_AUTH; prefer the "
+                          "variable: a flag shows in ps)")
+    web.add_argument("--token", metavar="TOKEN",
+                     help="require this token (16+ characters): 'Authorization: Bearer', or "
+                          "open /?token=TOKEN once (default: $EXQ_WEB_TOKEN)")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors on one line (usage is one ``--help`` away)."""
 
@@ -370,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker_verbs(verbs)
     _add_read_verbs(verbs)
     _add_write_verbs(verbs)
+    _add_web_verb(verbs)
     return parser
 
 

@@ -540,9 +540,10 @@ def _env_str(option: str, raw: str) -> str:
     return raw
 
 
-ENV_READ_ELSEWHERE: frozenset[str] = frozenset()
-"""``EXQ_*`` variables exq-fast reads outside ``Config`` (none today): never flagged as
-unknown. A variable the CLI, the tests or the benchmarks come to read goes here."""
+ENV_READ_ELSEWHERE: frozenset[str] = frozenset({"EXQ_WEB_BASIC_AUTH", "EXQ_WEB_TOKEN"})
+"""``EXQ_*`` variables exq-fast reads outside ``Config`` (the web UI's credentials, read
+by ``exq-fast web``): never flagged as unknown. A variable the CLI, the tests or the
+benchmarks come to read goes here."""
 
 logger = logging.getLogger("exq_fast")
 _warned: set[str] = set()

@@ -172,6 +172,25 @@ class Processes:
             pipe.expire(key, SIGNAL_TTL)
         pipe.execute()
 
+    def pending_signals(self, node_ids: Iterable[str]) -> dict[str, list[str]]:
+        """The signals sent to each node and not yet taken (oldest first), in one
+        pipeline: what a node will act on at its next ping."""
+        ids = list(node_ids)
+        pipe = self._redis.pipeline(transaction=False)
+        for node_id in ids:
+            for key in dict.fromkeys((self._keys.signals(node_id),
+                                      self._keys.sidekiq_signals(node_id))):
+                pipe.lrange(key, 0, -1)
+        replies = iter(pipe.execute())
+        pending: dict[str, list[str]] = {}
+        for node_id in ids:
+            signals: list[str] = []
+            for _ in dict.fromkeys((self._keys.signals(node_id),
+                                    self._keys.sidekiq_signals(node_id))):
+                signals += [text(s) for s in reversed(next(replies))]
+            pending[node_id] = list(dict.fromkeys(signals))
+        return pending
+
     def quiet(self, node_id: str) -> None:
         """Ask ``node_id`` to stop fetching jobs (``TSTP``)."""
         self.send_signal(node_id, "TSTP")

@@ -93,14 +93,17 @@ class JobSet(Members):
                                               num=size, withscores=True)
         return entries(reply)
 
+    def at_score(self, score: float | str) -> list[Entry]:
+        """Every entry scored exactly ``score`` (a float, or its text as Redis reads it)."""
+        bound = _score_arg(score)
+        return entries(self._redis.zrangebyscore(self.key, bound, bound, withscores=True))
+
     def find(self, jid: str, score: float | str | None = None) -> Entry | None:
         """The entry of ``jid`` (at ``score`` if given, else the first in listing
         order), or None."""
         check_name("jid", jid)
         if score is not None:
-            bound = _score_arg(score)
-            return first_with_jid(entries(self._redis.zrangebyscore(
-                self.key, bound, bound, withscores=True)), jid)
+            return first_with_jid(self.at_score(score), jid)
         return find_in_pages(self._pages(), jid)
 
     def requeue(self, raws: Sequence[bytes | str]) -> int:

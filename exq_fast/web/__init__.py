@@ -1,0 +1,48 @@
+"""exq-fast's web UI: see and operate the queues, busy nodes, retries, scheduled and
+dead jobs in a browser (``pip install 'exq-fast[web]'``).
+
+Run it on its own with ``exq-fast web`` (loopback, port 7433), or mount the ASGI
+app in a service of yours, as Sidekiq::Web mounts in Rails::
+
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    from exq_fast.web import WebAuth, create_app
+
+    app = Starlette(routes=[Mount("/exq", app=create_app(auth=WebAuth("ops", "s3cret")))])
+
+It reads and writes only through ``admin.Api`` (docs/wire-format.md), so it works
+on Exq, Sidekiq and exq-fast data alike, in any namespace. See ``security`` for
+what guards it and ``app`` for the pages.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from ..admin import Api
+from ..config import Config
+
+try:
+    from starlette.applications import Starlette
+except ImportError as exc:  # pragma: no cover - exercised by a user without the extra
+    raise ImportError("the web UI needs its extra: pip install 'exq-fast[web]'") from exc
+
+from .app import WebUI
+from .security import WebAuth
+
+__all__ = ["WebAuth", "create_app"]
+
+
+def create_app(config: Config | None = None, *, api: Api | None = None,
+               auth: WebAuth | None = None, secret: bytes | None = None) -> Starlette:
+    """The web UI as an ASGI app.
+
+    ``config`` (default ``Config.from_env()``) names the Redis and namespace, or pass
+    an ``api`` of your own. ``auth`` (default none) is required by ``exq-fast web``
+    whenever it binds beyond loopback; mounted in your service, protect it yourself
+    or pass one. ``secret`` keys the CSRF tokens (default: random per process; give
+    the same bytes to every process behind one load balancer).
+    """
+    if api is None:
+        api = Api(config)
+    return WebUI(api, auth or WebAuth(), secret or secrets.token_bytes(32)).app

@@ -1,0 +1,78 @@
+"""``exq-fast web``: the UI served by uvicorn, loopback unless told otherwise."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import signal
+
+import uvicorn
+
+from ..admin import Api
+from ..config import Config
+from . import create_app
+from .security import WebAuth
+
+__all__ = ["DEFAULT_BIND", "DEFAULT_PORT", "WebSetupError", "auth_from", "is_loopback",
+           "serve"]
+
+logger = logging.getLogger("exq_fast.web")
+DEFAULT_PORT = 7433
+DEFAULT_BIND = "127.0.0.1"
+
+
+class WebSetupError(ValueError):
+    """A web option exq-fast cannot use (the message names it, never a password)."""
+
+
+def is_loopback(host: str) -> bool:
+    """True for a loopback address or ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def auth_from(basic: str | None, token: str | None) -> WebAuth:
+    """``WebAuth`` from the flags, else ``EXQ_WEB_BASIC_AUTH`` / ``EXQ_WEB_TOKEN``;
+    ``WebSetupError`` naming the option when one is malformed."""
+    basic = basic if basic is not None else os.environ.get("EXQ_WEB_BASIC_AUTH") or None
+    token = token if token is not None else os.environ.get("EXQ_WEB_TOKEN") or None
+    try:
+        return WebAuth.parse(basic, token)
+    except ValueError as exc:
+        raise WebSetupError(f"--basic-auth / --token (EXQ_WEB_BASIC_AUTH / EXQ_WEB_TOKEN): "
+                          f"{exc}") from None
+
+
+def serve(config: Config, *, bind: str = DEFAULT_BIND, port: int = DEFAULT_PORT,
+          auth: WebAuth | None = None) -> int:
+    """Serve the UI until SIGINT / SIGTERM. Refused (``WebSetupError``) on an address
+    beyond loopback without auth: anyone who reached it could delete every job."""
+    auth = auth or WebAuth()
+    if not is_loopback(bind) and not auth.enabled:
+        raise WebSetupError(f"--bind {bind}: the web UI serves beyond loopback only with "
+                          "--basic-auth USER:PASSWORD or --token (or EXQ_WEB_BASIC_AUTH / "
+                          "EXQ_WEB_TOKEN)")
+    if not 0 <= port <= 65535:
+        raise WebSetupError(f"--port {port}: not a TCP port")
+    with Api(config) as api:
+        api.redis.ping()  # an unreachable Redis fails here, in one line, not per page
+        app = create_app(api=api, auth=auth)
+        server = uvicorn.Server(uvicorn.Config(app, host=bind, port=port, log_level="warning",
+                                               access_log=False, server_header=False))
+        logger.info("exq-fast web UI on http://%s:%d/ (namespace %r)%s",
+                    f"[{bind}]" if ":" in bind else bind, port, config.namespace,
+                    "" if auth.enabled else ", no auth (loopback only)")
+        # uvicorn stops on SIGTERM, then raises it again once its own handler is
+        # removed: with the default action that would kill us (exit -15) after a clean
+        # stop. A no-op handler for that moment makes TERM end the command with 0.
+        previous = signal.signal(signal.SIGTERM, lambda *_: None)
+        try:
+            server.run()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    return 0

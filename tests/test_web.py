@@ -1,0 +1,441 @@
+"""The web UI over HTTP: a real uvicorn serving ``create_app`` on a loopback port,
+against the real Redis, with Exq, Sidekiq and exq-fast data. Each test checks
+what a user would: the numbers on the page against the Api, the bytes in Redis
+after an action, the status a refused request gets. The browser tests are in
+test_web_browser.py."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import markupsafe
+import pytest
+import redis
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from exq_fast.admin import Api
+from exq_fast.config import Config
+from exq_fast.embedded import RedisServer, free_port
+from exq_fast.enqueuer import Enqueuer
+from exq_fast.keys import Keys
+from exq_fast.web import WebAuth, create_app
+from exq_fast.web.views import digest_of, encode_member
+from tests.conftest import wait_for
+from tests.test_api import VERSIONS, Node, load_payloads, load_stats
+from tests.web import Client, WebServer, serving
+
+HOSTILE = "<script>document.title='pwned'</script>"
+ESCAPED = str(markupsafe.escape(HOSTILE))
+NOT_JSON = b"\xff\xfe not json {"
+
+
+@pytest.fixture
+def api(config: Config) -> Iterator[Api]:
+    with Api(config) as view:
+        yield view
+
+
+@pytest.fixture
+def web(api: Api) -> Iterator[WebServer]:
+    with serving(create_app(api=api)) as server:
+        yield server
+
+
+@pytest.fixture
+def client(web: WebServer) -> Client:
+    return Client(web.port)
+
+
+def stat_values(page: str) -> dict[str, int]:
+    """The dashboard's numbers, by their ``stat-<key>`` id."""
+    return {k: int(v) for k, v in re.findall(r'id="stat-(\w+)">(\d+)<', page)}
+
+
+def hostile_job(queue: str = "default", **extra: object) -> bytes:
+    return json.dumps({"class": f"Evil{HOSTILE}", "args": [HOSTILE, {"k": HOSTILE}],
+                       "jid": "evil-1", "queue": queue, "retry": True,
+                       "enqueued_at": time.time(), **extra}).encode()
+
+
+# -- reading ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_page_shows_what_the_api_reads_for_each_library(
+        version: str, api: Api, client: Client, redis_client: redis.Redis, keys: Keys) -> None:
+    # Given a real library's queue, retry, schedule and dead sets and its counters
+    loaded = load_payloads(redis_client, keys, version)
+    load_stats(redis_client, keys, version)
+
+    # Then the dashboard's numbers are the Api's (those of `exq-fast stats`)
+    page = client.get("/")
+    assert page.status == 200
+    numbers = api.stats.summary()
+    assert stat_values(page.body) == {
+        "processed": numbers.processed, "failed": numbers.failed, "busy": numbers.busy,
+        "enqueued": numbers.enqueued, "retries": numbers.retry_size,
+        "scheduled": numbers.scheduled_size, "dead": numbers.dead_size,
+        "processes": numbers.processes, "in_flight": numbers.in_flight}
+    assert numbers.processed > 0 and numbers.dead_size == len(loaded.dead)
+    live = json.loads(client.get("/stats.json").body)
+    assert live["summary"]["dead"] == len(loaded.dead)
+
+    # And the queue page lists the queue's size and every job's jid
+    queues = client.get("/queues").body
+    assert re.search(rf'data-queue="{loaded.queue}">.*?class="num size">{len(loaded.enqueued)}<',
+                     queues, re.S)
+    jobs = client.get(f"/queues/{loaded.queue}").body
+    for entry in api.queues.queue(loaded.queue).page(size=25):
+        assert f'data-jid="{entry.jid}"' in jobs
+
+    # And each set page shows its size and its entries, and each entry's detail
+    for path, members, jobset in (("retries", loaded.retry, api.retries),
+                                  ("scheduled", loaded.scheduled, api.scheduled),
+                                  ("dead", loaded.dead, api.dead)):
+        listing = client.get(f"/{path}").body
+        assert f"{len(members)} job(s)" in listing
+        for entry in jobset.page(size=25):
+            assert f'data-jid="{entry.jid}"' in listing
+            detail = client.get(f"/{path}/{entry.score!r}/{digest_of(entry.raw)}")
+            assert detail.status == 200
+            shown = html.unescape(detail.body)
+            assert entry.job is not None and entry.job.job_class in shown
+            payload = entry.to_dict() or {}
+            if payload.get("error_message"):
+                assert payload["error_message"] in shown
+
+
+def test_pages_and_filters(api: Api, client: Client, redis_client: redis.Redis,
+                           keys: Keys) -> None:
+    # Given 60 dead jobs of two classes
+    now = time.time()
+    redis_client.zadd(keys.dead, {json.dumps({
+        "class": "Billing.Charge" if i % 3 else "Mail.Send", "args": [i], "jid": f"jid-{i:03}",
+        "queue": "q", "error_class": "E", "error_message": "m"}): now - i for i in range(60)})
+
+    # Then the list is paged 25 at a time, newest death first
+    first, third = client.get("/dead").body, client.get("/dead?page=3").body
+    assert first.count('class="select"') == 25 and third.count('class="select"') == 10
+    assert 'data-jid="jid-000"' in first and 'data-jid="jid-059"' in third
+
+    # And a filter by class (any case) or by jid finds exactly the matches
+    mail = client.get("/dead?q=mail.send").body
+    assert "20 match(es)" in mail and "Billing.Charge" not in mail
+    one = client.get("/dead?q=jid-042").body
+    assert "1 match(es)" in one and 'data-jid="jid-042"' in one
+    assert "No entry matches" in client.get("/dead?q=nothing-like-it").body
+
+
+def test_a_hostile_payload_is_shown_as_text_on_every_page(
+        api: Api, client: Client, redis_client: redis.Redis, keys: Keys) -> None:
+    # Given a job whose class, args and error carry a script, in a queue and each set
+    job = hostile_job(error_class=HOSTILE, error_message=HOSTILE,
+                      error_backtrace=[HOSTILE])
+    redis_client.sadd(keys.queues, "default")
+    redis_client.lpush(keys.queue("default"), job)
+    for key in (keys.retry, keys.schedule, keys.dead):
+        redis_client.zadd(key, {job: time.time() + 60})
+    score = repr(float(redis_client.zscore(keys.dead, job) or 0))
+
+    # Then no page carries the script as markup, and each shows it escaped
+    for path in ("/", "/queues", "/queues/default", "/retries", "/scheduled", "/dead",
+                 f"/dead/{score}/{digest_of(job)}"):
+        page = client.get(path)
+        assert page.status == 200, path
+        assert "<script>document" not in page.body, path
+        if path not in ("/", "/queues"):
+            assert ESCAPED in page.body, path
+    detail = client.get(f"/dead/{score}/{digest_of(job)}").body
+    assert detail.count(ESCAPED) >= 4  # class, args, error, backtrace
+
+
+def test_a_member_that_is_not_a_job_shows_its_raw_bytes(
+        client: Client, redis_client: redis.Redis, keys: Keys) -> None:
+    # Given bytes that are not JSON (nor UTF-8) in a queue and in the dead set
+    redis_client.sadd(keys.queues, "default")
+    redis_client.lpush(keys.queue("default"), NOT_JSON)
+    redis_client.zadd(keys.dead, {NOT_JSON: 1700000000.5, b'{"args": "not a list"}': 1.0})
+
+    # Then each page lists it as "not a job" with its bytes, and its detail opens
+    for path in ("/queues/default", "/dead"):
+        page = client.get(path)
+        assert page.status == 200
+        assert "not a job" in page.body and r"\xff\xfe not json {" in page.body
+    detail = client.get(f"/dead/1700000000.5/{digest_of(NOT_JSON)}")
+    assert detail.status == 200 and r"\xff\xfe not json {" in detail.body
+    assert client.get(f"/dead/1.5/{digest_of(NOT_JSON)}").status == 404
+
+
+def test_busy_lists_a_live_node_and_its_running_job(
+        config: Config, client: Client, enqueuer: Enqueuer) -> None:
+    # Given a node running one job
+    node = Node(config)
+    node.exq.start()
+    try:
+        jid = enqueuer.enqueue("default", "Api.Blocker", [HOSTILE])
+        assert node.started.wait(10)
+
+        # Then the busy page shows the node (busy 1) and the job, escaped
+        def shown() -> str | None:
+            page = client.get("/busy").body
+            return page if f'data-jid="{jid}"' in page else None
+        page = wait_for(shown, 10, "the running job on the busy page")
+
+        def busy() -> str:
+            node.ping()  # the node writes its busy count when it beats
+            row = re.search(rf'data-node="{config.node_id}">(.*?)</tr>',
+                            client.get("/busy").body, re.S)
+            assert row is not None
+            return re.findall(r'<td class="num">(\d+)', row.group(1))[1]
+        wait_for(lambda: busy() == "1", 10, "busy 1 on the node's row")
+        assert "<script>document" not in page
+
+        # When cancel is pressed, the node gets the signal and cancels the job
+        reply = client.post("/busy", [("action", "cancel"), ("node", config.node_id),
+                                      ("jid", jid)])
+        assert reply.status == 303
+        node.ping_until(lambda: node.jobs and node.jobs[0].cancelled, "the job to be cancelled")
+    finally:
+        node.close()
+
+
+# -- actions ---------------------------------------------------------------------------
+
+
+def test_retry_delete_and_kill_move_exactly_the_selected_members(
+        api: Api, client: Client, redis_client: redis.Redis, keys: Keys) -> None:
+    # Given Exq's retry set
+    loaded = load_payloads(redis_client, keys, VERSIONS[0])
+    client.get("/retries")
+    (first, _), (second, _), (third, _) = loaded.retry[:3]
+
+    # When one is retried now, one deleted and one killed
+    for action, member in (("retry", first), ("delete", second), ("kill", third)):
+        reply = client.post("/retries", [("action", action),
+                                         ("member", encode_member(member))])
+        assert reply.status == 303 and "done=" in reply.headers["location"]
+
+    # Then the first is at the head of its queue byte for byte, the second gone,
+    # the third in the dead set as it was
+    assert redis_client.lindex(keys.queue(loaded.queue), 0) == first
+    assert redis_client.zscore(keys.retry, second) is None
+    assert redis_client.zscore(keys.dead, third) is not None
+    assert api.retries.size() == len(loaded.retry) - 3
+    assert "Moved 1 job(s) to the dead set." in client.get(
+        reply.headers["location"].split(":" + str(client.port))[-1]).body
+
+
+def test_whole_set_actions_and_clearing_a_queue_ask_first(
+        api: Api, client: Client, redis_client: redis.Redis, keys: Keys) -> None:
+    loaded = load_payloads(redis_client, keys, VERSIONS[0])
+    client.get("/dead")
+
+    # When "retry all" is pressed, a confirmation comes back and nothing moved
+    ask = client.post("/dead", [("action", "retry"), ("scope", "all")])
+    assert ask.status == 200 and f"Retry all {len(loaded.dead)} job(s)" in ask.body
+    assert api.dead.size() == len(loaded.dead)
+
+    # And once confirmed every dead job is back in its queue
+    done = client.post("/dead", [("action", "retry"), ("scope", "all"), ("confirmed", "1")])
+    assert done.status == 303 and api.dead.size() == 0
+    queued = len(loaded.enqueued) + len(loaded.dead)
+    assert api.queues.queue(loaded.queue).size() == queued
+
+    # When the queue is cleared: first a question, then the queue is empty, its name kept
+    ask = client.post(f"/queues/{loaded.queue}", [("action", "clear")])
+    assert ask.status == 200 and f"Delete all {queued} job(s)" in ask.body
+    assert api.queues.queue(loaded.queue).size() == queued
+    done = client.post(f"/queues/{loaded.queue}", [("action", "clear"), ("confirmed", "1")])
+    assert done.status == 303 and api.queues.queue(loaded.queue).size() == 0
+    assert loaded.queue in api.queues.names()
+
+    # And kill all on the schedule set moves it whole to the dead set
+    client.post("/scheduled", [("action", "kill"), ("scope", "all"), ("confirmed", "1")])
+    assert api.scheduled.size() == 0 and api.dead.size() == len(loaded.scheduled)
+
+
+def test_deleting_one_queued_job_removes_that_one_only(
+        client: Client, enqueuer: Enqueuer, redis_client: redis.Redis, keys: Keys) -> None:
+    jids = [enqueuer.enqueue("default", "W", [i]) for i in range(3)]
+    client.get("/queues/default")
+    target = next(m for m in redis_client.lrange(keys.queue("default"), 0, -1)
+                  if jids[1].encode() in m)
+    reply = client.post("/queues/default", [("action", "delete"),
+                                            ("member", encode_member(target))])
+    assert reply.status == 303
+    left = redis_client.lrange(keys.queue("default"), 0, -1)
+    assert len(left) == 2 and target not in left
+
+
+def test_quiet_and_stop_signal_the_node(config: Config, client: Client,
+                                        redis_client: redis.Redis, keys: Keys) -> None:
+    # Given a live node
+    node = Node(config)
+    node.exq.start()
+    try:
+        wait_for(lambda: f'data-node="{config.node_id}"' in client.get("/busy").body, 10,
+                 "the node on the busy page")
+        # When quiet is pressed, the node stops fetching
+        assert client.post("/busy", [("action", "quiet"), ("node", config.node_id)]).status == 303
+        assert redis_client.lrange(keys.signals(config.node_id), 0, -1) == [b"TSTP"]
+        assert "quieting" in client.get("/busy").body
+        node.ping_until(lambda: node.exq.subscriptions() == [], "TSTP handled")
+        node.ping()
+        assert re.search(rf'data-node="{config.node_id}">.*?class="tag quiet">quiet<',
+                         client.get("/busy").body, re.S)
+        # When stop is pressed: a question first, then TERM
+        ask = client.post("/busy", [("action", "stop"), ("node", config.node_id)])
+        assert ask.status == 200 and "Stop node" in ask.body
+        assert b"TERM" not in redis_client.lrange(keys.signals(config.node_id), 0, -1)
+        client.post("/busy", [("action", "stop"), ("node", config.node_id), ("confirmed", "1")])
+        assert b"TERM" in redis_client.lrange(keys.signals(config.node_id), 0, -1)
+        assert "stopping" in client.get("/busy").body
+    finally:
+        node.close()
+
+
+# -- safety ----------------------------------------------------------------------------
+
+
+def test_a_post_without_the_csrf_token_or_from_another_site_changes_nothing(
+        api: Api, client: Client, redis_client: redis.Redis, keys: Keys) -> None:
+    loaded = load_payloads(redis_client, keys, VERSIONS[0])
+    client.get("/dead")
+    clear = [("action", "delete"), ("scope", "all"), ("confirmed", "1")]
+
+    assert client.post("/dead", clear, csrf=False).status == 403
+    assert client.post("/dead", [*clear, ("csrf", "0" * 64)], csrf=False).status == 403
+    assert client.post("/dead", clear, headers={"Origin": "http://evil.example"}).status == 403
+    assert client.post("/dead", clear, headers={"Sec-Fetch-Site": "cross-site"}).status == 403
+    stranger = Client(client.port)  # another browser: its own cookie, so not this token
+    stranger.get("/dead")
+    stranger.csrf = client.csrf
+    assert stranger.post("/dead", clear).status == 403
+    assert api.dead.size() == len(loaded.dead)
+
+    # And a GET never changes anything, whatever it carries
+    assert client.get("/dead?action=delete&scope=all&confirmed=1").status == 200
+    assert api.dead.size() == len(loaded.dead)
+    # While the page's own form works
+    assert client.post("/dead", clear).status == 303 and api.dead.size() == 0
+
+
+def test_every_response_carries_the_security_headers(client: Client) -> None:
+    for path in ("/", "/dead", "/static/style.css", "/nope"):
+        reply = client.get(path)
+        csp = reply.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert reply.headers["x-content-type-options"] == "nosniff"
+    cookie = client.get("/").set_cookies or Client(client.port).get("/").set_cookies
+    assert "HttpOnly" in cookie[0] and "SameSite=Strict" in cookie[0]
+
+
+def test_basic_auth_and_token(api: Api) -> None:
+    auth = WebAuth("ops", "correct horse", token="t" * 20 + "-secret")
+    with serving(create_app(api=api, auth=auth)) as server:
+        # Without credentials: 401 and nothing from Redis, static files included
+        for path in ("/", "/dead", "/static/style.css", "/stats.json"):
+            reply = Client(server.port).get(path)
+            assert reply.status == 401, path
+            assert "Basic" in reply.headers["www-authenticate"]
+        assert Client(server.port, basic=("ops", "wrong")).get("/").status == 401
+        assert Client(server.port, bearer="x" * 20).get("/").status == 401
+
+        # With basic auth or the bearer token: the pages
+        assert Client(server.port, basic=("ops", "correct horse")).get("/").status == 200
+        assert Client(server.port, bearer=auth.token).get("/dead").status == 200
+
+        # A browser opening ?token= once gets a cookie (not the token) and the page
+        browser = Client(server.port)
+        reply = browser.get(f"/dead?page=2&token={auth.token}")
+        assert reply.status == 303 and reply.headers["location"] == "/dead?page=2"
+        assert auth.token not in " ".join(reply.set_cookies)
+        assert browser.get("/dead").status == 200
+
+
+def test_mounted_in_another_app_under_a_prefix(
+        api: Api, redis_client: redis.Redis, keys: Keys) -> None:
+    # Given the UI mounted at /ops/exq in a service's own Starlette app
+    loaded = load_payloads(redis_client, keys, VERSIONS[0])
+    service = Starlette(routes=[Mount("/ops/exq", app=create_app(api=api))])
+    with serving(service) as server:
+        client = Client(server.port)
+        page = client.get("/ops/exq/dead").body
+        # Then its links and forms stay under the prefix, and an action works there
+        assert 'href="/ops/exq/static/style.css"' in page
+        assert 'action="/ops/exq/dead"' in page
+        assert client.get("/ops/exq/static/style.css").status == 200
+        member = encode_member(loaded.dead[0][0])
+        reply = client.post("/ops/exq/dead", [("action", "delete"), ("member", member)])
+        assert reply.status == 303 and reply.headers["location"].startswith("/ops/exq/dead?")
+        assert api.dead.size() == len(loaded.dead) - 1
+
+
+def test_an_unreachable_redis_gives_a_page_saying_so(private_redis: RedisServer) -> None:
+    config = Config(redis_url=private_redis.url, namespace="web")
+    with Api(config) as api, serving(create_app(api=api)) as server:
+        client = Client(server.port)
+        assert client.get("/").status == 200
+        private_redis.stop()
+        for path in ("/", "/dead", "/busy"):
+            reply = client.get(path)
+            assert reply.status == 503 and "Redis did not answer" in reply.body
+            assert "Traceback" not in reply.body
+
+
+# -- the command -----------------------------------------------------------------------
+
+
+def _web_command(*args: str, env: dict[str, str] | None = None,
+                 ) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "exq_fast", "web", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def test_the_web_command_refuses_a_public_address_without_auth(config: Config) -> None:
+    base = ["--redis-url", config.redis_url, "--namespace", config.namespace]
+    process = _web_command(*base, "--bind", "0.0.0.0", "--port", str(free_port()),
+                           env={"EXQ_WEB_TOKEN": "", "EXQ_WEB_BASIC_AUTH": ""})
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert "--bind 0.0.0.0" in err and "--basic-auth" in err and len(err.splitlines()) == 1
+    process = _web_command(*base, "--token", "short")
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 2 and "--token" in err and "16 characters" in err
+    process = _web_command(*base, "--basic-auth", "no-colon")
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 2 and "USER:PASSWORD" in err and "no-colon" not in err
+
+
+def test_the_web_command_serves_until_sigterm(config: Config, redis_client: redis.Redis,
+                                              keys: Keys) -> None:
+    port = free_port()
+    redis_client.zadd(keys.dead, {hostile_job(): time.time()})
+    process = _web_command("--redis-url", config.redis_url, "--namespace", config.namespace,
+                           "--port", str(port))
+    try:
+        client = Client(port)
+
+        def up() -> bool:
+            try:
+                return client.get("/dead").status == 200
+            except OSError:
+                return False
+        wait_for(up, 20, "exq-fast web to answer")
+        assert "1 job(s)" in client.get("/dead").body
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=20)
+    assert process.returncode == 0, err
+    assert f"http://127.0.0.1:{port}/" in err
+
