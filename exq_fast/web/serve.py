@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 
 import uvicorn
 
@@ -48,6 +49,22 @@ def auth_from(basic: str | None, token: str | None) -> WebAuth:
                           f"{exc}") from None
 
 
+def _listen(bind: str, port: int) -> socket.socket:
+    """The listening socket (so the log names the port even when ``--port 0`` picked
+    one); ``WebSetupError`` when the address cannot be had."""
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((bind, port))
+    except OSError as exc:
+        sock.close()
+        raise WebSetupError(f"--bind {bind} --port {port}: cannot listen there "
+                            f"({exc.strerror})") from None
+    sock.listen(128)
+    return sock
+
+
 def serve(config: Config, *, bind: str = DEFAULT_BIND, port: int = DEFAULT_PORT,
           auth: WebAuth | None = None) -> int:
     """Serve the UI until SIGINT / SIGTERM. Refused (``WebSetupError``) on an address
@@ -59,20 +76,20 @@ def serve(config: Config, *, bind: str = DEFAULT_BIND, port: int = DEFAULT_PORT,
                           "EXQ_WEB_TOKEN)")
     if not 0 <= port <= 65535:
         raise WebSetupError(f"--port {port}: not a TCP port")
-    with Api(config) as api:
+    with Api(config) as api, _listen(bind, port) as sock:
         api.redis.ping()  # an unreachable Redis fails here, in one line, not per page
         app = create_app(api=api, auth=auth)
-        server = uvicorn.Server(uvicorn.Config(app, host=bind, port=port, log_level="warning",
-                                               access_log=False, server_header=False))
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                               server_header=False))
         logger.info("exq-fast web UI on http://%s:%d/ (namespace %r)%s",
-                    f"[{bind}]" if ":" in bind else bind, port, config.namespace,
-                    "" if auth.enabled else ", no auth (loopback only)")
+                    f"[{bind}]" if ":" in bind else bind, sock.getsockname()[1],
+                    config.namespace, "" if auth.enabled else ", no auth (loopback only)")
         # uvicorn stops on SIGTERM, then raises it again once its own handler is
         # removed: with the default action that would kill us (exit -15) after a clean
         # stop. A no-op handler for that moment makes TERM end the command with 0.
         previous = signal.signal(signal.SIGTERM, lambda *_: None)
         try:
-            server.run()
+            server.run(sockets=[sock])
         finally:
             signal.signal(signal.SIGTERM, previous)
     return 0
