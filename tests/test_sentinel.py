@@ -5,6 +5,11 @@ under load and checks that the node goes on with the promoted replica: every
 job enqueued after the failover runs exactly once, and the loss and duplicates
 of the jobs enqueued before it are printed (Redis replicates asynchronously:
 see the README's Sentinel section).
+
+The TLS test runs the same clients against a master, a replica and sentinels
+that all listen on TLS only, through ``rediss+sentinel://`` with the private CA
+given as ``redis_tls_ca_certs``; it skips (fails under CI) where no CA can be
+made or redis-server has no TLS, like the TLS tests of test_security.py.
 """
 
 from __future__ import annotations
@@ -25,12 +30,24 @@ from exq_fast.connection import connect
 from exq_fast.embedded import delete_namespace
 from exq_fast.keys import Keys
 from tests.conftest import RunProcesses, wait_for
-from tests.sentinel import SERVICE, SentinelSetup
+from tests.sentinel import SERVICE, SentinelSetup, TlsUnavailable
+from tests.test_security import skip_or_fail
 
 
 @pytest.fixture
 def sentinel_setup() -> Iterator[SentinelSetup]:
     setup = SentinelSetup().start()
+    yield setup
+    setup.stop()
+
+
+@pytest.fixture
+def tls_sentinel_setup() -> Iterator[SentinelSetup]:
+    try:
+        setup = SentinelSetup(tls=True).start()
+    except TlsUnavailable as exc:
+        skip_or_fail(str(exc))
+        raise  # unreachable: skip_or_fail raises
     yield setup
     setup.stop()
 
@@ -77,29 +94,74 @@ def test_a_bad_sentinel_setting_fails_naming_the_option(options: dict[str, str],
 
 def test_every_client_follows_the_master_the_sentinels_name(
         sentinel_setup: SentinelSetup) -> None:
-    namespace = "s" + uuid.uuid4().hex[:10]
-    config = Config(redis_url=sentinel_setup.url, namespace=namespace, poll_timeout=10,
-                    scheduler_enable=False, node_id="sentinel-node")
-    master = redis.Redis(port=sentinel_setup.master.port)
+    config = Config(redis_url=sentinel_setup.url, namespace="s" + uuid.uuid4().hex[:10],
+                    poll_timeout=10, scheduler_enable=False, node_id="sentinel-node")
     # No silent client retries through Sentinel either (issue 11's rule).
     client = connect(config)
     assert client.get_retry() is not None and client.get_retry()._retries == 0  # type: ignore[union-attr]
-    ran: list[int] = []
-    with Enqueuer(config) as enqueuer:
-        for n in range(20):
-            enqueuer.enqueue("default", "S.Job", [n])
-    assert master.llen(Keys(namespace).queue("default")) == 20  # written to the master
-    assert Api(config).queues.queue("default").size() == 20
-    node = Exq(config, workers=Registry({"S.Job": ran.append}))
-    node.start()
-    try:
-        wait_for(lambda: node.acks.totals["processed"] == 20, 15, "20 jobs through Sentinel")
-    finally:
-        node.stop()
-    assert sorted(ran) == list(range(20))
-    assert int(master.get(Keys(namespace).stat("processed")) or 0) == 20
     client.close()
-    master.close()
+    run_twenty_jobs(sentinel_setup, config)
+
+
+def test_every_client_reaches_the_master_over_tls_through_tls_sentinels(
+        tls_sentinel_setup: SentinelSetup) -> None:
+    # Given a master, a replica and three sentinels on TLS only (no plaintext port),
+    # their certificates signed by a private CA
+    setup = tls_sentinel_setup
+    assert setup.tls is not None
+    ca = str(setup.tls.ca)
+    assert setup.url.startswith("rediss+sentinel://")
+    # When the clients are given the rediss+sentinel:// URL and the CA
+    config = Config(redis_url=setup.url, redis_tls_ca_certs=ca,
+                    namespace="s" + uuid.uuid4().hex[:10], poll_timeout=10,
+                    scheduler_enable=False, node_id="tls-sentinel-node")
+    # Then an Enqueuer, the Api and a node reach the master the sentinels name
+    run_twenty_jobs(setup, config)
+    # And the same settings from the environment (as the CLI reads them) work too
+    from_env = Config.from_env({"REDIS_URL": setup.url, "EXQ_REDIS_TLS_CA_CERTS": ca,
+                                "EXQ_NAMESPACE": config.namespace})
+    with Enqueuer(from_env) as enqueuer:
+        enqueuer.enqueue("default", "S.Job", [20])
+    with Api(from_env) as api:
+        assert api.queues.queue("default").size() == 1
+    # And the CA is checked: without it (the system's CAs) or with plain
+    # redis+sentinel://, no sentinel answers and no master is found
+    without_ca = Config(redis_url=setup.url, namespace=config.namespace)
+    plain = Config(redis_url=setup.url.replace("rediss+", "redis+", 1),
+                   redis_tls_ca_certs=ca, namespace=config.namespace)
+    for bad, why in ((without_ca, "certificate verify failed"), (plain, "No master found")):
+        with pytest.raises(redis.exceptions.ConnectionError, match=why), \
+                Enqueuer(bad) as enqueuer:
+            enqueuer.enqueue("default", "S.Job", [21])
+    with setup.client(setup.master.port) as master:
+        assert master.llen(Keys(config.namespace).queue("default")) == 1
+        delete_namespace(master, config.namespace)
+
+
+def run_twenty_jobs(setup: SentinelSetup, config: Config) -> None:
+    """Through ``setup``'s sentinels: an Enqueuer writes 20 jobs to the master, the
+    Api counts them, a node runs them all and its counter reaches the master."""
+    namespace = config.namespace
+    master = setup.client(setup.master.port)
+    ran: list[int] = []
+    try:
+        with Enqueuer(config) as enqueuer:
+            for n in range(20):
+                enqueuer.enqueue("default", "S.Job", [n])
+        assert master.llen(Keys(namespace).queue("default")) == 20  # written to the master
+        with Api(config) as api:
+            assert api.queues.queue("default").size() == 20
+        node = Exq(config, workers=Registry({"S.Job": ran.append}))
+        node.start()
+        try:
+            wait_for(lambda: node.acks.totals["processed"] == 20, 15,
+                     "20 jobs through Sentinel")
+        finally:
+            node.stop()
+        assert sorted(ran) == list(range(20))
+        assert int(master.get(Keys(namespace).stat("processed")) or 0) == 20
+    finally:
+        master.close()
 
 
 def test_the_masters_and_the_sentinels_passwords_are_each_used_where_they_belong() -> None:
