@@ -81,14 +81,20 @@ def serve(config: Config, *, bind: str = DEFAULT_BIND, port: int = DEFAULT_PORT,
         app = create_app(api=api, auth=auth)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                                server_header=False))
-        logger.info("exq-fast web UI on http://%s:%d/ (namespace %r)%s",
-                    f"[{bind}]" if ":" in bind else bind, sock.getsockname()[1],
-                    config.namespace, "" if auth.enabled else ", no auth (loopback only)")
-        # uvicorn stops on SIGTERM, then raises it again once its own handler is
-        # removed: with the default action that would kill us (exit -15) after a clean
-        # stop. A no-op handler for that moment makes TERM end the command with 0.
-        previous = signal.signal(signal.SIGTERM, lambda *_: None)
+
+        # TERM must stop the server whenever it comes, and end the command with 0.
+        # uvicorn handles it only once its loop runs, and raises it again after its
+        # stop (the default action would then kill us with -15). Our handler covers
+        # both moments: before uvicorn's, it asks the server to exit (uvicorn checks
+        # that right after start-up); after, it is harmless.
+        def stop(_signum: int, _frame: object) -> None:
+            server.should_exit = True
+
+        previous = signal.signal(signal.SIGTERM, stop)
         try:
+            logger.info("exq-fast web UI on http://%s:%d/ (namespace %r)%s",
+                        f"[{bind}]" if ":" in bind else bind, sock.getsockname()[1],
+                        config.namespace, "" if auth.enabled else ", no auth (loopback only)")
             server.run(sockets=[sock])
         finally:
             signal.signal(signal.SIGTERM, previous)
