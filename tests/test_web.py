@@ -30,7 +30,16 @@ from exq_fast.keys import Keys
 from exq_fast.web import WebAuth, create_app
 from exq_fast.web.views import digest_of, encode_member
 from tests.conftest import wait_for
-from tests.test_api import VERSIONS, Node, load_payloads, load_stats
+from tests.test_api import (
+    EXQ23,
+    SIDEKIQ,
+    SIDEKIQ_ID,
+    VERSIONS,
+    Node,
+    load_inflight,
+    load_payloads,
+    load_stats,
+)
 from tests.web import Client, WebServer, serving
 
 HOSTILE = "<script>document.title='pwned'</script>"
@@ -206,6 +215,40 @@ def test_busy_lists_a_live_node_and_its_running_job(
         node.ping_until(lambda: node.jobs and node.jobs[0].cancelled, "the job to be cancelled")
     finally:
         node.close()
+
+
+def test_the_empty_namespace_with_sidekiq_processes_and_an_exq_node(
+        private_redis: RedisServer) -> None:
+    # Given Sidekiq 6.4's jobs, sets, stats and process, and Exq 0.23's node, with no
+    # namespace (Sidekiq 7's layout), on a private Redis
+    client, keys = redis.Redis.from_url(private_redis.url), Keys("")
+    loaded = load_payloads(client, keys, SIDEKIQ)
+    load_stats(client, keys, SIDEKIQ)
+    load_inflight(client, keys, SIDEKIQ)
+    load_inflight(client, keys, EXQ23)
+    with Api(Config(redis_url=private_redis.url, namespace="")) as api, \
+            serving(create_app(api=api)) as server:
+        web = Client(server.port)
+        # Then the dashboard has the Api's numbers and the busy page both nodes and
+        # the jobs they run
+        numbers = api.stats.summary()
+        assert stat_values(web.get("/").body)["busy"] == numbers.busy == 4
+        busy = web.get("/busy").body
+        for node in api.processes.nodes():
+            assert f'data-node="{html.escape(node.identity)}"' in busy
+        assert busy.count("<tr data-jid=") == len(api.processes.running()) == 4
+        assert "namespace: (empty)" in busy
+
+        # And quiet sent from the page reaches Sidekiq's signal list too
+        web.post("/busy", [("action", "quiet"), ("node", SIDEKIQ_ID)])
+        assert client.lrange(f"{SIDEKIQ_ID}-signals", 0, -1) == [b"TSTP"]
+
+        # And a dead job retried from the page is at the head of Sidekiq's queue
+        web.get("/dead")
+        member = loaded.dead[0][0]
+        web.post("/dead", [("action", "retry"), ("member", encode_member(member))])
+        assert client.lindex("queue:default", 0) == member
+    client.close()
 
 
 # -- actions ---------------------------------------------------------------------------
