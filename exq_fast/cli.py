@@ -355,10 +355,12 @@ def _web(args: argparse.Namespace) -> int:
     try:
         from .web.serve import auth_from, serve  # noqa: PLC0415 - optional extra
     except ImportError as exc:
-        raise UsageError(f"the web UI needs its extra: pip install 'exq-fast[web]' ({exc})"
+        missing = f" (no module {exc.name!r})" if exc.name else ""
+        raise UsageError(f"the web UI needs its extra: pip install 'exq-fast[web]'{missing}"
                          ) from None
     auth = auth_from(args.basic_auth, args.token)
-    return serve(config_from(args), bind=args.bind, port=args.port, auth=auth)
+    return serve(config_from(args), bind=args.bind, port=args.port, auth=auth,
+                 allowed_hosts=[h for item in args.allowed_host for h in item.split(",") if h])
 
 
 def _add_web_verb(verbs: Any) -> None:
@@ -374,6 +376,10 @@ def _add_web_verb(verbs: Any) -> None:
     web.add_argument("--basic-auth", metavar="USER:PASSWORD",
                      help="require HTTP basic auth (default: $EXQ_WEB_BASIC_AUTH; prefer the "
                           "variable: a flag shows in ps)")
+    web.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                     help="a host name browsers may use to reach the UI, beside loopback "
+                          "names and the --bind address (repeatable; e.g. the name of a "
+                          "proxy in front; also accepted as a form's Origin)")
     web.add_argument("--token", metavar="TOKEN",
                      help="require this token (16+ characters): 'Authorization: Bearer', or "
                           "open /?token=TOKEN once (default: $EXQ_WEB_TOKEN)")

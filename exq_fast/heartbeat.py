@@ -145,9 +145,21 @@ class NodePinger(BackgroundLoop):
         # Signals are handled before the prune: they are already trimmed from
         # Redis, so a prune failure must not lose them.
         self._dispatch(signals)
+        if signals:
+            # What a signal changed (quiet, stopping, the queues) shows now, not at
+            # the next ping 5 s later: a UI would show the node running meanwhile.
+            self._write_fields()
         if count % PRUNE_EVERY == 0:
             self.prune()
         return signals
+
+    def _write_fields(self) -> None:
+        """Write this node's hash fields (``info``, ``busy``, ``quiet``...) again."""
+        fields = self.node_fields()
+        pipe = self.client.pipeline(transaction=False)
+        for _, node_key in self._registries:
+            pipe.hset(node_key(self.node_id), mapping=fields)
+        pipe.execute()
 
     def ping(self) -> list[str]:
         """Write this node's registration in one MULTI/EXEC; return the signals read."""

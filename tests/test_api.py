@@ -573,6 +573,14 @@ def test_kill_moves_retries_to_the_dead_set_byte_for_byte_and_trims_it(
             api.dead.kill([member])
         assert api.retries.kill([b'{"jid":"not-a-member"}']) == 0
 
+    # And with room for every entry, one older than dead_timeout_in_seconds goes
+    ancient = b'{"class":"Old","args":[],"jid":"old"}'
+    redis_client.zadd(keys.dead, {ancient: time.time() - 3600})
+    with Api(make_config(dead_timeout_in_seconds=60)) as api:
+        assert api.retries.kill([loaded.retry[1][0]]) == 1
+        assert redis_client.zscore(keys.dead, ancient) is None
+        assert redis_client.zscore(keys.dead, loaded.retry[1][0]) is not None
+
 
 def test_concurrent_requeues_of_the_same_member_move_it_once(
     config: Config, redis_client: redis.Redis, keys: Keys

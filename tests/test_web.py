@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from urllib.parse import quote, urlencode
 
 import markupsafe
 import pytest
@@ -28,7 +29,7 @@ from exq_fast.embedded import RedisServer, free_port
 from exq_fast.enqueuer import Enqueuer
 from exq_fast.keys import Keys
 from exq_fast.web import WebAuth, create_app
-from exq_fast.web.views import digest_of, encode_member
+from exq_fast.web.views import digest_of
 from tests.conftest import wait_for
 from tests.test_api import (
     EXQ23,
@@ -62,6 +63,13 @@ def web(api: Api) -> Iterator[WebServer]:
 @pytest.fixture
 def client(web: WebServer) -> Client:
     return Client(web.port)
+
+
+def ref(raw: bytes, where: float | str | int) -> str:
+    """What the UI's forms post to name a job: its digest at its score (a set entry;
+    ``where`` as stored) or at its index (a queue)."""
+    at = repr(float(where)) if isinstance(where, float | str) else str(where)
+    return f"{digest_of(raw)}@{at}"
 
 
 def stat_values(page: str) -> dict[str, int]:
@@ -102,7 +110,7 @@ def test_every_page_shows_what_the_api_reads_for_each_library(
     queues = client.get("/queues").body
     assert re.search(rf'data-queue="{loaded.queue}">.*?class="num size">{len(loaded.enqueued)}<',
                      queues, re.S)
-    jobs = client.get(f"/queues/{loaded.queue}").body
+    jobs = client.get(f"/queue?name={loaded.queue}").body
     for entry in api.queues.queue(loaded.queue).page(size=25):
         assert f'data-jid="{entry.jid}"' in jobs
 
@@ -156,7 +164,7 @@ def test_a_hostile_payload_is_shown_as_text_on_every_page(
     score = repr(float(redis_client.zscore(keys.dead, job) or 0))
 
     # Then no page carries the script as markup, and each shows it escaped
-    for path in ("/", "/queues", "/queues/default", "/retries", "/scheduled", "/dead",
+    for path in ("/", "/queues", "/queue?name=default", "/retries", "/scheduled", "/dead",
                  f"/dead/{score}/{digest_of(job)}"):
         page = client.get(path)
         assert page.status == 200, path
@@ -175,7 +183,7 @@ def test_a_member_that_is_not_a_job_shows_its_raw_bytes(
     redis_client.zadd(keys.dead, {NOT_JSON: 1700000000.5, b'{"args": "not a list"}': 1.0})
 
     # Then each page lists it as "not a job" with its bytes, and its detail opens
-    for path in ("/queues/default", "/dead"):
+    for path in ("/queue?name=default", "/dead"):
         page = client.get(path)
         assert page.status == 200
         assert "not a job" in page.body and r"\xff\xfe not json {" in page.body
@@ -245,8 +253,8 @@ def test_the_empty_namespace_with_sidekiq_processes_and_an_exq_node(
 
         # And a dead job retried from the page is at the head of Sidekiq's queue
         web.get("/dead")
-        member = loaded.dead[0][0]
-        web.post("/dead", [("action", "retry"), ("member", encode_member(member))])
+        member, score = loaded.dead[0]
+        web.post("/dead", [("action", "retry"), ("member", ref(member, score))])
         assert client.lindex("queue:default", 0) == member
     client.close()
 
@@ -259,12 +267,12 @@ def test_retry_delete_and_kill_move_exactly_the_selected_members(
     # Given Exq's retry set
     loaded = load_payloads(redis_client, keys, VERSIONS[0])
     client.get("/retries")
-    (first, _), (second, _), (third, _) = loaded.retry[:3]
+    (first, s1), (second, s2), (third, s3) = loaded.retry[:3]
 
     # When one is retried now, one deleted and one killed
-    for action, member in (("retry", first), ("delete", second), ("kill", third)):
-        reply = client.post("/retries", [("action", action),
-                                         ("member", encode_member(member))])
+    for action, member, score in (("retry", first, s1), ("delete", second, s2),
+                                  ("kill", third, s3)):
+        reply = client.post("/retries", [("action", action), ("member", ref(member, score))])
         assert reply.status == 303 and "done=" in reply.headers["location"]
 
     # Then the first is at the head of its queue byte for byte, the second gone,
@@ -284,7 +292,7 @@ def test_whole_set_actions_and_clearing_a_queue_ask_first(
 
     # When "retry all" is pressed, a confirmation comes back and nothing moved
     ask = client.post("/dead", [("action", "retry"), ("scope", "all")])
-    assert ask.status == 200 and f"Retry all {len(loaded.dead)} job(s)" in ask.body
+    assert ask.status == 200 and f"Move all {len(loaded.dead)} job(s) of the dead set" in ask.body
     assert api.dead.size() == len(loaded.dead)
 
     # And once confirmed every dead job is back in its queue
@@ -294,10 +302,10 @@ def test_whole_set_actions_and_clearing_a_queue_ask_first(
     assert api.queues.queue(loaded.queue).size() == queued
 
     # When the queue is cleared: first a question, then the queue is empty, its name kept
-    ask = client.post(f"/queues/{loaded.queue}", [("action", "clear")])
+    ask = client.post(f"/queue?name={loaded.queue}", [("action", "clear")])
     assert ask.status == 200 and f"Delete all {queued} job(s)" in ask.body
     assert api.queues.queue(loaded.queue).size() == queued
-    done = client.post(f"/queues/{loaded.queue}", [("action", "clear"), ("confirmed", "1")])
+    done = client.post(f"/queue?name={loaded.queue}", [("action", "clear"), ("confirmed", "1")])
     assert done.status == 303 and api.queues.queue(loaded.queue).size() == 0
     assert loaded.queue in api.queues.names()
 
@@ -309,14 +317,16 @@ def test_whole_set_actions_and_clearing_a_queue_ask_first(
 def test_deleting_one_queued_job_removes_that_one_only(
         client: Client, enqueuer: Enqueuer, redis_client: redis.Redis, keys: Keys) -> None:
     jids = [enqueuer.enqueue("default", "W", [i]) for i in range(3)]
-    client.get("/queues/default")
-    target = next(m for m in redis_client.lrange(keys.queue("default"), 0, -1)
-                  if jids[1].encode() in m)
-    reply = client.post("/queues/default", [("action", "delete"),
-                                            ("member", encode_member(target))])
+    client.get("/queue?name=default")
+    listed = redis_client.lrange(keys.queue("default"), 0, -1)
+    index, target = next((i, m) for i, m in enumerate(listed) if jids[1].encode() in m)
+    # (the index a page saw: the job is found even after the queue shifted)
+    redis_client.lpush(keys.queue("default"), b'{"class":"W","args":["newer"],"jid":"n"}')
+    reply = client.post("/queue?name=default", [("action", "delete"),
+                                                 ("member", ref(target, index))])
     assert reply.status == 303
     left = redis_client.lrange(keys.queue("default"), 0, -1)
-    assert len(left) == 2 and target not in left
+    assert len(left) == 3 and target not in left
 
 
 def test_quiet_and_stop_signal_the_node(config: Config, client: Client,
@@ -332,7 +342,7 @@ def test_quiet_and_stop_signal_the_node(config: Config, client: Client,
         assert redis_client.lrange(keys.signals(config.node_id), 0, -1) == [b"TSTP"]
         assert "quieting" in client.get("/busy").body
         node.ping_until(lambda: node.exq.subscriptions() == [], "TSTP handled")
-        node.ping()
+        # (no second ping: the node writes its quiet state when it takes the signal)
         assert re.search(rf'data-node="{config.node_id}">.*?class="tag quiet">quiet<',
                          client.get("/busy").body, re.S)
         # When stop is pressed: a question first, then TERM
@@ -379,7 +389,7 @@ def test_every_response_carries_the_security_headers(client: Client) -> None:
         assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
         assert reply.headers["x-content-type-options"] == "nosniff"
     cookie = client.get("/").set_cookies or Client(client.port).get("/").set_cookies
-    assert "HttpOnly" in cookie[0] and "SameSite=Strict" in cookie[0]
+    assert "HttpOnly" in cookie[0] and "SameSite=Lax" in cookie[0]
 
 
 def test_basic_auth_and_token(api: Api) -> None:
@@ -417,7 +427,7 @@ def test_mounted_in_another_app_under_a_prefix(
         assert 'href="/ops/exq/static/style.css"' in page
         assert 'action="/ops/exq/dead"' in page
         assert client.get("/ops/exq/static/style.css").status == 200
-        member = encode_member(loaded.dead[0][0])
+        member = ref(*loaded.dead[0])
         reply = client.post("/ops/exq/dead", [("action", "delete"), ("member", member)])
         assert reply.status == 303 and reply.headers["location"].startswith("/ops/exq/dead?")
         assert api.dead.size() == len(loaded.dead) - 1
@@ -482,3 +492,219 @@ def test_the_web_command_serves_until_sigterm(config: Config, redis_client: redi
     assert process.returncode == 0, err
     assert f"http://127.0.0.1:{port}/" in err
 
+
+
+# -- what a hostile site, odd data or another app on the host cannot do ------------------
+
+
+def test_a_site_rebinding_its_name_to_loopback_gets_nothing(
+        api: Api, client: Client, redis_client: redis.Redis, keys: Keys) -> None:
+    # Given a UI with no auth, and a page of evil.example whose DNS now says 127.0.0.1
+    loaded = load_payloads(redis_client, keys, VERSIONS[0])
+    client.get("/dead")
+    evil = {"Host": f"evil.example:{client.port}"}
+
+    # Then neither its reads nor its POSTs reach Redis
+    assert client.get("/dead", headers=evil).status == 421
+    reply = client.post("/dead", [("action", "delete"), ("scope", "all"), ("confirmed", "1")],
+                        headers={**evil, "Origin": f"http://evil.example:{client.port}"})
+    assert reply.status == 421 and api.dead.size() == len(loaded.dead)
+    # While localhost and [::1]-style names work
+    assert client.get("/dead", headers={"Host": f"localhost:{client.port}"}).status == 200
+
+
+def test_a_name_given_in_allowed_hosts_works_behind_a_proxy(
+        api: Api, redis_client: redis.Redis, keys: Keys) -> None:
+    redis_client.zadd(keys.dead, {hostile_job(): 1.0})  # a page with a form (and a token)
+    with serving(create_app(api=api, allowed_hosts=["ops.example.com"])) as server:
+        web = Client(server.port)
+        proxied = {"Host": "ops.example.com"}
+        assert web.get("/dead", headers=proxied).status == 200
+        assert web.get("/dead", headers={"Host": "other.example.com"}).status == 421
+        # A form whose Origin is the proxy's public name, Host rewritten by the proxy
+        reply = web.post("/busy", [("action", "quiet"), ("node", "n1")],
+                         headers={"Origin": "https://ops.example.com"})
+        assert reply.status == 303
+
+
+def test_cross_site_subresources_are_refused_but_links_open(client: Client) -> None:
+    image = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors",
+             "Sec-Fetch-Dest": "image"}
+    assert client.get("/dead?q=anything", headers=image).status == 403
+    link = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}
+    assert client.get("/dead", headers=link).status == 200
+
+
+def test_odd_queue_names_are_each_their_own_queue(
+        api: Api, client: Client, enqueuer: Enqueuer) -> None:
+    # Given queues whose names look like paths, escapes or markup, and a plain "b"
+    names = ["a/../b", "b", "..", ".", "x%2Fy", "x/y", 'q<"\'>&', "sp ace?#"]
+    for name in names:
+        enqueuer.enqueue(name, "W", [name])
+
+    listing = client.get("/queues").body
+    assert 'q<"' not in listing and str(markupsafe.escape('q<"\'>&')) in listing
+    for name in names:
+        # Then each one's page lists its own job only
+        page = client.get(f"/queue?name={_quote(name)}")
+        assert page.status == 200, name
+        assert page.body.count("<tr data-jid=") == 1, name
+        assert html.escape(json.dumps([name])) in page.body or \
+            str(markupsafe.escape(json.dumps([name]))) in page.body, name
+        assert f'href="/queue?name={_quote(name)}"' in listing, name
+
+    # And clearing "a/../b" (asked, then confirmed) clears it and nothing else
+    ask = client.post(f"/queue?name={_quote('a/../b')}", [("action", "clear")])
+    action = re.search(r'<form method="post" action="([^"]+)"', ask.body)
+    assert action is not None
+    done = client.request("POST", html.unescape(action.group(1)), urlencode(
+        [("action", "clear"), ("confirmed", "1"), ("csrf", client.csrf)]).encode(),
+        {"Content-Type": "application/x-www-form-urlencoded"})
+    assert done.status == 303
+    assert api.queues.queue("a/../b").size() == 0
+    assert all(api.queues.queue(n).size() == 1 for n in names if n != "a/../b")
+
+
+def test_values_no_page_expected_never_break_one(
+        client: Client, redis_client: redis.Redis, keys: Keys, config: Config) -> None:
+    # Given scores and times no date can hold, a lone surrogate, deep nesting, an
+    # empty queue name and a node whose times are junk
+    deep = "[" * 900 + "]" * 900
+    redis_client.zadd(keys.retry, {b'{"class":"K","args":[],"jid":"big-score"}': 1e20})
+    redis_client.zadd(keys.dead, {
+        b'{"class":"K","args":[],"jid":"t1","enqueued_at":1e300,"failed_at":1e17}': 5.0,
+        b'{"class":"\\ud800","args":["\\udfff"],"jid":"sur\\ud800"}': 6.0,
+        ('{"class":"Deep","args":' + deep + ',"jid":"deep"}').encode(): 7.0})
+    redis_client.sadd(keys.queues, "", "q")
+    redis_client.lpush(keys.queue("q"), b'{"class":"K","args":[],"enqueued_at":1e300}')
+    node = 'junk<b>"node'
+    redis_client.sadd(keys.processes, node)
+    redis_client.hset(keys.node(node), mapping={"info": json.dumps({
+        "hostname": "h\ud800".encode("utf-8", "surrogatepass").decode("utf-8", "replace"),
+        "started_at": 1e300, "pid": 1, "queues": ["q"], "concurrency": 1}), "beat": "1e300",
+        "busy": "0"})
+
+    # Then every page answers 200 and shows them
+    for path in ("/", "/queues", "/queue?name=q", "/busy", "/retries", "/dead",
+                 "/dead?q=sur", "/retries/1e+20/" + digest_of(
+                     b'{"class":"K","args":[],"jid":"big-score"}')):
+        reply = client.get(path)
+        assert reply.status == 200, (path, reply.body[-500:])
+    assert "1e+20" in client.get("/retries").body
+    dead = client.get("/dead").body
+    assert "\\ud800" in dead and 'data-jid="deep"' in dead
+    assert client.get("/queue?name=").status == 400
+    busy = client.get("/busy").body
+    assert 'junk<b>' not in busy and str(markupsafe.escape(node)) in busy
+
+
+def test_junk_scores_in_a_detail_address_are_not_found(client: Client) -> None:
+    for score in ("nan", "inf", "-inf", "1_000", "0x10", "1e999", "abc"):
+        reply = client.get(f"/retries/{score}/0123456789abcdef")
+        assert reply.status == 404, score
+        assert "<h1>Not found</h1>" in reply.body
+
+
+def test_another_apps_cookies_on_the_same_host_do_not_lock_us_out(
+        api: Api, redis_client: redis.Redis, keys: Keys) -> None:
+    auth = WebAuth(token="a-token-of-twenty-chars")
+    load_payloads(redis_client, keys, VERSIONS[0])
+    with serving(create_app(api=api, auth=auth)) as server:
+        web = Client(server.port)
+        assert web.get(f"/dead?token={auth.token}").status == 303
+        web.cookies = {"theme": '{"d":1}', **web.cookies, "prefs": "a b"}
+        assert web.get("/dead").status == 200
+        assert web.post("/busy", [("action", "quiet"), ("node", "n1")]).status == 303
+        # While a wrong cookie value is refused
+        forged = Client(server.port)
+        forged.cookies = {"exq_web_token": "0" * 64}
+        assert forged.get("/dead").status == 401
+
+
+def test_a_notice_in_a_link_from_elsewhere_is_not_shown(client: Client) -> None:
+    page = client.get("/dead?done=Your+session+expired,+sign+in+at+evil.example").body
+    assert "evil.example" not in page and 'id="notice"' not in page
+
+
+def test_back_never_leaves_the_app(client: Client, redis_client: redis.Redis,
+                                   keys: Keys) -> None:
+    loaded = load_payloads(redis_client, keys, VERSIONS[0])
+    client.get("/dead")
+    for back in ("//evil.example/x", "https://evil.example/", "javascript:alert(1)",
+                 "/dead#frag", "/\\evil.example"):
+        reply = client.post("/dead", [("action", "delete"), ("member", ref(*loaded.dead[0])),
+                                      ("back", back)])
+        assert reply.status == 303 and reply.headers["location"].startswith("/dead?done="), back
+        ask = client.post("/dead", [("action", "delete"), ("scope", "all"), ("back", back)])
+        hrefs = re.findall(r'href="([^"]*)"', ask.body)
+        assert '<a href="/dead" id="cancel">' in ask.body, back
+        assert not [h for h in hrefs if "evil" in h or h.startswith("javascript")], back
+
+
+def test_a_big_job_is_listed_short_and_deleted_by_reference(
+        api: Api, client: Client, redis_client: redis.Redis, keys: Keys) -> None:
+    # Given a 3 MB member that is not a job, and a 2 MB job, in the dead set
+    junk = b"x" * 3_000_000
+    job = json.dumps({"class": "Big", "args": ["y" * 2_000_000], "jid": "big"}).encode()
+    redis_client.zadd(keys.dead, {junk: 1.0, job: 2.0})
+
+    # Then the listing stays small, and each is deleted from its row's reference
+    page = client.get("/dead")
+    assert len(page.body) < 50_000
+    for raw, score in ((junk, 1.0), (job, 2.0)):
+        reply = client.post("/dead", [("action", "delete"), ("member", ref(raw, score))])
+        assert reply.status == 303
+    assert api.dead.size() == 0
+
+
+def test_a_form_too_large_or_from_null_origin_is_refused_unread(
+        api: Api, client: Client, redis_client: redis.Redis, keys: Keys) -> None:
+    loaded = load_payloads(redis_client, keys, VERSIONS[0])
+    client.get("/dead")
+    clear = [("action", "delete"), ("scope", "all"), ("confirmed", "1")]
+    assert client.post("/dead", clear, headers={"Origin": "null"}).status == 403
+    assert client.post("/dead", [*clear, ("pad", "z" * (2 << 20))]).status == 400
+    assert api.dead.size() == len(loaded.dead)
+
+
+def test_auth_failures_show_nothing_from_redis(api: Api, redis_client: redis.Redis,
+                                               keys: Keys) -> None:
+    load_payloads(redis_client, keys, VERSIONS[0])
+    secret_jid = api.dead.page(size=1)[0].jid or ""
+    auth = WebAuth("ops", "correct horse")
+    with serving(create_app(api=api, auth=auth)) as server:
+        for user, password in (("ops", "wrong"), ("nobody", "correct horse"), ("", "")):
+            reply = Client(server.port, basic=(user, password)).get("/dead")
+            assert reply.status == 401 and secret_jid not in reply.body
+    assert "correct horse" not in repr(auth)
+
+
+def _quote(name: str) -> str:
+    return quote(name, safe="")
+
+
+def test_retry_of_a_selection_leaves_what_is_not_a_job_and_keeps_the_page(
+        api: Api, client: Client, redis_client: redis.Redis, keys: Keys) -> None:
+    # Given 30 dead jobs and, among them, bytes that are not a job
+    redis_client.zadd(keys.dead, {json.dumps({"class": "W", "args": [i], "jid": f"j{i}",
+                                              "queue": "q"}): float(i) for i in range(30)})
+    redis_client.zadd(keys.dead, {NOT_JSON: 100.0})
+    client.get("/dead?page=2")
+    job = json.dumps({"class": "W", "args": [3], "jid": "j3", "queue": "q"}).encode()
+
+    # When both are selected on page 2 and retried
+    reply = client.post("/dead", [("action", "retry"), ("member", ref(job, 3.0)),
+                                  ("member", ref(NOT_JSON, 100.0)), ("back", "/dead?page=2")])
+
+    # Then the job is in its queue, the bytes still in the dead set, and the browser is
+    # back on page 2 with a notice saying so
+    assert reply.status == 303 and reply.headers["location"].startswith("/dead?page=2&done=")
+    assert redis_client.lrange(keys.queue("q"), 0, -1) == [job]
+    assert redis_client.zscore(keys.dead, NOT_JSON) == 100.0
+    assert "1 not a job: left where it was." in client.get(reply.headers["location"]).body
+
+    # And pressing a button with nothing selected says so, changing nothing
+    reply = client.post("/dead", [("action", "delete"), ("back", "/dead?page=2")])
+    assert reply.status == 303
+    assert "No job was selected." in client.get(reply.headers["location"]).body
+    assert api.dead.size() == 30

@@ -192,7 +192,7 @@ def test_every_page_loads_with_the_api_numbers(driver: WebDriver, world: World,
         row = driver.find_element(By.CSS_SELECTOR, f'tr[data-queue="{name}"] td.size')
         assert row.text == str(size)
     _shot(driver, tmp_path, "queues")
-    driver.get(world.url("/queues/mail"))
+    driver.get(world.url("/queue?name=mail"))
     assert len(driver.find_elements(By.CSS_SELECTOR, "#jobs tbody tr")) == 25
     _shot(driver, tmp_path, "queue")
 
@@ -218,7 +218,7 @@ def test_every_page_loads_with_the_api_numbers(driver: WebDriver, world: World,
 
 def test_a_hostile_payload_is_text_and_a_broken_member_its_bytes(
         driver: WebDriver, world: World, tmp_path: Path) -> None:
-    for path in ("/queues/mail", "/dead", "/"):
+    for path in ("/queue?name=mail", "/dead", "/"):
         driver.get(world.url(path))
         _no_alert(driver)
         assert driver.title.endswith("exq-fast") and "pwned" not in driver.title
@@ -275,7 +275,7 @@ def test_retry_delete_kill_clear_and_quiet_change_redis(
     assert api.dead.size() == dead_before - 1 and api.dead.find("evil-1") is None
 
     # Clear a queue: asked first, then empty
-    driver.get(world.url("/queues/mail"))
+    driver.get(world.url("/queue?name=mail"))
     size = api.queues.queue("mail").size()
     _click(driver, "#clear-queue")
     assert f"Delete all {size} job(s) of queue mail" in _text(driver, "#question")
@@ -293,7 +293,6 @@ def test_retry_delete_kill_clear_and_quiet_change_redis(
     assert "quiet" in _notice(driver)
     assert client.lrange(keys.signals(node_id), 0, -1) == [b"TSTP"]
     world.node.ping_until(lambda: world.node.exq.subscriptions() == [], "TSTP handled")
-    world.node.ping()
     driver.get(world.url("/busy"))
     assert _text(driver, f'tr[data-node="{node_id}"] td.state') == "quiet"
     assert [n.quiet for n in api.processes.nodes() if n.identity == node_id] == [True]

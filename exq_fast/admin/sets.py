@@ -39,6 +39,7 @@ from ._common import (
     check_name,
     check_page,
     entries,
+    entry,
     find_in_pages,
     first_with_jid,
     raw_list,
@@ -97,6 +98,12 @@ class JobSet(Members):
         """Every entry scored exactly ``score`` (a float, or its text as Redis reads it)."""
         bound = _score_arg(score)
         return entries(self._redis.zrangebyscore(self.key, bound, bound, withscores=True))
+
+    def scan(self, match: str | None = None) -> Iterator[Entry]:
+        """Every entry (ZSCAN, in no order), or those whose raw bytes match the glob
+        ``match``, tested by Redis: a filter reads only what matches."""
+        for member, score in self._redis.zscan_iter(self.key, match=match, count=PAGE_SIZE):
+            yield entry(member, float(score))
 
     def find(self, jid: str, score: float | str | None = None) -> Entry | None:
         """The entry of ``jid`` (at ``score`` if given, else the first in listing

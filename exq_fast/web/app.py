@@ -6,14 +6,22 @@ change Redis. Each action is a POST carrying the CSRF token (``security``);
 a destructive one (clear a queue, stop a node, anything on a whole set) first
 answers with a confirmation page that posts the same fields again with
 ``confirmed=1``. After an action the browser is sent back (303) to the page
-it came from, with one line saying what changed.
+it came from, with one line saying what changed (signed: a link made
+elsewhere cannot show a notice of its own).
 
-Pages (paths under wherever the app is mounted):
+An action names jobs by reference, ``<digest>@<score>`` in a set or
+``<digest>@<index>`` in a queue (``views.JobView.member``): the server reads
+the exact bytes back from Redis and acts on those, so a form stays small
+whatever the job's size, and a job that changed or left meanwhile is simply
+not found (nothing else is touched).
 
-    /                        dashboard; /stats.json feeds its live chart
-    /queues, /queues/<name>  queues; a queue's jobs, paged
-    /busy                    nodes and the jobs they run
-    /retries, /scheduled, /dead              a set, paged, ?q= filters
+Pages (paths under wherever the app is mounted; a queue is named in the query,
+so any name, ``a/../b`` included, is one queue):
+
+    /                          dashboard; /stats.json feeds its live chart
+    /queues, /queue?name=<q>   queues; a queue's jobs, paged
+    /busy                      nodes and the jobs they run
+    /retries, /scheduled, /dead               a set, paged, ?q= filters
     /retries/<score>/<digest> (and the others)  one entry in full
 """
 
@@ -25,7 +33,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import jinja2
 import redis
@@ -38,21 +46,23 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..admin import Api, Entry, JobSet
+from ..admin import Api, Entry, JobSet, Queue
+from ..admin._common import PAGE_SIZE as SCAN_PAGE
 from ..config import scrub
-from .security import Guard, WebAuth, csrf_token, same_origin
+from .security import Guard, WebAuth, csrf_token, same_origin, sign
 from .views import (
     Paging,
     ago,
-    decode_member,
     digest_of,
     duration,
     filtered_page,
     history_bars,
     iso,
     job_view,
+    parse_ref,
     realtime_points,
     running_view,
+    score_text,
 )
 
 __all__ = ["WebUI"]
@@ -65,6 +75,8 @@ SETS: dict[str, tuple[str, str]] = {
 }
 """URL name -> (Api set name, title)."""
 HISTORY_DAYS = (7, 30, 90)
+MAX_FORM_BYTES = 1 << 20
+"""A form larger than this is refused unread (forms name jobs, never carry them)."""
 
 
 class BadRequest(Exception):
@@ -75,35 +87,43 @@ class Forbidden(Exception):
     """A POST without the UI's CSRF token, or from another site: 403."""
 
 
+class NotFound(Exception):
+    """An entry or page that is not there (any more): 404."""
+
+
 class WebUI:
     """The app's state (Api, templates, CSRF secret) and its endpoints."""
 
-    def __init__(self, api: Api, auth: WebAuth, secret: bytes) -> None:
+    def __init__(self, api: Api, auth: WebAuth, secret: bytes,
+                 allowed_hosts: frozenset[str] | None = None) -> None:
         self.api = api
         self.secret = secret
+        self.origins = allowed_hosts or frozenset()
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-        self.env.globals.update(iso=iso, ago=ago, duration=duration, quote=quote,
+        self.env.globals.update(iso=iso, ago=ago, duration=duration, quote=_q,
                                 namespace_name=api.config.namespace or "(empty)")
-        self.app = Starlette(routes=self._routes(), middleware=[Middleware(Guard, auth=auth)],
-                             exception_handlers={redis.exceptions.RedisError: self._redis_down,
-                                                 BadRequest: self._bad_request,
-                                                 Forbidden: self._forbidden})
+        self.app = Starlette(
+            routes=self._routes(),
+            middleware=[Middleware(Guard, auth=auth, allowed_hosts=allowed_hosts)],
+            exception_handlers={redis.exceptions.RedisError: self._redis_down,
+                                BadRequest: self._bad_request, Forbidden: self._forbidden,
+                                NotFound: self._not_found})
 
     def _routes(self) -> list[Route | Mount]:
         routes: list[Route | Mount] = [
-            Route("/", self.dashboard, name="dashboard"),
-            Route("/stats.json", self.stats_json, name="stats_json"),
-            Route("/queues", self.queues, name="queues"),
-            Route("/queues/{name:path}", self.queue, name="queue"),
-            Route("/queues/{name:path}", self.queue_action, methods=["POST"]),
-            Route("/busy", self.busy, name="busy"),
+            Route("/", self.dashboard),
+            Route("/stats.json", self.stats_json),
+            Route("/queues", self.queues),
+            Route("/queue", self.queue),
+            Route("/queue", self.queue_action, methods=["POST"]),
+            Route("/busy", self.busy),
             Route("/busy", self.busy_action, methods=["POST"]),
-            Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+            Mount("/static", StaticFiles(directory=HERE / "static")),
         ]
         for path in SETS:
-            routes += [Route(f"/{path}", self.job_set, name=path),
+            routes += [Route(f"/{path}", self.job_set),
                        Route(f"/{path}", self.set_action, methods=["POST"]),
                        Route(f"/{path}/{{score}}/{{digest}}", self.entry)]
         return routes
@@ -114,13 +134,20 @@ class WebUI:
                **context: Any) -> HTMLResponse:
         root = request.scope.get("root_path", "")
         seed: str = request.scope.get("state", {}).get("csrf_seed", "")
+        notice = request.query_params.get("done", "")
+        if notice and not _same(request.query_params.get("sig", ""), sign(self.secret, notice)):
+            notice = ""  # not written by this app
         page = self.env.get_template(template).render(
             root=root, csrf=csrf_token(self.secret, seed), path=request.url.path,
-            message=request.query_params.get("done", ""), **context)
-        return HTMLResponse(page, status_code=status)
+            message=notice, **context)
+        # A lone surrogate (JSON "\ud800") cannot be UTF-8: shown as its escape.
+        return HTMLResponse(page.encode("utf-8", "backslashreplace"), status_code=status)
 
     def _redis_down(self, request: Request, exc: Exception) -> Response:
         logger.warning("web UI: Redis error on %s: %s", request.url.path, exc)
+        if isinstance(exc, redis.exceptions.ResponseError):
+            return self.render(request, "error.html", 400, title="Redis refused the request",
+                               detail=scrub(str(exc)))
         return self.render(request, "error.html", 503, title="Redis unavailable",
                            detail=scrub(f"Redis did not answer: {exc}"))
 
@@ -131,6 +158,9 @@ class WebUI:
         return self.render(request, "error.html", 403, title="Refused", detail=(
             "This form did not come from this page (no valid CSRF token, or another site "
             "sent it). Reload the page and try again."))
+
+    def _not_found(self, request: Request, exc: Exception) -> Response:
+        return self.render(request, "error.html", 404, title="Not found", detail=str(exc))
 
     # -- dashboard -------------------------------------------------------------------
 
@@ -167,36 +197,43 @@ class WebUI:
         rows = [{"name": name, "size": size,
                  "latency": self.api.queues.queue(name).latency(),
                  "in_flight": in_flight.get(name, [])}
-                for name, size in sizes.items()]
+                for name, size in sizes.items() if name]  # "" names no queue
         return self.render(request, "queues.html", title="Queues", active="queues", rows=rows,
                            orphans=sorted(set(in_flight) - set(sizes)), in_flight=in_flight)
 
+    def _queue(self, request: Request) -> Queue:
+        name = request.query_params.get("name", "")
+        if not name:
+            raise BadRequest("no queue named: /queue?name=<queue>")
+        return self.api.queues.queue(name)
+
     def queue(self, request: Request) -> Response:
-        name = request.path_params["name"]
-        queue = self.api.queues.queue(name)
+        queue = self._queue(request)
         paging = Paging.parse(request.query_params.get("page"), queue.size())
-        jobs = [job_view(e) for e in queue.page(offset=paging.offset, size=paging.size)]
-        return self.render(request, "queue.html", title=f"Queue {name}", active="queues",
-                           name=name, jobs=jobs, paging=paging,
-                           latency=queue.latency())
+        jobs = [job_view(e, paging.offset + i)
+                for i, e in enumerate(queue.page(offset=paging.offset, size=paging.size))]
+        return self.render(request, "queue.html", title=f"Queue {queue.name}", active="queues",
+                           name=queue.name, jobs=jobs, paging=paging, latency=queue.latency())
 
     async def queue_action(self, request: Request) -> Response:
         form = await self._form(request)
-        name = request.path_params["name"]
+        queue = self._queue(request)
         action = form.get("action")
-        queue = self.api.queues.queue(name)
-        back = f"/queues/{quote(name, safe='')}"
+        back = f"/queue?name={_q(queue.name)}"
         if action == "delete":
-            members = _members(form)
-            removed = await run_in_threadpool(queue.remove, members)
-            return self._back(request, back, f"Deleted {removed} job(s) from {name}.")
+            refs = _refs(form)
+            members = await run_in_threadpool(_queue_members, queue, refs)
+            removed = await run_in_threadpool(queue.remove, members) if members else 0
+            gone = "" if removed == len(refs) else f" {len(refs) - removed} had already left."
+            return self._back(request, _safe_back(form.get("back"), back),
+                              f"Deleted {removed} job(s) from {queue.name}.{gone}")
         if action == "clear":
             if form.get("confirmed") != "1":
                 size = await run_in_threadpool(queue.size)
                 return self._confirm(request, form, f"Delete all {size} job(s) of queue "
-                                                    f"{name}? The queue's name is kept.", back)
+                                     f"{queue.name}? The queue's name is kept.", back, back)
             cleared = await run_in_threadpool(queue.clear)
-            return self._back(request, back, f"Cleared {name}: {cleared} job(s) deleted.")
+            return self._back(request, back, f"Cleared {queue.name}: {cleared} job(s) deleted.")
         raise BadRequest(f"unknown queue action {action!r}")
 
     # -- busy ------------------------------------------------------------------------
@@ -206,8 +243,7 @@ class WebUI:
         pending = self.api.processes.pending_signals(n.identity for n in nodes)
         running = [(p, running_view(p)) for p in self.api.processes.running()]
         return self.render(request, "busy.html", title="Busy", active="busy", nodes=nodes,
-                           pending=pending, running=running,
-                           state_of=_node_state)
+                           pending=pending, running=running, state_of=_node_state)
 
     async def busy_action(self, request: Request) -> Response:
         form = await self._form(request)
@@ -219,7 +255,7 @@ class WebUI:
         if action == "stop":
             if form.get("confirmed") != "1":
                 return self._confirm(request, form, f"Stop node {node}? Its running jobs get "
-                                                    "its shutdown timeout to finish.", "/busy")
+                                     "its shutdown timeout to finish.", "/busy", "/busy")
             await run_in_threadpool(processes.stop, node)
             return self._back(request, "/busy", f"Asked {node} to stop.")
         if action == "cancel":
@@ -257,11 +293,11 @@ class WebUI:
 
     def entry(self, request: Request) -> Response:
         name, jobset, title = self._set(request)
-        found = _find(jobset, request.path_params["score"], request.path_params["digest"])
+        found = _set_member(jobset, request.path_params["digest"],
+                            request.path_params["score"])
         if found is None:
-            return self.render(request, "error.html", 404, title="Not found", detail=(
-                f"This entry is no longer in {title.lower()}: it was moved, retried or "
-                "deleted."), back=f"/{name}")
+            raise NotFound(f"This entry is no longer in {title.lower()}: it was moved, "
+                           "retried or deleted.")
         return self.render(request, "job.html", title=f"{title}: job", active=name,
                            set_path=name, job=job_view(found), can_kill=name != "dead")
 
@@ -278,47 +314,85 @@ class WebUI:
         if action not in verbs:
             raise BadRequest(f"unknown action {action!r} on {title.lower()}")
         some, every, done = verbs[str(action)]
-        back = str(form.get("back") or f"/{name}")
+        back = _safe_back(form.get("back"), f"/{name}")
         if scope == "all":
             if form.get("confirmed") != "1":
                 size = await run_in_threadpool(jobset.size)
-                return self._confirm(request, form, f"{str(action).capitalize()} all {size} "
-                                                    f"job(s) of {title.lower()}?", back)
+                return self._confirm(request, form, _all_question(
+                    str(action), name, title, size), f"/{name}", back)
             count = await run_in_threadpool(every)
-        else:
-            count = await run_in_threadpool(some, _members(form))
-        return self._back(request, back, done.format(n=count))
+            return self._back(request, back, done.format(n=count))
+        refs = _refs(form)
+        if not refs:
+            return self._back(request, back, "No job was selected.")
+        found = await run_in_threadpool(
+            lambda: [m for d, w in refs if (m := _set_member(jobset, d, w)) is not None])
+        # Bytes that are not a job are not sent to a queue one by one: a node would
+        # only bury them again, under a reason that hides the first one.
+        movable = [m for m in found if m.job is not None or action != "retry"]
+        count = await run_in_threadpool(some, [m.raw for m in movable])
+        note = done.format(n=count)
+        if len(movable) < len(found):
+            note += f" {len(found) - len(movable)} not a job: left where it was."
+        if len(found) < len(refs):
+            note += f" {len(refs) - len(found)} had already left {title.lower()}."
+        return self._back(request, back, note)
 
     # -- forms -----------------------------------------------------------------------
 
     async def _form(self, request: Request) -> FormData:
-        """The POSTed form, refused (403) unless it is the UI's own (see ``security``)."""
-        form = await request.form()
+        """The POSTed form, refused (403) unless it is the UI's own (see ``security``).
+        The origin and size are checked before the body is read."""
+        if not same_origin(request.headers, self.origins):
+            raise Forbidden()
+        try:
+            length = int(request.headers.get("content-length", "0"))
+        except ValueError:
+            length = MAX_FORM_BYTES + 1
+        if length > MAX_FORM_BYTES:
+            raise BadRequest("the form is too large")
+        form = await request.form(max_part_size=MAX_FORM_BYTES)
         seed: str = request.scope.get("state", {}).get("csrf_seed", "")
         token = form.get("csrf")
-        expected = csrf_token(self.secret, seed)
-        if not (isinstance(token, str) and _same(token, expected) and same_origin(
-                request.headers)):
+        if not (isinstance(token, str) and _same(token, csrf_token(self.secret, seed))):
             raise Forbidden()
         return form
 
     def _back(self, request: Request, path: str, message: str) -> Response:
-        if not path.startswith("/") or path.startswith("//"):
-            path = "/"  # only a path of this app: never a redirect elsewhere
+        path = _safe_back(path, "/")
         sep = "&" if "?" in path else "?"
         root = request.scope.get("root_path", "")
-        return RedirectResponse(f"{root}{path}{sep}{urlencode({'done': message})}", 303)
+        query = urlencode({"done": message, "sig": sign(self.secret, message)})
+        return RedirectResponse(f"{root}{path}{sep}{query}", 303)
 
-    def _confirm(self, request: Request, form: FormData, question: str,
+    def _confirm(self, request: Request, form: FormData, question: str, action: str,
                  back: str) -> Response:
+        """The confirmation page: the same fields posted again to ``action`` (a path of
+        this app, as the page that asked used it) with ``confirmed=1``."""
         fields = [(k, v) for k, v in form.multi_items()
                   if k not in ("csrf", "confirmed") and isinstance(v, str)]
         return self.render(request, "confirm.html", title="Confirm", question=question,
-                           fields=fields, action=request.url.path, back=back)
+                           fields=fields, action=action, back=_safe_back(back, "/"))
+
+
+def _q(value: str) -> str:
+    """``value`` quoted for a URL's path segment or query value (nothing left raw)."""
+    return quote(value, safe="")
 
 
 def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
+
+
+def _safe_back(value: object, default: str) -> str:
+    """A path of this app to go back to: ``value`` when it is one (``/x?y``), else
+    ``default`` (never another site, a scheme, or a fragment)."""
+    if not isinstance(value, str) or not value.startswith("/") or value.startswith("//"):
+        return default
+    parts = urlsplit(value)
+    if parts.scheme or parts.netloc or parts.fragment or "\\" in value:
+        return default
+    return value
 
 
 def _field(form: FormData, name: str) -> str:
@@ -328,25 +402,51 @@ def _field(form: FormData, name: str) -> str:
     return value
 
 
-def _members(form: FormData) -> list[bytes]:
-    tokens = [v for v in form.getlist("member") if isinstance(v, str)]
-    if not tokens:
-        raise BadRequest("no job was selected")
+def _refs(form: FormData) -> list[tuple[str, str]]:
+    refs = [v for v in form.getlist("member") if isinstance(v, str)]
     try:
-        return [decode_member(t) for t in tokens]
+        return [parse_ref(ref) for ref in refs]
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
 
 
-def _find(jobset: JobSet, score: str, digest: str) -> Entry | None:
+def _all_question(action: str, name: str, title: str, size: int) -> str:
+    what = {"retry": "Move all {n} job(s) of {t} to their queues now?",
+            "delete": "Delete all {n} job(s) of {t}?",
+            "kill": "Move all {n} job(s) of {t} to the dead set?"}[action]
+    if action == "retry" and name == "scheduled":
+        what = "Add all {n} scheduled job(s) to their queues now?"
+    question = what.format(n=size, t=f"the {title.lower()} set" if name != "dead"
+                           else "the dead set")
+    return question + " (Jobs added meanwhile are included.)"
+
+
+def _set_member(jobset: JobSet, digest: str, score: str) -> Entry | None:
+    """The entry scored ``score`` whose bytes have ``digest``, or None."""
     try:
-        float(score)
-    except ValueError:
-        return None
-    for entry in jobset.at_score(score):
-        if digest_of(entry.raw) == digest:
-            return entry
-    return None
+        bound = score_text(score)
+    except ValueError as exc:
+        raise NotFound(str(exc)) from None
+    return next((e for e in jobset.at_score(bound) if digest_of(e.raw) == digest), None)
+
+
+def _queue_members(queue: Queue, refs: list[tuple[str, str]]) -> list[bytes]:
+    """The bytes of each referenced job: at its index if it is still there, else
+    wherever it moved to (one pass over the queue for those); a job gone is skipped."""
+    wanted: dict[str, bytes | None] = {}
+    for digest, where in refs:
+        index = int(where) if where.isdigit() else -1
+        page = queue.page(offset=index, size=1) if index >= 0 else []
+        wanted[digest] = page[0].raw if page and digest_of(page[0].raw) == digest else None
+    missing = {d for d, raw in wanted.items() if raw is None}
+    offset = 0
+    while missing and (chunk := queue.page(offset=offset, size=SCAN_PAGE)):
+        for found in chunk:
+            if (digest := digest_of(found.raw)) in missing:
+                wanted[digest] = found.raw
+                missing.discard(digest)
+        offset += len(chunk)
+    return [raw for raw in wanted.values() if raw is not None]
 
 
 def _int_choice(value: str | None, choices: tuple[int, ...], default: int) -> int:

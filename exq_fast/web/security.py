@@ -9,7 +9,10 @@
   HttpOnly cookie holding the token's SHA-256 and is redirected to the same
   page without the token in its address. Anything else gets 401 and nothing
   from Redis. Every comparison is constant-time.
-* **CSRF** -- each browser gets a random HttpOnly ``SameSite=Strict`` cookie;
+* **hosts** -- without auth only loopback host names are answered (DNS
+  rebinding), and cross-site requests other than a link being followed are
+  refused (an ``<img>`` or a script elsewhere cannot make the UI scan Redis);
+* **CSRF** -- each browser gets a random HttpOnly ``SameSite=Lax`` cookie;
   a form's token is the HMAC of that cookie under the app's secret. A POST
   passes only with the right token, and not when the browser says it came from
   another site (``Origin`` not this host, ``Sec-Fetch-Site: cross-site``).
@@ -26,14 +29,15 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
-from http.cookies import CookieError, SimpleCookie
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from starlette.datastructures import Headers
+from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["CSRF_COOKIE", "TOKEN_COOKIE", "Guard", "WebAuth", "csrf_token", "same_origin"]
+__all__ = ["CSRF_COOKIE", "LOOPBACK_HOSTS", "TOKEN_COOKIE", "Guard", "WebAuth", "csrf_token",
+           "host_name", "same_origin", "sign"]
 
 CSRF_COOKIE = "exq_web_csrf"
 TOKEN_COOKIE = "exq_web_token"
@@ -54,8 +58,8 @@ class WebAuth:
     (``enabled`` False: anyone who can reach the port, so loopback only)."""
 
     username: str | None = None
-    password: str | None = None
-    token: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if (self.username is None) != (self.password is None):
@@ -76,6 +80,13 @@ class WebAuth:
         if not sep:
             raise ValueError("basic auth must be given as USER:PASSWORD")
         return cls(user, password, token or None)
+
+    @property
+    def kind(self) -> str:
+        """How a request may prove who it is, for the start-up log."""
+        ways = (["basic auth"] if self.username is not None else []) + (
+            ["token"] if self.token is not None else [])
+        return " or ".join(ways) or "no auth"
 
     @property
     def enabled(self) -> bool:
@@ -116,46 +127,87 @@ def _equal(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
 
 
+def sign(secret: bytes, text: str) -> str:
+    """A short MAC of ``text`` (the notice an action redirects with, so a link made
+    elsewhere cannot put words in the UI's mouth)."""
+    return hmac.new(secret, b"notice:" + text.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+
+
 def csrf_token(secret: bytes, seed: str) -> str:
     """The CSRF token of a browser's cookie ``seed``: HMAC-SHA256 under ``secret``."""
     return hmac.new(secret, seed.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
-def same_origin(headers: Headers) -> bool:
-    """False when the browser says the request comes from another site."""
+def same_origin(headers: Headers, allowed_hosts: frozenset[str] = frozenset()) -> bool:
+    """False when the browser says the request comes from another site: its
+    ``Origin`` is neither this ``Host`` nor one of ``allowed_hosts`` (the public
+    names of a proxy in front), or ``Sec-Fetch-Site`` says cross-site."""
     if headers.get("sec-fetch-site", "same-origin") == "cross-site":
         return False
     origin = headers.get("origin")
-    if origin is None or origin == "null":
-        return origin is None
-    return urlsplit(origin).netloc == headers.get("host", "")
+    if origin is None:
+        return True  # not a browser's cross-origin request (they all send Origin)
+    if origin == "null":
+        return False
+    netloc = urlsplit(origin).netloc
+    return netloc == headers.get("host", "") or host_name(netloc) in allowed_hosts
 
 
 def _cookies(headers: Headers) -> dict[str, str]:
-    jar: SimpleCookie = SimpleCookie()
-    try:
-        jar.load(headers.get("cookie", ""))
-    except CookieError:
-        return {}
-    return {name: morsel.value for name, morsel in jar.items()}
+    # Starlette's lenient parser: another app's odd cookie on the same host (a JSON
+    # value, a space) must not make ours unreadable, as http.cookies would.
+    return cookie_parser(headers.get("cookie", ""))
 
 
 def _cookie(name: str, value: str, path: str) -> bytes:
-    return (f"{name}={value}; Path={path}; HttpOnly; SameSite=Strict").encode("latin-1")
+    # Lax, not Strict: a link from elsewhere (a chat, an alert) must open the UI
+    # logged in and keep the tab's CSRF cookie; POSTs are guarded by the token.
+    return (f"{name}={value}; Path={path}; HttpOnly; SameSite=Lax").encode("latin-1")
+
+
+def host_name(netloc: str) -> str:
+    """The host of ``host[:port]`` / ``[v6]:port``, lower case, without the port."""
+    netloc = netloc.strip().lower()
+    if netloc.startswith("["):
+        return netloc[1:].partition("]")[0]
+    return netloc.rpartition(":")[0] if netloc.count(":") == 1 else netloc
+
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+"""What ``Host`` may name when the UI has no auth (see ``Guard``)."""
 
 
 class Guard:
-    """The ASGI middleware of the module doc: auth, the CSRF cookie, security headers."""
+    """The ASGI middleware of the module doc: auth, the CSRF cookie, security headers,
+    and two checks before anything else:
 
-    def __init__(self, app: ASGIApp, auth: WebAuth) -> None:
+    * ``Host`` must be one of ``allowed_hosts`` (when given): without auth the UI
+      answers only to loopback names, so a site that rebinds its DNS name to
+      127.0.0.1 gets nothing (its pages would otherwise be same-origin with ours);
+    * a cross-site request that is not a top-level navigation (an ``<img>``, a
+      ``fetch`` from another site) is refused before it reaches Redis.
+    """
+
+    def __init__(self, app: ASGIApp, auth: WebAuth,
+                 allowed_hosts: frozenset[str] | None = None) -> None:
         self.app = app
         self.auth = auth
+        self.allowed_hosts = allowed_hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
+        if self.allowed_hosts is not None and host_name(
+                headers.get("host", "")) not in self.allowed_hosts:
+            await _respond(send, 421, b"421: this exq-fast web UI does not answer to that "
+                           b"host name (see allowed_hosts / --allowed-host).\n", [_TEXT])
+            return
+        if headers.get("sec-fetch-site") == "cross-site" and headers.get(
+                "sec-fetch-mode", "navigate") != "navigate":
+            await _respond(send, 403, b"403: cross-site request refused.\n", [_TEXT])
+            return
         cookies = _cookies(headers)
         path = scope.get("root_path", "") or "/"
         if not self.auth.allows(headers, cookies):
@@ -183,17 +235,23 @@ class Guard:
         given = dict(query).get("token")
         if given is not None and self.auth.token is not None and _equal(given, self.auth.token):
             rest = urlencode([(k, v) for k, v in query if k != "token"])
-            target = scope.get("root_path", "") + _route_path(scope) + (f"?{rest}" if rest else "")
+            # Only a path of this app, quoted: never //elsewhere, nor raw bytes.
+            here = "/" + quote(scope.get("root_path", "") + _route_path(scope)).lstrip("/")
+            target = here + (f"?{rest}" if rest else "")
             await _respond(send, 303, b"", [
                 (b"location", target.encode("latin-1")),
                 (b"set-cookie", _cookie(TOKEN_COOKIE, self.auth.token_digest, path))])
             return
         challenge = ([(b"www-authenticate", b'Basic realm="exq-fast", charset="UTF-8"')]
                      if self.auth.username is not None else [])
-        body = (b"401: this exq-fast web UI needs credentials: basic auth, an "
-                b"'Authorization: Bearer <token>' header, or open it once with ?token=<token>.\n")
-        await _respond(send, 401, body, [(b"content-type", b"text/plain; charset=utf-8"),
-                                         *challenge])
+        ways = ([b"basic auth"] if self.auth.username is not None else []) + (
+            [b"an 'Authorization: Bearer <token>' header, or open it once with ?token=<token>"]
+            if self.auth.token is not None else [])
+        body = b"401: this exq-fast web UI needs credentials: " + b"; or ".join(ways) + b".\n"
+        await _respond(send, 401, body, [_TEXT, *challenge])
+
+
+_TEXT = (b"content-type", b"text/plain; charset=utf-8")
 
 
 def _route_path(scope: Scope) -> str:

@@ -7,13 +7,14 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Sequence
 
 import uvicorn
 
 from ..admin import Api
 from ..config import Config
 from . import create_app
-from .security import WebAuth
+from .security import LOOPBACK_HOSTS, WebAuth
 
 __all__ = ["DEFAULT_BIND", "DEFAULT_PORT", "WebSetupError", "auth_from", "is_loopback",
            "serve"]
@@ -66,9 +67,13 @@ def _listen(bind: str, port: int) -> socket.socket:
 
 
 def serve(config: Config, *, bind: str = DEFAULT_BIND, port: int = DEFAULT_PORT,
-          auth: WebAuth | None = None) -> int:
+          auth: WebAuth | None = None, allowed_hosts: Sequence[str] = ()) -> int:
     """Serve the UI until SIGINT / SIGTERM. Refused (``WebSetupError``) on an address
-    beyond loopback without auth: anyone who reached it could delete every job."""
+    beyond loopback without auth: anyone who reached it could delete every job.
+
+    Requests must name a loopback host, the address bound or one of ``allowed_hosts``
+    (``--allowed-host``: the name users type, or a proxy's public name) when no auth
+    is set or when names are given; with auth and no names, any host."""
     auth = auth or WebAuth()
     if not is_loopback(bind) and not auth.enabled:
         raise WebSetupError(f"--bind {bind}: the web UI serves beyond loopback only with "
@@ -78,7 +83,13 @@ def serve(config: Config, *, bind: str = DEFAULT_BIND, port: int = DEFAULT_PORT,
         raise WebSetupError(f"--port {port}: not a TCP port")
     with Api(config) as api, _listen(bind, port) as sock:
         api.redis.ping()  # an unreachable Redis fails here, in one line, not per page
-        app = create_app(api=api, auth=auth)
+        hosts = None
+        if allowed_hosts or not auth.enabled:
+            # Loopback names, the address bound, and the names given (--allowed-host).
+            hosts = {*LOOPBACK_HOSTS, bind.strip("[]").lower(), *allowed_hosts}
+            hosts.discard("0.0.0.0")
+            hosts.discard("::")
+        app = create_app(api=api, auth=auth, allowed_hosts=hosts)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                                server_header=False))
 
@@ -94,7 +105,8 @@ def serve(config: Config, *, bind: str = DEFAULT_BIND, port: int = DEFAULT_PORT,
         try:
             logger.info("exq-fast web UI on http://%s:%d/ (namespace %r)%s",
                         f"[{bind}]" if ":" in bind else bind, sock.getsockname()[1],
-                        config.namespace, "" if auth.enabled else ", no auth (loopback only)")
+                        config.namespace, f", {auth.kind}" if auth.enabled
+                        else ", no auth (loopback names only)")
             server.run(sockets=[sock])
         finally:
             signal.signal(signal.SIGTERM, previous)

@@ -9,12 +9,12 @@ page.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
+import math
+import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -23,16 +23,19 @@ from ..admin import Entry, JobSet, ProcessInfo
 from ..job import to_seconds
 from ..retry import decode_backtrace
 
-__all__ = ["PAGE_SIZE", "Bar", "JobView", "Paging", "ago", "decode_member", "digest_of",
-           "encode_member", "filtered_page", "history_bars", "iso", "job_view", "running_view"]
+__all__ = ["PAGE_SIZE", "Bar", "JobView", "Paging", "ago", "digest_of", "filtered_page",
+           "history_bars", "iso", "job_view", "parse_ref", "running_view", "score_text"]
 
 PAGE_SIZE = 25
 """Entries per page (Sidekiq Web's default)."""
-SCAN_LIMIT = 100_000
-"""Members a filtered listing reads at most before it stops looking."""
+MATCH_LIMIT = 10_000
+"""Matches a filtered listing collects at most (the rest are not shown)."""
+RAW_SHORT = 300
+"""Characters of a member that is not a job shown in a listing (all on its page)."""
 _SCAN_PAGE = 1000
 _SHORT = 120
 _TIME_FIELDS = ("created_at", "enqueued_at", "failed_at", "retried_at")
+_SCORE = re.compile(r"-?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +43,8 @@ class JobView:
     """One job (or one member that is not a job) as the pages show it."""
 
     member: str
-    """The exact bytes stored, as a URL-safe Base64 token (what actions post)."""
+    """What actions post to name this member: ``<digest>@<score>`` (a set) or
+    ``<digest>@<index>`` (a queue); the server finds the exact bytes from it."""
     digest: str
     """First 16 hex digits of the member's SHA-256 (names it in a detail URL)."""
     score: str | None
@@ -50,6 +54,11 @@ class JobView:
     is_job: bool
     raw_text: str
     """The raw bytes as text (invalid UTF-8 as escapes), for a member that is not a job."""
+
+    @property
+    def raw_short(self) -> str:
+        """``raw_text`` cut for a listing."""
+        return _cut(self.raw_text, RAW_SHORT)
     display_class: str = ""
     jid: str = ""
     queue: str = ""
@@ -66,17 +75,20 @@ class JobView:
     """Every payload field, its value as JSON."""
 
 
-def encode_member(raw: bytes) -> str:
-    """A member's bytes as a token for a form field."""
-    return base64.urlsafe_b64encode(raw).decode("ascii")
+def parse_ref(ref: str) -> tuple[str, str]:
+    """``(digest, where)`` of a member reference; ``ValueError`` when it is not one."""
+    digest, sep, where = ref.partition("@")
+    if not sep or len(digest) != 16 or not all(c in "0123456789abcdef" for c in digest):
+        raise ValueError(f"not a job reference: {ref[:80]!r}")
+    return digest, where
 
 
-def decode_member(token: str) -> bytes:
-    """The bytes of a member token; ``ValueError`` when it is not one."""
-    try:
-        return base64.urlsafe_b64decode(token.encode("ascii"))
-    except (binascii.Error, UnicodeEncodeError):
-        raise ValueError("not a member token") from None
+def score_text(text: str) -> str:
+    """A score from a URL or a form, as Redis reads it; ``ValueError`` unless it is a
+    finite number (``nan``, ``1_000``, ``inf`` are refused here, not by Redis)."""
+    if not _SCORE.fullmatch(text) or not math.isfinite(float(text)):
+        raise ValueError(f"not a score: {text[:40]!r}")
+    return text
 
 
 def digest_of(raw: bytes) -> str:
@@ -84,17 +96,23 @@ def digest_of(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-def job_view(entry: Entry) -> JobView:
-    """The ``JobView`` of a queue member or set entry."""
+def job_view(entry: Entry, index: int | None = None) -> JobView:
+    """The ``JobView`` of a set entry, or of the queue member at ``index``. A payload
+    that cannot be shown as a job (a field no page can render) is shown as bytes."""
     raw = entry.raw
+    digest = digest_of(raw)
+    where = repr(entry.score) if entry.score is not None else str(index or 0)
     base: dict[str, Any] = {
-        "member": encode_member(raw), "digest": digest_of(raw),
+        "member": f"{digest}@{where}", "digest": digest,
         "score": repr(entry.score) if entry.score is not None else None, "at": entry.score,
         "raw_text": raw.decode("utf-8", "backslashreplace")}
     payload = entry.to_dict()
     if entry.job is None or payload is None:
         return JobView(is_job=False, **base)
-    return JobView(is_job=True, **base, **_payload_fields(payload, entry.job.job_class))
+    try:
+        return JobView(is_job=True, **base, **_payload_fields(payload, entry.job.job_class))
+    except (ValueError, TypeError, RecursionError):
+        return JobView(is_job=False, **base)
 
 
 def running_view(process: ProcessInfo) -> JobView:
@@ -131,7 +149,11 @@ def _json(value: object, indent: int | None = None) -> str:
 
 
 def _shorten(text: str) -> str:
-    return text if len(text) <= _SHORT else text[:_SHORT - 1] + "…"
+    return _cut(text, _SHORT)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 # -- listing -------------------------------------------------------------------------
@@ -178,36 +200,52 @@ def matches(entry: Entry, needle: str) -> bool:
     return entry.jid is not None and needle in entry.jid
 
 
+def glob_for(needle: str) -> str | None:
+    """A ZSCAN pattern the raw bytes of every match of ``needle`` match (any case), so
+    Redis skips the rest; None when the needle may be written escaped in JSON."""
+    if not (needle.isascii() and needle.isprintable()) or any(c in needle for c in '"\\/'):
+        return None
+    parts = []
+    for char in needle:
+        if char.isalpha():
+            parts.append(f"[{char.lower()}{char.upper()}]")
+        elif char in "*?[]^-":
+            parts.append("\\" + char)
+        else:
+            parts.append(char)
+    return "*" + "".join(parts) + "*"
+
+
 def filtered_page(jobset: JobSet, needle: str, page: str | None
                   ) -> tuple[list[Entry], Paging, bool]:
-    """The requested page of the entries matching ``needle``, their paging, and whether
-    the scan stopped at ``SCAN_LIMIT`` members (then the matches are of those only)."""
+    """The requested page of the entries matching ``needle`` in listing order, their
+    paging, and whether more than ``MATCH_LIMIT`` matched (then only that many are
+    listed). Redis tests the glob; only what it returns is decoded here."""
     found: list[Entry] = []
-    scanned = 0
-    for chunk in _chunks(jobset):
-        scanned += len(chunk)
-        found += [e for e in chunk if matches(e, needle)]
-        if scanned >= SCAN_LIMIT:
-            break
+    for candidate in jobset.scan(glob_for(needle)):
+        if matches(candidate, needle):
+            found.append(candidate)
+            if len(found) > MATCH_LIMIT:
+                break
+    capped = len(found) > MATCH_LIMIT
+    found.sort(key=lambda e: e.score or 0.0, reverse=jobset.newest_first)
+    found = found[:MATCH_LIMIT]
     paging = Paging.parse(page, len(found))
-    return found[paging.offset:paging.offset + paging.size], paging, scanned >= SCAN_LIMIT
-
-
-def _chunks(jobset: JobSet) -> Iterator[list[Entry]]:
-    offset = 0
-    while chunk := jobset.page(offset=offset, size=_SCAN_PAGE):
-        yield chunk
-        offset += len(chunk)
+    return found[paging.offset:paging.offset + paging.size], paging, capped
 
 
 # -- time ------------------------------------------------------------------------------
 
 
 def iso(seconds: float | None) -> str:
-    """UTC time to the second, ``2026-12-06 14:03:58 UTC`` ("" for None)."""
+    """UTC time to the second, ``2026-12-06 14:03:58 UTC`` ("" for None; a number no
+    date can hold is shown as it is)."""
     if seconds is None:
         return ""
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    try:
+        return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, ValueError, OSError):
+        return repr(seconds)
 
 
 def ago(seconds: float | None, now: float | None = None) -> str:
@@ -215,6 +253,8 @@ def ago(seconds: float | None, now: float | None = None) -> str:
     if seconds is None:
         return ""
     delta = (time.time() if now is None else now) - seconds
+    if not math.isfinite(delta) or abs(delta) > 1e11:
+        return "never" if delta < 0 else "long ago"
     text = _span(abs(delta))
     return f"{text} ago" if delta >= 0 else f"in {text}"
 
