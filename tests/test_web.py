@@ -475,7 +475,7 @@ def test_the_web_command_serves_until_sigterm(config: Config, redis_client: redi
     port = free_port()
     redis_client.zadd(keys.dead, {hostile_job(): time.time()})
     process = _web_command("--redis-url", config.redis_url, "--namespace", config.namespace,
-                           "--port", str(port))
+                           "--port", str(port), "--allowed-host", "ops.example")
     try:
         client = Client(port)
 
@@ -486,6 +486,8 @@ def test_the_web_command_serves_until_sigterm(config: Config, redis_client: redi
                 return False
         wait_for(up, 20, "exq-fast web to answer")
         assert "1 job(s)" in client.get("/dead").body
+        assert client.get("/dead", headers={"Host": "ops.example"}).status == 200
+        assert client.get("/dead", headers={"Host": "evil.example"}).status == 421
     finally:
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=20)
