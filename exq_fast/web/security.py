@@ -159,10 +159,12 @@ def _cookies(headers: Headers) -> dict[str, str]:
     return cookie_parser(headers.get("cookie", ""))
 
 
-def _cookie(name: str, value: str, path: str) -> bytes:
+def _cookie(name: str, value: str, path: str, secure: bool) -> bytes:
     # Lax, not Strict: a link from elsewhere (a chat, an alert) must open the UI
     # logged in and keep the tab's CSRF cookie; POSTs are guarded by the token.
-    return (f"{name}={value}; Path={path}; HttpOnly; SameSite=Lax").encode("latin-1")
+    # Secure when the page came over HTTPS (behind a TLS proxy that says so).
+    flags = "; Secure" if secure else ""
+    return f"{name}={value}; Path={path}; HttpOnly; SameSite=Lax{flags}".encode("latin-1")
 
 
 def host_name(netloc: str) -> str:
@@ -210,6 +212,7 @@ class Guard:
             return
         cookies = _cookies(headers)
         path = scope.get("root_path", "") or "/"
+        secure = scope.get("scheme") == "https"
         if not self.auth.allows(headers, cookies):
             await self._refuse(scope, send, path)
             return
@@ -223,7 +226,7 @@ class Guard:
             if message["type"] == "http.response.start":
                 extra = list(SECURITY_HEADERS)
                 if fresh:
-                    extra.append((b"set-cookie", _cookie(CSRF_COOKIE, seed, path)))
+                    extra.append((b"set-cookie", _cookie(CSRF_COOKIE, seed, path, secure)))
                 message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
@@ -240,7 +243,8 @@ class Guard:
             target = here + (f"?{rest}" if rest else "")
             await _respond(send, 303, b"", [
                 (b"location", target.encode("latin-1")),
-                (b"set-cookie", _cookie(TOKEN_COOKIE, self.auth.token_digest, path))])
+                (b"set-cookie", _cookie(TOKEN_COOKIE, self.auth.token_digest, path,
+                                        scope.get("scheme") == "https"))])
             return
         challenge = ([(b"www-authenticate", b'Basic realm="exq-fast", charset="UTF-8"')]
                      if self.auth.username is not None else [])
