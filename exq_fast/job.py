@@ -66,10 +66,15 @@ def new_jid() -> str:
 
 
 def to_seconds(value: object) -> float | None:
-    """A payload timestamp as float seconds: accepts floats, ints and Sidekiq 8 millis."""
+    """A payload timestamp as float seconds: accepts floats, ints and Sidekiq 8 millis
+    (None for anything else, infinity and NaN included)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return value / 1000 if value > MILLIS_THRESHOLD else float(value)
+    try:
+        seconds = value / 1000 if value > MILLIS_THRESHOLD else float(value)
+    except OverflowError:  # an int too large for a float
+        return None
+    return seconds if math.isfinite(seconds) else None
 
 
 def normalize_timestamps(data: dict[str, Any]) -> dict[str, Any]:
@@ -316,6 +321,8 @@ def _positive_or_none(value: object) -> float | None:
 
 
 def _int_or_zero(value: object) -> int:
+    # A float that no int can hold (1e400 reads as infinity, NaN from a Python
+    # writer) counts as junk, as a string would: 0, never OverflowError.
     if isinstance(value, bool) or not isinstance(value, int | float):
         return 0
-    return int(value)
+    return int(value) if isinstance(value, int) or math.isfinite(value) else 0

@@ -193,3 +193,14 @@ def test_args_round_trip(args: list[Any]) -> None:
     assert decode(raw).args == args
     assert decode(raw).args == args
     assert json.loads(decode(raw).reencode({})) == json.loads(raw)
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"class":"W","args":[],"retry_count":1e400,"enqueued_at":1e400}',
+    b'{"class":"W","args":[],"retry_count":-1e400,"enqueued_at":-1e400}',
+    b'{"class":"W","args":[],"retry_count":1e308,"enqueued_at":' + b"9" * 400 + b"}",
+])
+def test_numbers_no_int_or_date_can_hold_read_as_junk(raw: bytes) -> None:
+    job = decode(raw)
+    assert job.retry_count in (0, int(1e308))
+    assert job.enqueued_at is None

@@ -240,3 +240,32 @@ def test_argument_errors_are_one_line(cli: Cli) -> None:
     assert result.stderr.strip().splitlines() == [
         "error: argument --shutdown-timeout: invalid int value: 'soon' "
         "(see 'exq-fast run --help')"]
+
+
+def test_numbers_no_integer_can_hold_neither_wedge_the_node_nor_lose_the_job(
+    cli: Cli, redis_client: redis.Redis, keys: Keys, node_id: str
+) -> None:
+    # Given jobs whose retry_count / enqueued_at overflow (1e400 is JSON for infinity
+    # to simdjson; NaN is what a Python json.dumps writes for a float nan)
+    payloads = [b'{"class":"Cli.Echo","args":[1],"jid":"inf-count","queue":"a",'
+                b'"retry_count":1e400,"enqueued_at":1e400}',
+                b'{"class":"Cli.Echo","args":[2],"jid":"nan-count","queue":"a",'
+                b'"retry_count":NaN}']
+    redis_client.sadd(keys.queues, "a")
+    redis_client.lpush(keys.queue("a"), *payloads)
+
+    # When `exq-fast run` takes them
+    process = cli.start(*cli.node_args("a"))
+    wait_for(lambda: len(cli.records()) + int(redis_client.zcard(keys.dead)) >= 2,
+             what="both jobs run or buried")
+
+    # Then each one ran or went to the dead set with its reason; none is left in the
+    # backup list, and the node logged no internal error
+    ran = {r["jid"] for r in cli.records()}
+    dead = [json.loads(m) for m in redis_client.zrange(keys.dead, 0, -1)]
+    assert ran | {d.get("jid") for d in dead} >= {"inf-count"}
+    assert len(ran) + len(dead) == 2
+    wait_for(lambda: redis_client.llen(keys.backup(node_id, "a")) == 0, what="acks")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(10) == 0
+    assert "internal error" not in cli.stderr(), cli.stderr()
