@@ -156,9 +156,10 @@ class NodePinger(BackgroundLoop):
     def _write_fields(self) -> None:
         """Write this node's hash fields (``info``, ``busy``, ``quiet``...) again."""
         fields = self.node_fields()
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self.client.pipeline(transaction=True)
         for _, node_key in self._registries:
             pipe.hset(node_key(self.node_id), mapping=fields)
+            pipe.expire(node_key(self.node_id), NODE_TTL)  # never a hash without a TTL
         pipe.execute()
 
     def ping(self) -> list[str]:

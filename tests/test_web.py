@@ -7,6 +7,7 @@ test_web_browser.py."""
 from __future__ import annotations
 
 import html
+import http.client
 import json
 import os
 import re
@@ -710,3 +711,113 @@ def test_retry_of_a_selection_leaves_what_is_not_a_job_and_keeps_the_page(
     assert reply.status == 303
     assert "No job was selected." in client.get(reply.headers["location"]).body
     assert api.dead.size() == 30
+
+
+def test_a_notice_is_for_the_browser_that_acted_and_seeds_are_ours(
+        client: Client, redis_client: redis.Redis, keys: Keys) -> None:
+    redis_client.zadd(keys.dead, {hostile_job(): 1.0})
+    client.get("/dead")
+    reply = client.post("/dead", [("action", "delete"), ("member", "0" * 16 + "@2.0")])
+    location = reply.headers["location"]
+    assert "Deleted 0 job(s)." in client.get(location).body
+    other = Client(client.port)
+    assert 'id="notice"' not in other.get(location).body  # another browser: not shown
+    # A cookie we did not make is replaced, not used as a seed
+    forged = Client(client.port)
+    forged.cookies = {"exq_web_csrf": "notice:Sign in again at evil.example, please now"}
+    assert forged.get("/dead").set_cookies  # a fresh seed
+
+
+def test_references_resolve_among_many_jobs_at_one_score(
+        api: Api, client: Client, redis_client: redis.Redis, keys: Keys) -> None:
+    # Given 3000 jobs scheduled for the same second (and one at +inf)
+    members = [json.dumps({"class": "W", "args": [i], "jid": f"s{i}"}).encode()
+               for i in range(3000)]
+    redis_client.zadd(keys.schedule, dict.fromkeys(members, 1.8e9))
+    never = b'{"class":"W","args":[],"jid":"never"}'
+    redis_client.zadd(keys.schedule, {never: float("inf")})
+    client.get("/scheduled")
+
+    # When three of them are deleted by reference, and the +inf one from its page
+    picked = [members[5], members[1500], members[2999]]
+    reply = client.post("/scheduled", [("action", "delete"),
+                                       *[("member", ref(m, 1.8e9)) for m in picked]])
+    assert reply.status == 303
+    assert client.get(f"/scheduled/inf/{digest_of(never)}").status == 200
+    client.post("/scheduled", [("action", "delete"), ("member", f"{digest_of(never)}@inf")])
+
+    # Then exactly those went
+    assert api.scheduled.size() == 2997
+    left = set(redis_client.zrange(keys.schedule, 0, -1))
+    assert not left & {*picked, never}
+
+
+def test_copies_of_one_job_in_a_queue_are_deleted_as_many_as_named(
+        client: Client, redis_client: redis.Redis, keys: Keys) -> None:
+    a, b = b'{"class":"A","args":[],"jid":"same"}', b'{"class":"B","args":[]}'
+    redis_client.sadd(keys.queues, "dup")
+    redis_client.rpush(keys.queue("dup"), a, b, a, b, a)
+    client.get("/queue?name=dup")
+    reply = client.post("/queue?name=dup", [("action", "delete"), ("member", ref(a, 0)),
+                                            ("member", ref(a, 2))])
+    assert "Deleted 2 job(s) from dup." in client.get(reply.headers["location"]).body
+    assert redis_client.lrange(keys.queue("dup"), 0, -1).count(a) == 1
+    junk = client.post("/queue?name=dup", [("action", "delete"), ("member", f"{digest_of(b)}@²")])
+    assert junk.status == 303  # a junk index: found by its bytes instead
+    assert redis_client.lrange(keys.queue("dup"), 0, -1).count(b) == 1
+
+
+def test_retry_all_leaves_what_is_not_a_job(api: Api, client: Client,
+                                           redis_client: redis.Redis, keys: Keys) -> None:
+    job = b'{"class":"W","args":[],"queue":"q"}'
+    redis_client.zadd(keys.dead, {NOT_JSON: 1.0, job: 2.0, b'{"args":"x"}': 3.0})
+    client.get("/dead")
+    client.post("/dead", [("action", "retry"), ("scope", "all"), ("confirmed", "1")])
+    assert redis_client.lrange(keys.queue("q"), 0, -1) == [job]
+    assert api.dead.size() == 2 and redis_client.llen(keys.queue("default")) == 0
+
+
+def test_the_filter_finds_what_redis_glob_finds(client: Client, redis_client: redis.Redis,
+                                               keys: Keys) -> None:
+    redis_client.zadd(keys.dead, {
+        '{"class":"\u212aafkaWorker","args":[],"jid":"kelvin"}'.encode(): 1.0,
+        b'{"class":"KafkaWorker","args":[],"jid":"plain"}': 2.0,
+        b'{"class":"Other","args":[],"jid":"x-kafka-1"}': 3.0,
+        b'{"class":"Q<A>","args":[],"jid":"lt"}': 4.0})
+    page = client.get("/dead?q=KAFKA").body
+    assert 'data-jid="plain"' in page and 'data-jid="x-kafka-1"' not in page
+    assert "1 match(es)" in page
+    assert 'data-jid="lt"' in client.get("/dead?q=q%3Ca").body
+
+
+def test_frames_images_and_other_local_apps_are_refused(client: Client,
+                                                       redis_client: redis.Redis,
+                                                       keys: Keys) -> None:
+    redis_client.zadd(keys.dead, {hostile_job(): 1.0})
+    frame = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate",
+             "Sec-Fetch-Dest": "iframe"}
+    assert client.get("/dead", headers=frame).status == 403
+    sibling = {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "no-cors",
+               "Sec-Fetch-Dest": "image"}
+    assert client.get("/dead?q=a", headers=sibling).status == 403
+    client.get("/dead")
+    for origin in ("http://localhost:9999", f"https://127.0.0.1:{client.port}"):
+        reply = client.post("/busy", [("action", "quiet"), ("node", "n1")],
+                            headers={"Origin": origin})
+        assert reply.status == 403, origin
+    assert client.get("/dead", headers={"Host": f"localhost.:{client.port}"}).status == 200
+
+
+def test_a_chunked_body_past_the_limit_is_refused(api: Api, client: Client,
+                                                 redis_client: redis.Redis,
+                                                 keys: Keys) -> None:
+    redis_client.zadd(keys.dead, {hostile_job(): 1.0})
+    client.get("/dead")
+    conn = http.client.HTTPConnection("127.0.0.1", client.port, timeout=30)
+    body = (b"a=" + b"x" * 65536 + b"&" for _ in range(40))  # 2.6 MB, no Content-Length
+    conn.request("POST", "/dead", body=body, encode_chunked=True, headers={
+        "Content-Type": "application/x-www-form-urlencoded", "Transfer-Encoding": "chunked",
+        "Cookie": "; ".join(f"{k}={v}" for k, v in client.cookies.items())})
+    assert conn.getresponse().status == 400
+    conn.close()
+    assert api.dead.size() == 1

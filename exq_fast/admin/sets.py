@@ -99,6 +99,12 @@ class JobSet(Members):
         bound = _score_arg(score)
         return entries(self._redis.zrangebyscore(self.key, bound, bound, withscores=True))
 
+    def raw_at_score(self, score: float | str) -> list[bytes]:
+        """The raw members scored exactly ``score``, not decoded."""
+        bound = _score_arg(score)
+        members = cast(list[bytes | str], self._redis.zrangebyscore(self.key, bound, bound))
+        return [as_bytes(m) for m in members]
+
     def scan(self, match: str | None = None) -> Iterator[Entry]:
         """Every entry (ZSCAN, in no order), or those whose raw bytes match the glob
         ``match``, tested by Redis: a filter reads only what matches."""
@@ -118,13 +124,16 @@ class JobSet(Members):
         moved. Atomic per member: of concurrent callers exactly one moves it."""
         return self._requeue(raw_list(raws))
 
-    def requeue_all(self) -> int:
+    def requeue_all(self, jobs_only: bool = False) -> int:
         """Move every member (in listing order) to its queue; return how many moved.
+        With ``jobs_only``, members that are not a job stay (else they go to the
+        fallback queue, where a node buries them again).
 
         Bounded by the size at the start: members added meanwhile wait for a
         later call, so a set that keeps filling cannot keep this looping.
         """
-        return self._each_chunk(self._requeue)
+        keep = (lambda raw: entry(raw).job is not None) if jobs_only else None
+        return self._each_chunk(self._requeue, keep)
 
     def requeue_jid(self, jid: str) -> int:
         """Move the entry of ``jid`` (its exact bytes) to its queue now; on the retry
@@ -161,16 +170,21 @@ class JobSet(Members):
     def _remove_one(self, pipe: Pipeline, raw: bytes) -> object:
         return pipe.zrem(self.key, raw)
 
-    def _each_chunk(self, move: Callable[[list[bytes]], int]) -> int:
-        """``move`` every member, a chunk at a time in listing order, bounded by the
-        size at the start (members added meanwhile wait for a later call)."""
-        budget, moved = self.size(), 0
+    def _each_chunk(self, move: Callable[[list[bytes]], int],
+                    keep: Callable[[bytes], bool] | None = None) -> int:
+        """``move`` every member (those ``keep`` accepts), a chunk at a time in listing
+        order, bounded by the size at the start (members added meanwhile wait for a
+        later call). Members left in place are stepped over."""
+        budget, moved, skip = self.size(), 0, 0
         while budget > 0:
-            page = cast(list[bytes], self._redis.zrange(
-                self.key, 0, min(budget, REQUEUE_CHUNK) - 1, desc=self.newest_first))
+            page = [as_bytes(m) for m in cast(list[bytes], self._redis.zrange(
+                self.key, skip, skip + min(budget, REQUEUE_CHUNK) - 1,
+                desc=self.newest_first))]
             if not page:
                 break
-            moved += move([as_bytes(m) for m in page])
+            chosen = page if keep is None else [m for m in page if keep(m)]
+            moved += move(chosen) if chosen else 0
+            skip += len(page) - len(chosen)
             budget -= len(page)
         return moved
 

@@ -29,7 +29,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a user without the
     raise ImportError("the web UI needs its extra: pip install 'exq-fast[web]'") from exc
 
 from .app import WebUI
-from .security import LOOPBACK_HOSTS, WebAuth
+from .security import LOOPBACK_HOSTS, WebAuth, host_name
 
 __all__ = ["WebAuth", "create_app"]
 
@@ -56,7 +56,7 @@ def create_app(config: Config | None = None, *, api: Api | None = None,
     auth = auth or WebAuth()
     if allowed_hosts is not None:
         hosts: frozenset[str] | None = LOOPBACK_HOSTS | {
-            h.strip().lower().strip("[]") for h in allowed_hosts}
+            host_name(h) for h in allowed_hosts}
     else:
         hosts = None if auth.enabled else LOOPBACK_HOSTS
     return WebUI(api, auth, secret or secrets.token_bytes(32), hosts).app

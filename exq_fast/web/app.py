@@ -29,17 +29,19 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import jinja2
 import redis
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import FormData
+from starlette.datastructures import FormData, UploadFile
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -48,6 +50,7 @@ from starlette.staticfiles import StaticFiles
 
 from ..admin import Api, Entry, JobSet, Queue
 from ..admin._common import PAGE_SIZE as SCAN_PAGE
+from ..admin._common import entry
 from ..config import scrub
 from .security import Guard, WebAuth, csrf_token, same_origin, sign
 from .views import (
@@ -75,8 +78,13 @@ SETS: dict[str, tuple[str, str]] = {
 }
 """URL name -> (Api set name, title)."""
 HISTORY_DAYS = (7, 30, 90)
+_INDEX = re.compile(r"[0-9]{1,12}")
 MAX_FORM_BYTES = 1 << 20
-"""A form larger than this is refused unread (forms name jobs, never carry them)."""
+"""A form larger than this is refused (forms name jobs, never carry them)."""
+MAX_FIELDS = 2000
+MAX_REFS = 1000
+"""Jobs one action may name (a page shows 25)."""
+FORM_TYPE = "application/x-www-form-urlencoded"
 
 
 class BadRequest(Exception):
@@ -135,8 +143,9 @@ class WebUI:
         root = request.scope.get("root_path", "")
         seed: str = request.scope.get("state", {}).get("csrf_seed", "")
         notice = request.query_params.get("done", "")
-        if notice and not _same(request.query_params.get("sig", ""), sign(self.secret, notice)):
-            notice = ""  # not written by this app
+        if notice and not _same(request.query_params.get("sig", ""),
+                                sign(self.secret, seed, notice)):
+            notice = ""  # not written by this app, for this browser
         page = self.env.get_template(template).render(
             root=root, csrf=csrf_token(self.secret, seed), path=request.url.path,
             message=notice, **context)
@@ -320,13 +329,17 @@ class WebUI:
                 size = await run_in_threadpool(jobset.size)
                 return self._confirm(request, form, _all_question(
                     str(action), name, title, size), f"/{name}", back)
-            count = await run_in_threadpool(every)
+            if action == "retry":
+                # Bytes that are not a job stay (see below); the Api's requeue_all
+                # would send them to the fallback queue.
+                count = await run_in_threadpool(jobset.requeue_all, True)
+            else:
+                count = await run_in_threadpool(every)
             return self._back(request, back, done.format(n=count))
         refs = _refs(form)
         if not refs:
             return self._back(request, back, "No job was selected.")
-        found = await run_in_threadpool(
-            lambda: [m for d, w in refs if (m := _set_member(jobset, d, w)) is not None])
+        found = await run_in_threadpool(_set_members, jobset, refs)
         # Bytes that are not a job are not sent to a queue one by one: a node would
         # only bury them again, under a reason that hides the first one.
         movable = [m for m in found if m.job is not None or action != "retry"]
@@ -343,15 +356,21 @@ class WebUI:
     async def _form(self, request: Request) -> FormData:
         """The POSTed form, refused (403) unless it is the UI's own (see ``security``).
         The origin and size are checked before the body is read."""
-        if not same_origin(request.headers, self.origins):
+        if not same_origin(request.headers, self.origins, request.url.scheme):
             raise Forbidden()
+        if request.headers.get("content-type", "").split(";")[0].strip() != FORM_TYPE:
+            raise BadRequest(f"a form is sent as {FORM_TYPE}")
+        body = bytearray()
+        async for chunk in request.stream():  # counted as it comes: chunked bodies too
+            body += chunk
+            if len(body) > MAX_FORM_BYTES:
+                raise BadRequest("the form is too large")
         try:
-            length = int(request.headers.get("content-length", "0"))
-        except ValueError:
-            length = MAX_FORM_BYTES + 1
-        if length > MAX_FORM_BYTES:
-            raise BadRequest("the form is too large")
-        form = await request.form(max_part_size=MAX_FORM_BYTES)
+            pairs: list[tuple[str, str | UploadFile]] = list(
+                parse_qsl(body.decode("ascii"), max_num_fields=MAX_FIELDS))
+            form = FormData(pairs)
+        except (UnicodeDecodeError, ValueError):
+            raise BadRequest("the form is not URL-encoded") from None
         seed: str = request.scope.get("state", {}).get("csrf_seed", "")
         token = form.get("csrf")
         if not (isinstance(token, str) and _same(token, csrf_token(self.secret, seed))):
@@ -362,7 +381,8 @@ class WebUI:
         path = _safe_back(path, "/")
         sep = "&" if "?" in path else "?"
         root = request.scope.get("root_path", "")
-        query = urlencode({"done": message, "sig": sign(self.secret, message)})
+        seed: str = request.scope.get("state", {}).get("csrf_seed", "")
+        query = urlencode({"done": message, "sig": sign(self.secret, seed, message)})
         return RedirectResponse(f"{root}{path}{sep}{query}", 303)
 
     def _confirm(self, request: Request, form: FormData, question: str, action: str,
@@ -404,6 +424,8 @@ def _field(form: FormData, name: str) -> str:
 
 def _refs(form: FormData) -> list[tuple[str, str]]:
     refs = [v for v in form.getlist("member") if isinstance(v, str)]
+    if len(refs) > MAX_REFS:
+        raise BadRequest(f"at most {MAX_REFS} jobs at once; use the whole-set action")
     try:
         return [parse_ref(ref) for ref in refs]
     except ValueError as exc:
@@ -430,23 +452,48 @@ def _set_member(jobset: JobSet, digest: str, score: str) -> Entry | None:
     return next((e for e in jobset.at_score(bound) if digest_of(e.raw) == digest), None)
 
 
+def _set_members(jobset: JobSet, refs: list[tuple[str, str]]) -> list[Entry]:
+    """The entries the references name, reading each score once (many jobs may share
+    one, as jobs scheduled for the same second do) and decoding only the ones named."""
+    wanted: dict[str, set[str]] = {}
+    for digest, score in refs:
+        try:
+            wanted.setdefault(score_text(score), set()).add(digest)
+        except ValueError:
+            continue  # not a score: names nothing
+    found: list[Entry] = []
+    for score, digests in wanted.items():
+        for raw in jobset.raw_at_score(score):
+            if digest_of(raw) in digests:
+                digests.discard(digest_of(raw))
+                found.append(entry(raw, float(score)))
+    return found
+
+
 def _queue_members(queue: Queue, refs: list[tuple[str, str]]) -> list[bytes]:
-    """The bytes of each referenced job: at its index if it is still there, else
-    wherever it moved to (one pass over the queue for those); a job gone is skipped."""
-    wanted: dict[str, bytes | None] = {}
+    """The bytes of each referenced job, as many copies as were named (and are
+    there): read at its index when it is still there, else found in one pass over
+    the queue. A job gone is skipped. Copies of one job are the same bytes, so
+    which copy ``LREM`` takes does not matter."""
+    needed = Counter(digest for digest, _ in refs)
+    raws: dict[str, bytes] = {}
     for digest, where in refs:
-        index = int(where) if where.isdigit() else -1
-        page = queue.page(offset=index, size=1) if index >= 0 else []
-        wanted[digest] = page[0].raw if page and digest_of(page[0].raw) == digest else None
-    missing = {d for d, raw in wanted.items() if raw is None}
+        if digest not in raws and _INDEX.fullmatch(where):
+            page = queue.page(offset=int(where), size=1)
+            if page and digest_of(page[0].raw) == digest:
+                raws[digest] = page[0].raw
+    if len(raws) == len(needed) and max(needed.values()) == 1:
+        return list(raws.values())
+    copies: Counter[str] = Counter()
     offset = 0
-    while missing and (chunk := queue.page(offset=offset, size=SCAN_PAGE)):
+    while chunk := queue.page(offset=offset, size=SCAN_PAGE):
         for found in chunk:
-            if (digest := digest_of(found.raw)) in missing:
-                wanted[digest] = found.raw
-                missing.discard(digest)
+            digest = digest_of(found.raw)
+            if digest in needed:
+                raws[digest] = found.raw
+                copies[digest] += 1
         offset += len(chunk)
-    return [raw for raw in wanted.values() if raw is not None]
+    return [raws[d] for d, n in needed.items() for _ in range(min(n, copies[d]))]
 
 
 def _int_choice(value: str | None, choices: tuple[int, ...], default: int) -> int:

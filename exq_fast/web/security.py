@@ -27,6 +27,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 __all__ = ["CSRF_COOKIE", "LOOPBACK_HOSTS", "TOKEN_COOKIE", "Guard", "WebAuth", "csrf_token",
            "host_name", "same_origin", "sign"]
 
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+"""What ``Host`` may name when the UI has no auth (see ``Guard``)."""
 CSRF_COOKIE = "exq_web_csrf"
 TOKEN_COOKIE = "exq_web_token"
 SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
@@ -127,18 +130,25 @@ def _equal(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
 
 
-def sign(secret: bytes, text: str) -> str:
-    """A short MAC of ``text`` (the notice an action redirects with, so a link made
-    elsewhere cannot put words in the UI's mouth)."""
-    return hmac.new(secret, b"notice:" + text.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+def sign(secret: bytes, seed: str, text: str) -> str:
+    """A MAC of ``text`` for the browser whose cookie is ``seed`` (the notice an
+    action redirects with): a link made elsewhere, or for another browser, cannot
+    put words in the UI's mouth. Keyed apart from the CSRF tokens."""
+    message = b"notice\0" + seed.encode("ascii") + b"\0" + text.encode("utf-8")
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
 
 def csrf_token(secret: bytes, seed: str) -> str:
     """The CSRF token of a browser's cookie ``seed``: HMAC-SHA256 under ``secret``."""
-    return hmac.new(secret, seed.encode("utf-8"), hashlib.sha256).hexdigest()
+    return hmac.new(secret, b"csrf\0" + seed.encode("ascii"), hashlib.sha256).hexdigest()
 
 
-def same_origin(headers: Headers, allowed_hosts: frozenset[str] = frozenset()) -> bool:
+_SEED = re.compile(r"[A-Za-z0-9_-]{43}")
+"""What ``secrets.token_urlsafe(32)`` makes: the only CSRF cookie accepted."""
+
+
+def same_origin(headers: Headers, allowed_hosts: frozenset[str] = frozenset(),
+                scheme: str = "http") -> bool:
     """False when the browser says the request comes from another site: its
     ``Origin`` is neither this ``Host`` nor one of ``allowed_hosts`` (the public
     names of a proxy in front), or ``Sec-Fetch-Site`` says cross-site."""
@@ -149,8 +159,13 @@ def same_origin(headers: Headers, allowed_hosts: frozenset[str] = frozenset()) -
         return True  # not a browser's cross-origin request (they all send Origin)
     if origin == "null":
         return False
-    netloc = urlsplit(origin).netloc
-    return netloc == headers.get("host", "") or host_name(netloc) in allowed_hosts
+    parts = urlsplit(origin)
+    netloc = parts.netloc
+    if netloc == headers.get("host", "") and parts.scheme == scheme:
+        return True
+    # A proxy's public name (Host rewritten behind it); never a loopback name on
+    # another port, which is another app of this host.
+    return host_name(netloc) in allowed_hosts - LOOPBACK_HOSTS
 
 
 def _cookies(headers: Headers) -> dict[str, str]:
@@ -171,12 +186,10 @@ def host_name(netloc: str) -> str:
     """The host of ``host[:port]`` / ``[v6]:port``, lower case, without the port."""
     netloc = netloc.strip().lower()
     if netloc.startswith("["):
-        return netloc[1:].partition("]")[0]
-    return netloc.rpartition(":")[0] if netloc.count(":") == 1 else netloc
-
-
-LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
-"""What ``Host`` may name when the UI has no auth (see ``Guard``)."""
+        host, _, rest = netloc[1:].partition("]")
+        return host if rest == "" or rest.startswith(":") else netloc
+    host = netloc.rpartition(":")[0] if netloc.count(":") == 1 else netloc
+    return host[:-1] if host.endswith(".") else host
 
 
 class Guard:
@@ -206,9 +219,8 @@ class Guard:
             await _respond(send, 421, b"421: this exq-fast web UI does not answer to that "
                            b"host name (see allowed_hosts / --allowed-host).\n", [_TEXT])
             return
-        if headers.get("sec-fetch-site") == "cross-site" and headers.get(
-                "sec-fetch-mode", "navigate") != "navigate":
-            await _respond(send, 403, b"403: cross-site request refused.\n", [_TEXT])
+        if not _own_request(headers):
+            await _respond(send, 403, b"403: request from another site refused.\n", [_TEXT])
             return
         cookies = _cookies(headers)
         path = scope.get("root_path", "") or "/"
@@ -217,7 +229,7 @@ class Guard:
             await self._refuse(scope, send, path)
             return
         seed = cookies.get(CSRF_COOKIE) or ""
-        fresh = len(seed) < 32
+        fresh = _SEED.fullmatch(seed) is None
         if fresh:
             seed = secrets.token_urlsafe(32)
         scope.setdefault("state", {})["csrf_seed"] = seed
@@ -256,6 +268,17 @@ class Guard:
 
 
 _TEXT = (b"content-type", b"text/plain; charset=utf-8")
+
+
+def _own_request(headers: Headers) -> bool:
+    """False for what another site's page makes a browser request (an image, a frame,
+    a ``fetch``): only the UI's own pages and a link followed to a page get through.
+    ``Sec-Fetch-*`` absent (not a browser, or an old one): allowed."""
+    site = headers.get("sec-fetch-site")
+    if site in (None, "same-origin", "none"):
+        return True
+    return (headers.get("sec-fetch-mode") == "navigate"
+            and headers.get("sec-fetch-dest", "document") == "document")
 
 
 def _route_path(scope: Scope) -> str:

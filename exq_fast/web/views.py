@@ -36,6 +36,8 @@ _SCAN_PAGE = 1000
 _SHORT = 120
 _TIME_FIELDS = ("created_at", "enqueued_at", "failed_at", "retried_at")
 _SCORE = re.compile(r"-?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
+_INFINITE = re.compile(r"[-+]?inf")
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,16 @@ class JobView:
     def raw_short(self) -> str:
         """``raw_text`` cut for a listing."""
         return _cut(self.raw_text, RAW_SHORT)
+
+    @property
+    def error_short(self) -> str:
+        """``error_message`` cut for a listing."""
+        return _cut(self.error_message, RAW_SHORT)
+
+    @property
+    def class_short(self) -> str:
+        """``display_class`` cut for a listing."""
+        return _cut(self.display_class, _SHORT)
     display_class: str = ""
     jid: str = ""
     queue: str = ""
@@ -86,6 +98,8 @@ def parse_ref(ref: str) -> tuple[str, str]:
 def score_text(text: str) -> str:
     """A score from a URL or a form, as Redis reads it; ``ValueError`` unless it is a
     finite number (``nan``, ``1_000``, ``inf`` are refused here, not by Redis)."""
+    if _INFINITE.fullmatch(text):
+        return text  # Redis keeps and finds entries scored +/-inf
     if not _SCORE.fullmatch(text) or not math.isfinite(float(text)):
         raise ValueError(f"not a score: {text[:40]!r}")
     return text
@@ -190,20 +204,24 @@ class Paging:
 def matches(entry: Entry, needle: str) -> bool:
     """True if the entry's class (or wrapped class) contains ``needle`` (any case), or
     its jid contains it; a member that is not a job matches on its raw text."""
-    low = needle.lower()
+    # ASCII case only, as the ZSCAN glob: both find the same entries.
+    low = needle.translate(_ASCII_LOWER)
     if entry.job is None:
-        return low in entry.raw.decode("utf-8", "replace").lower()
+        return low in entry.raw.decode("utf-8", "replace").translate(_ASCII_LOWER)
     payload = entry.to_dict() or {}
     names = [entry.job.job_class, payload.get("wrapped")]
-    if any(isinstance(n, str) and low in n.lower() for n in names):
+    if any(isinstance(n, str) and low in n.translate(_ASCII_LOWER) for n in names):
         return True
     return entry.jid is not None and needle in entry.jid
 
 
 def glob_for(needle: str) -> str | None:
-    """A ZSCAN pattern the raw bytes of every match of ``needle`` match (any case), so
-    Redis skips the rest; None when the needle may be written escaped in JSON."""
-    if not (needle.isascii() and needle.isprintable()) or any(c in needle for c in '"\\/'):
+    """A ZSCAN pattern the raw bytes of every match of ``needle`` match (any ASCII
+    case), so Redis skips the rest; None (every entry is read) when the needle may be
+    written escaped in JSON (``"``, ``\\``, ``/``, and ``<>&'``, which some writers
+    escape). A class written with ``\\u`` escapes for plain letters is not found."""
+    if not (needle.isascii() and needle.isprintable()) or any(
+            c in needle for c in '"\\/<>&\''):
         return None
     parts = []
     for char in needle:
@@ -222,8 +240,10 @@ def filtered_page(jobset: JobSet, needle: str, page: str | None
     paging, and whether more than ``MATCH_LIMIT`` matched (then only that many are
     listed). Redis tests the glob; only what it returns is decoded here."""
     found: list[Entry] = []
+    seen: set[bytes] = set()  # ZSCAN may return a member twice
     for candidate in jobset.scan(glob_for(needle)):
-        if matches(candidate, needle):
+        if candidate.raw not in seen and matches(candidate, needle):
+            seen.add(candidate.raw)
             found.append(candidate)
             if len(found) > MATCH_LIMIT:
                 break
