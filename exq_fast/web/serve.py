@@ -107,6 +107,8 @@ def serve(config: Config, *, bind: str = DEFAULT_BIND, port: int = DEFAULT_PORT,
                         f"[{bind}]" if ":" in bind else bind, sock.getsockname()[1],
                         config.namespace, f", {auth.kind}" if auth.enabled
                         else ", no auth (loopback names only)")
+            if auth.token is not None:
+                logger.info("with a browser, open /?token=<the token> once (it sets a cookie)")
             server.run(sockets=[sock])
         finally:
             signal.signal(signal.SIGTERM, previous)
