@@ -449,7 +449,8 @@ def _set_member(jobset: JobSet, digest: str, score: str) -> Entry | None:
         bound = score_text(score)
     except ValueError as exc:
         raise NotFound(str(exc)) from None
-    return next((e for e in jobset.at_score(bound) if digest_of(e.raw) == digest), None)
+    raw = next((m for m in jobset.raw_at_score(bound) if digest_of(m) == digest), None)
+    return None if raw is None else entry(raw, float(bound))
 
 
 def _set_members(jobset: JobSet, refs: list[tuple[str, str]]) -> list[Entry]:
