@@ -98,8 +98,9 @@ def log_workers(queues: Sequence[QueueSpec], specs: Sequence[WorkerSpec]) -> Non
     for queue in queues:
         names = [spec.name for spec in specs if (spec.queue or "default") == queue.name]
         concurrency = "unlimited" if queue.concurrency is None else queue.concurrency
+        # "none" alone read as "nothing runs here": any registered worker does.
         logger.info("queue %s (concurrency %s): %s", queue.name, concurrency,
-                    ", ".join(names) or "none")
+                    ", ".join(names) or "no worker of its own (any worker runs here)")
     others = [spec for spec in specs if (spec.queue or "default") not in consumed]
     if others:
         logger.info("other workers (run on any queue): %s",

@@ -313,7 +313,8 @@ def test_start_up_lists_the_workers_per_queue_and_warns_of_an_unconsumed_queue(
     records = text_records(node.lines())
     assert ("INFO", "exq_fast", "queue default (concurrency 10): LogCli.Boom, LogCli.Ok") \
         in records, node.stderr()
-    assert ("INFO", "exq_fast", "queue b (concurrency 100): none") in records
+    assert ("INFO", "exq_fast", "queue b (concurrency 100): no worker of its own "
+                                "(any worker runs here)") in records
     assert ("INFO", "exq_fast", "other workers (run on any queue): LogCli.Mail") in records
     assert ("WARNING", "exq_fast", "worker LogCli.Mail enqueues to queue 'mail', which this "
                                    "node does not consume") in records
