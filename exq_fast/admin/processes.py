@@ -166,8 +166,7 @@ class Processes:
         check_name("node_id", node_id)
         check_name("signal", signal)
         pipe = self._redis.pipeline(transaction=True)
-        for key in dict.fromkeys((self._keys.signals(node_id),
-                                  self._keys.sidekiq_signals(node_id))):
+        for key in self._signal_keys(node_id):
             pipe.lpush(key, signal)
             pipe.expire(key, SIGNAL_TTL)
         pipe.execute()
@@ -175,21 +174,23 @@ class Processes:
     def pending_signals(self, node_ids: Iterable[str]) -> dict[str, list[str]]:
         """The signals sent to each node and not yet taken (oldest first), in one
         pipeline: what a node will act on at its next ping."""
-        ids = list(node_ids)
+        keys = {node_id: self._signal_keys(node_id) for node_id in node_ids}
         pipe = self._redis.pipeline(transaction=False)
-        for node_id in ids:
-            for key in dict.fromkeys((self._keys.signals(node_id),
-                                      self._keys.sidekiq_signals(node_id))):
+        for node_keys in keys.values():
+            for key in node_keys:
                 pipe.lrange(key, 0, -1)
         replies = iter(pipe.execute())
         pending: dict[str, list[str]] = {}
-        for node_id in ids:
-            signals: list[str] = []
-            for _ in dict.fromkeys((self._keys.signals(node_id),
-                                    self._keys.sidekiq_signals(node_id))):
-                signals += [text(s) for s in reversed(next(replies))]
+        for node_id, node_keys in keys.items():
+            signals = [text(s) for _ in node_keys for s in reversed(next(replies))]
             pending[node_id] = list(dict.fromkeys(signals))
         return pending
+
+    def _signal_keys(self, node_id: str) -> list[str]:
+        """The signal list(s) of a node: Exq's, and with the empty namespace Sidekiq's
+        too (the same key otherwise, listed once)."""
+        return list(dict.fromkeys((self._keys.signals(node_id),
+                                   self._keys.sidekiq_signals(node_id))))
 
     def quiet(self, node_id: str) -> None:
         """Ask ``node_id`` to stop fetching jobs (``TSTP``)."""

@@ -61,10 +61,14 @@ class Queue(Members):
 
     def page(self, *, offset: int = 0, size: int = 100) -> list[Entry]:
         """A page of jobs, newest first (the oldest is popped next)."""
+        return [entry(raw) for raw in self.raw_page(offset=offset, size=size)]
+
+    def raw_page(self, *, offset: int = 0, size: int = 100) -> list[bytes]:
+        """``page`` as the exact bytes stored, not decoded."""
         check_page(offset, size)
         if size == 0:
             return []
-        return [entry(raw) for raw in self._lrange(offset, offset + size - 1)]
+        return self._lrange(offset, offset + size - 1)
 
     def find(self, jid: str) -> Entry | None:
         """The first job (newest first) with ``jid``, or None."""

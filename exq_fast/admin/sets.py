@@ -96,8 +96,8 @@ class JobSet(Members):
 
     def at_score(self, score: float | str) -> list[Entry]:
         """Every entry scored exactly ``score`` (a float, or its text as Redis reads it)."""
-        bound = _score_arg(score)
-        return entries(self._redis.zrangebyscore(self.key, bound, bound, withscores=True))
+        at = float(_score_arg(score))
+        return [entry(raw, at) for raw in self.raw_at_score(score)]
 
     def raw_at_score(self, score: float | str) -> list[bytes]:
         """The raw members scored exactly ``score``, not decoded."""
@@ -148,13 +148,7 @@ class JobSet(Members):
         members = raw_list(raws)
         if self.name == "dead":
             raise ValueError("the dead set's entries are already dead")
-        moved = 0
-        for start in range(0, len(members), REQUEUE_CHUNK):
-            now = now_seconds()
-            moved += int(scripts.kill(self._redis, [self.key, self._keys.dead], [
-                repr(now), repr(now - self._limits.timeout_s), self._limits.max_jobs,
-                *members[start:start + REQUEUE_CHUNK]]))
-        return moved
+        return _by_chunk(members, self._kill)
 
     def kill_all(self) -> int:
         """Move every member (bounded by the size at the start) to the dead set."""
@@ -196,11 +190,20 @@ class JobSet(Members):
             start += PAGE_SIZE
 
     def _requeue(self, members: list[bytes]) -> int:
-        moved = 0
-        for start in range(0, len(members), REQUEUE_CHUNK):
-            chunk = members[start:start + REQUEUE_CHUNK]
-            moved += move_members(self._redis, self._keys, self.key, chunk, FALLBACK_QUEUE)
-        return moved
+        return _by_chunk(members, lambda chunk: move_members(
+            self._redis, self._keys, self.key, chunk, FALLBACK_QUEUE))
+
+    def _kill(self, chunk: list[bytes]) -> int:
+        now = now_seconds()
+        return int(scripts.kill(self._redis, [self.key, self._keys.dead], [
+            repr(now), repr(now - self._limits.timeout_s), self._limits.max_jobs, *chunk]))
+
+
+def _by_chunk(members: list[bytes], move: Callable[[list[bytes]], int]) -> int:
+    """``move`` the members ``REQUEUE_CHUNK`` at a time (one script call each); the
+    sum of what each call moved."""
+    return sum(move(members[start:start + REQUEUE_CHUNK])
+               for start in range(0, len(members), REQUEUE_CHUNK))
 
 
 def _score_arg(score: float | str) -> str:
