@@ -27,7 +27,6 @@ so any name, ``a/../b`` included, is one queue):
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 import time
@@ -52,7 +51,7 @@ from ..admin import Api, Entry, JobSet, Queue
 from ..admin._common import PAGE_SIZE as SCAN_PAGE
 from ..admin._common import entry
 from ..config import scrub
-from .security import Guard, WebAuth, csrf_token, same_origin, sign
+from .security import Guard, WebAuth, csrf_token, equal, same_origin, sign
 from .views import (
     Paging,
     ago,
@@ -141,9 +140,9 @@ class WebUI:
     def render(self, request: Request, template: str, status: int = 200,
                **context: Any) -> HTMLResponse:
         root = request.scope.get("root_path", "")
-        seed: str = request.scope.get("state", {}).get("csrf_seed", "")
+        seed = _seed(request)
         notice = request.query_params.get("done", "")
-        if notice and not _same(request.query_params.get("sig", ""),
+        if notice and not equal(request.query_params.get("sig", ""),
                                 sign(self.secret, seed, notice)):
             notice = ""  # not written by this app, for this browser
         page = self.env.get_template(template).render(
@@ -302,20 +301,24 @@ class WebUI:
 
     def entry(self, request: Request) -> Response:
         name, jobset, title = self._set(request)
-        found = _set_member(jobset, request.path_params["digest"],
-                            request.path_params["score"])
-        if found is None:
-            raise NotFound(f"This entry is no longer in {title.lower()}: it was moved, "
-                           "retried or deleted.")
+        found = _set_members(jobset, [(request.path_params["digest"],
+                                       request.path_params["score"])])
+        if not found:
+            raise NotFound(f"This entry is not in {title.lower()}: it was moved, retried "
+                           "or deleted (or the address names no score).")
         return self.render(request, "job.html", title=f"{title}: job", active=name,
-                           set_path=name, job=job_view(found), can_kill=name != "dead")
+                           set_path=name, job=job_view(found[0]), can_kill=name != "dead")
 
     async def set_action(self, request: Request) -> Response:
         form = await self._form(request)
         name, jobset, title = self._set(request)
         action, scope = form.get("action"), form.get("scope", "selected")
+        # Retry all leaves bytes that are not a job where they are, as a retry of a
+        # selection does (below); the Api's plain requeue_all would send them to the
+        # fallback queue, where a node only buries them again.
         verbs: dict[str, tuple[Callable[[list[bytes]], int], Callable[[], int], str]] = {
-            "retry": (jobset.requeue, jobset.requeue_all, "Moved {n} job(s) to their queues."),
+            "retry": (jobset.requeue, lambda: jobset.requeue_all(jobs_only=True),
+                      "Moved {n} job(s) to their queues."),
             "delete": (jobset.remove, jobset.clear, "Deleted {n} job(s)."),
         }
         if name != "dead":
@@ -329,12 +332,7 @@ class WebUI:
                 size = await run_in_threadpool(jobset.size)
                 return self._confirm(request, form, _all_question(
                     str(action), name, title, size), f"/{name}", back)
-            if action == "retry":
-                # Bytes that are not a job stay (see below); the Api's requeue_all
-                # would send them to the fallback queue.
-                count = await run_in_threadpool(jobset.requeue_all, True)
-            else:
-                count = await run_in_threadpool(every)
+            count = await run_in_threadpool(every)
             return self._back(request, back, done.format(n=count))
         refs = _refs(form)
         if not refs:
@@ -371,9 +369,9 @@ class WebUI:
             form = FormData(pairs)
         except (UnicodeDecodeError, ValueError):
             raise BadRequest("the form is not URL-encoded") from None
-        seed: str = request.scope.get("state", {}).get("csrf_seed", "")
+        seed = _seed(request)
         token = form.get("csrf")
-        if not (isinstance(token, str) and _same(token, csrf_token(self.secret, seed))):
+        if not (isinstance(token, str) and equal(token, csrf_token(self.secret, seed))):
             raise Forbidden()
         return form
 
@@ -381,7 +379,7 @@ class WebUI:
         path = _safe_back(path, "/")
         sep = "&" if "?" in path else "?"
         root = request.scope.get("root_path", "")
-        seed: str = request.scope.get("state", {}).get("csrf_seed", "")
+        seed = _seed(request)
         query = urlencode({"done": message, "sig": sign(self.secret, seed, message)})
         return RedirectResponse(f"{root}{path}{sep}{query}", 303)
 
@@ -400,8 +398,10 @@ def _q(value: str) -> str:
     return quote(value, safe="")
 
 
-def _same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
+def _seed(request: Request) -> str:
+    """This browser's CSRF cookie, as ``security.Guard`` checked or made it."""
+    seed: str = request.scope.get("state", {}).get("csrf_seed", "")
+    return seed
 
 
 def _safe_back(value: object, default: str) -> str:
@@ -443,16 +443,6 @@ def _all_question(action: str, name: str, title: str, size: int) -> str:
     return question + " (Jobs added meanwhile are included.)"
 
 
-def _set_member(jobset: JobSet, digest: str, score: str) -> Entry | None:
-    """The entry scored ``score`` whose bytes have ``digest``, or None."""
-    try:
-        bound = score_text(score)
-    except ValueError as exc:
-        raise NotFound(str(exc)) from None
-    raw = next((m for m in jobset.raw_at_score(bound) if digest_of(m) == digest), None)
-    return None if raw is None else entry(raw, float(bound))
-
-
 def _set_members(jobset: JobSet, refs: list[tuple[str, str]]) -> list[Entry]:
     """The entries the references name, reading each score once (many jobs may share
     one, as jobs scheduled for the same second do) and decoding only the ones named."""
@@ -465,8 +455,8 @@ def _set_members(jobset: JobSet, refs: list[tuple[str, str]]) -> list[Entry]:
     found: list[Entry] = []
     for score, digests in wanted.items():
         for raw in jobset.raw_at_score(score):
-            if digest_of(raw) in digests:
-                digests.discard(digest_of(raw))
+            if (digest := digest_of(raw)) in digests:
+                digests.discard(digest)
                 found.append(entry(raw, float(score)))
     return found
 
@@ -480,18 +470,18 @@ def _queue_members(queue: Queue, refs: list[tuple[str, str]]) -> list[bytes]:
     raws: dict[str, bytes] = {}
     for digest, where in refs:
         if digest not in raws and _INDEX.fullmatch(where):
-            page = queue.page(offset=int(where), size=1)
-            if page and digest_of(page[0].raw) == digest:
-                raws[digest] = page[0].raw
+            page = queue.raw_page(offset=int(where), size=1)
+            if page and digest_of(page[0]) == digest:
+                raws[digest] = page[0]
     if len(raws) == len(needed) and max(needed.values()) == 1:
         return list(raws.values())
     copies: Counter[str] = Counter()
     offset = 0
-    while chunk := queue.page(offset=offset, size=SCAN_PAGE):
-        for found in chunk:
-            digest = digest_of(found.raw)
+    while chunk := queue.raw_page(offset=offset, size=SCAN_PAGE):
+        for raw in chunk:
+            digest = digest_of(raw)
             if digest in needed:
-                raws[digest] = found.raw
+                raws[digest] = raw
                 copies[digest] += 1
         offset += len(chunk)
     return [raws[d] for d, n in needed.items() for _ in range(min(n, copies[d]))]

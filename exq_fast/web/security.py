@@ -38,7 +38,7 @@ from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["CSRF_COOKIE", "LOOPBACK_HOSTS", "TOKEN_COOKIE", "Guard", "WebAuth", "csrf_token",
-           "host_name", "same_origin", "sign"]
+           "equal", "host_name", "same_origin", "sign"]
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 """What ``Host`` may name when the UI has no auth (see ``Guard``)."""
@@ -104,9 +104,9 @@ class WebAuth:
         if kind.lower() == "basic" and self.username is not None:
             return self._basic_ok(value.strip())
         if kind.lower() == "bearer" and self.token is not None:
-            return _equal(value.strip(), self.token)
+            return equal(value.strip(), self.token)
         cookie = cookies.get(TOKEN_COOKIE)
-        return self.token is not None and cookie is not None and _equal(cookie,
+        return self.token is not None and cookie is not None and equal(cookie,
                                                                         self.token_digest)
 
     @property
@@ -121,12 +121,13 @@ class WebAuth:
             return False
         user, _, password = decoded.partition(":")
         # Both compared, always: no early exit telling which one was wrong.
-        user_ok = _equal(user, self.username or "")
-        password_ok = _equal(password, self.password or "")
+        user_ok = equal(user, self.username or "")
+        password_ok = equal(password, self.password or "")
         return user_ok and password_ok
 
 
-def _equal(a: str, b: str) -> bool:
+def equal(a: str, b: str) -> bool:
+    """Constant-time comparison of two secrets (or tokens) as text."""
     return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
 
 
@@ -226,7 +227,7 @@ class Guard:
         path = scope.get("root_path", "") or "/"
         secure = scope.get("scheme") == "https"
         if not self.auth.allows(headers, cookies):
-            await self._refuse(scope, send, path)
+            await self._refuse(scope, send, path, secure)
             return
         seed = cookies.get(CSRF_COOKIE) or ""
         fresh = _SEED.fullmatch(seed) is None
@@ -244,19 +245,18 @@ class Guard:
 
         await self.app(scope, receive, send_with_headers)
 
-    async def _refuse(self, scope: Scope, send: Send, path: str) -> None:
+    async def _refuse(self, scope: Scope, send: Send, path: str, secure: bool) -> None:
         """401, or for ``?token=<the token>`` the cookie and a redirect without it."""
         query = parse_qsl(scope.get("query_string", b"").decode("latin-1"))
         given = dict(query).get("token")
-        if given is not None and self.auth.token is not None and _equal(given, self.auth.token):
+        if given is not None and self.auth.token is not None and equal(given, self.auth.token):
             rest = urlencode([(k, v) for k, v in query if k != "token"])
             # Only a path of this app, quoted: never //elsewhere, nor raw bytes.
             here = "/" + quote(scope.get("root_path", "") + _route_path(scope)).lstrip("/")
             target = here + (f"?{rest}" if rest else "")
             await _respond(send, 303, b"", [
                 (b"location", target.encode("latin-1")),
-                (b"set-cookie", _cookie(TOKEN_COOKIE, self.auth.token_digest, path,
-                                        scope.get("scheme") == "https"))])
+                (b"set-cookie", _cookie(TOKEN_COOKIE, self.auth.token_digest, path, secure))])
             return
         challenge = ([(b"www-authenticate", b'Basic realm="exq-fast", charset="UTF-8"')]
                      if self.auth.username is not None else [])

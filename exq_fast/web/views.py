@@ -1,5 +1,5 @@
 """What the web UI's pages show, as plain data for the templates: a job's fields
-(``JobView``), times, member tokens, filters and the history chart.
+(``JobView``), times, job references, filters and the history chart.
 
 Nothing here renders HTML: the templates do, with autoescape on, so a job's
 bytes reach the page only as escaped text. A member that is not a job is
@@ -32,7 +32,6 @@ MATCH_LIMIT = 10_000
 """Matches a filtered listing collects at most (the rest are not shown)."""
 RAW_SHORT = 300
 """Characters of a member that is not a job shown in a listing (all on its page)."""
-_SCAN_PAGE = 1000
 _SHORT = 120
 _TIME_FIELDS = ("created_at", "enqueued_at", "failed_at", "retried_at")
 _SCORE = re.compile(r"-?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
@@ -56,21 +55,6 @@ class JobView:
     is_job: bool
     raw_text: str
     """The raw bytes as text (invalid UTF-8 as escapes), for a member that is not a job."""
-
-    @property
-    def raw_short(self) -> str:
-        """``raw_text`` cut for a listing."""
-        return _cut(self.raw_text, RAW_SHORT)
-
-    @property
-    def error_short(self) -> str:
-        """``error_message`` cut for a listing."""
-        return _cut(self.error_message, RAW_SHORT)
-
-    @property
-    def class_short(self) -> str:
-        """``display_class`` cut for a listing."""
-        return _cut(self.display_class, _SHORT)
     display_class: str = ""
     jid: str = ""
     queue: str = ""
@@ -86,6 +70,21 @@ class JobView:
     fields: list[tuple[str, str]] = field(default_factory=list)
     """Every payload field, its value as JSON."""
 
+    @property
+    def raw_short(self) -> str:
+        """``raw_text`` cut for a listing."""
+        return _cut(self.raw_text, RAW_SHORT)
+
+    @property
+    def error_short(self) -> str:
+        """``error_message`` cut for a listing."""
+        return _cut(self.error_message, RAW_SHORT)
+
+    @property
+    def class_short(self) -> str:
+        """``display_class`` cut for a listing."""
+        return _cut(self.display_class, _SHORT)
+
 
 def parse_ref(ref: str) -> tuple[str, str]:
     """``(digest, where)`` of a member reference; ``ValueError`` when it is not one."""
@@ -97,7 +96,8 @@ def parse_ref(ref: str) -> tuple[str, str]:
 
 def score_text(text: str) -> str:
     """A score from a URL or a form, as Redis reads it; ``ValueError`` unless it is a
-    finite number (``nan``, ``1_000``, ``inf`` are refused here, not by Redis)."""
+    number or +/-inf (``nan``, ``1_000``, ``0x10``, ``1e999`` are refused here, not
+    by Redis)."""
     if _INFINITE.fullmatch(text):
         return text  # Redis keeps and finds entries scored +/-inf
     if not _SCORE.fullmatch(text) or not math.isfinite(float(text)):
@@ -144,7 +144,7 @@ def _payload_fields(payload: Mapping[str, Any], job_class: str) -> dict[str, Any
     return {
         "display_class": wrapped if isinstance(wrapped, str) and wrapped else job_class,
         "jid": _text(payload.get("jid")), "queue": _text(payload.get("queue")),
-        "args_short": _shorten(_json(args)), "args_pretty": _json(args, indent=2),
+        "args_short": _cut(_json(args), _SHORT), "args_pretty": _json(args, indent=2),
         "retry_count": payload.get("retry_count") if isinstance(
             payload.get("retry_count"), int) else 0,
         "retry": "" if retry is None else _json(retry),
@@ -160,10 +160,6 @@ def _text(value: object) -> str:
 
 def _json(value: object, indent: int | None = None) -> str:
     return json.dumps(value, ensure_ascii=False, indent=indent, default=str)
-
-
-def _shorten(text: str) -> str:
-    return _cut(text, _SHORT)
 
 
 def _cut(text: str, limit: int) -> str:
