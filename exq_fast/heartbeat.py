@@ -155,16 +155,20 @@ class NodePinger(BackgroundLoop):
 
     def _write_fields(self) -> None:
         """Write this node's hash fields (``info``, ``busy``, ``quiet``...) again."""
-        fields = self.node_fields()
         pipe = self.client.pipeline(transaction=True)
+        self._add_fields(pipe)
+        pipe.execute()
+
+    def _add_fields(self, pipe: Pipeline) -> None:
+        """Queue the node hash's fields on ``pipe``, each hash with its TTL (never a
+        hash without one: a node gone meanwhile must not leave it for ever)."""
+        fields = self.node_fields()
         for _, node_key in self._registries:
             pipe.hset(node_key(self.node_id), mapping=fields)
-            pipe.expire(node_key(self.node_id), NODE_TTL)  # never a hash without a TTL
-        pipe.execute()
+            pipe.expire(node_key(self.node_id), NODE_TTL)
 
     def ping(self) -> list[str]:
         """Write this node's registration in one MULTI/EXEC; return the signals read."""
-        fields = self.node_fields()
         pipe = self.client.pipeline(transaction=True)
         # Re-registered at every ping: a node a monitor took for dead (cut off
         # from Redis for too long) is known again once it is back -- unless
@@ -173,10 +177,9 @@ class NodePinger(BackgroundLoop):
         pipe.execute_command(  # type: ignore[no-untyped-call]
             "EVAL", scripts.REFRESH_NODE, 1, self.keys.nodes, self.node_id,
             self.identity.to_json())
-        for processes, node_key in self._registries:
+        for processes, _ in self._registries:
             pipe.sadd(processes, self.node_id)
-            pipe.hset(node_key(self.node_id), mapping=fields)
-            pipe.expire(node_key(self.node_id), NODE_TTL)
+        self._add_fields(pipe)
         self._write_work(pipe, self.state.running_jobs())
         for key in self._signal_keys:
             pipe.lrange(key, 0, SIGNALS_PER_PING - 1)
