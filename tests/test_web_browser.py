@@ -26,10 +26,11 @@ from pathlib import Path
 import pytest
 import redis
 from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
 
 from exq_fast import Exq
 from exq_fast.admin import Api
@@ -156,7 +157,26 @@ def _text(driver: WebDriver, css: str) -> str:
 
 
 def _click(driver: WebDriver, css: str) -> None:
-    driver.find_element(By.CSS_SELECTOR, css).click()
+    _follow(driver, driver.find_element(By.CSS_SELECTOR, css))
+
+
+def _follow(driver: WebDriver, element: WebElement) -> None:
+    """Click a link or button that leads to another page, and wait until that page has
+    loaded. Selenium's click returns once the event is dispatched, maybe before the
+    browser has left the page, so a lookup right after it could search the old page
+    (CI failed that way once: the confirmation's question was looked for too early)."""
+    old = driver.find_element(By.TAG_NAME, "html")
+    element.click()
+
+    def loaded() -> bool:
+        try:
+            old.tag_name  # noqa: B018 -- touching it raises once the page is gone
+        except StaleElementReferenceException:
+            return bool(driver.execute_script("return document.readyState") == "complete")
+        return False
+
+    wait_for(loaded, 10, "the next page to load",
+             detail=lambda: f"still at {driver.current_url}: {driver.title}")
 
 
 def _notice(driver: WebDriver) -> str:
@@ -210,7 +230,7 @@ def test_every_page_loads_with_the_api_numbers(driver: WebDriver, world: World,
         rows = driver.find_elements(By.CSS_SELECTOR, "#entries tbody tr")
         assert len(rows) == min(jobset.size(), 25)
         _shot(driver, tmp_path, path)
-        rows[0].find_element(By.CSS_SELECTOR, "td a").click()
+        _follow(driver, rows[0].find_element(By.CSS_SELECTOR, "td a"))
         assert driver.find_element(By.ID, "detail")
         _shot(driver, tmp_path, f"{path}-job")
     _no_alert(driver)
@@ -260,7 +280,7 @@ def test_retry_delete_kill_clear_and_quiet_change_redis(
 
     # Kill from a retry's detail page: it lands in the dead set byte for byte
     victim = api.retries.page(size=1)[0]
-    driver.find_element(By.CSS_SELECTOR, "#entries tbody tr td a").click()
+    _click(driver, "#entries tbody tr td a")
     _click(driver, "#kill-one")
     assert "dead set" in _notice(driver)
     assert client.zscore(keys.dead, victim.raw) is not None
@@ -288,8 +308,7 @@ def test_retry_delete_kill_clear_and_quiet_change_redis(
     # Quiet the node: the signal is in Redis, and the node goes quiet on its next beat
     driver.get(world.url("/busy"))
     node_id = world.node.exq.config.node_id
-    driver.find_element(By.CSS_SELECTOR,
-                        f'tr[data-node="{node_id}"] button[value="quiet"]').click()
+    _click(driver, f'tr[data-node="{node_id}"] button[value="quiet"]')
     assert "quiet" in _notice(driver)
     assert client.lrange(keys.signals(node_id), 0, -1) == [b"TSTP"]
     world.node.ping_until(lambda: world.node.exq.subscriptions() == [], "TSTP handled")
