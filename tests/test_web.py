@@ -608,6 +608,14 @@ def test_junk_scores_in_a_detail_address_are_not_found(client: Client) -> None:
         assert "<h1>Not found</h1>" in reply.body
 
 
+def test_an_address_with_no_page_gets_the_apps_not_found_page(client: Client) -> None:
+    for path in ("/nope", "/static/nope.css", "/queues/extra", "/<b>x</b>"):
+        reply = client.get(path)
+        assert reply.status == 404, path
+        assert "<h1>Not found</h1>" in reply.body and "Dashboard" in reply.body, path
+    assert "&lt;b&gt;" in client.get("/<b>x</b>").body
+
+
 def test_another_apps_cookies_on_the_same_host_do_not_lock_us_out(
         api: Api, redis_client: redis.Redis, keys: Keys) -> None:
     auth = WebAuth(token="a-token-of-twenty-chars")

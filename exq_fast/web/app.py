@@ -116,7 +116,7 @@ class WebUI:
             middleware=[Middleware(Guard, auth=auth, allowed_hosts=allowed_hosts)],
             exception_handlers={redis.exceptions.RedisError: self._redis_down,
                                 BadRequest: self._bad_request, Forbidden: self._forbidden,
-                                NotFound: self._not_found})
+                                NotFound: self._not_found, 404: self._no_page})
 
     def _routes(self) -> list[Route | Mount]:
         routes: list[Route | Mount] = [
@@ -169,6 +169,11 @@ class WebUI:
 
     def _not_found(self, request: Request, exc: Exception) -> Response:
         return self.render(request, "error.html", 404, title="Not found", detail=str(exc))
+
+    def _no_page(self, request: Request, exc: Exception) -> Response:
+        # Starlette's own 404 (no route, no static file): our page, not its bare text.
+        return self.render(request, "error.html", 404, title="Not found",
+                           detail=f"There is no page at {request.url.path}.")
 
     # -- dashboard -------------------------------------------------------------------
 
