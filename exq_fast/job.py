@@ -134,6 +134,17 @@ def loads(raw: bytes) -> Any:
     return doc
 
 
+def loads_object(raw: bytes) -> dict[str, Any] | None:
+    """``raw`` decoded when it is a JSON object, else None (not UTF-8, not JSON,
+    nested too deeply, or another kind of value): for readers that only peek at a
+    field of a member and must not fail on junk."""
+    try:
+        doc = loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 def _parse(raw: bytes) -> Any:
     try:
         return (getattr(_local, "parser", None) or _parser()).parse(raw)

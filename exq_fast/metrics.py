@@ -46,7 +46,7 @@ from .background import REDIS_ERRORS
 from .config import Config, ConfigError
 from .connection import text
 from .inflight import InFlight
-from .job import loads, to_seconds
+from .job import loads_object, to_seconds
 from .keys import Keys
 
 logger = logging.getLogger("exq_fast")
@@ -354,13 +354,8 @@ class ClusterCollector(Collector):
 def _enqueued_at(oldest: bytes | None) -> float | None:
     """The oldest job's ``enqueued_at`` in seconds (Sidekiq 8 millis too), when it is a
     JSON object with a number there."""
-    if oldest is None:
-        return None
-    try:
-        job = loads(oldest)
-    except (ValueError, RecursionError):
-        return None
-    return to_seconds(job.get("enqueued_at")) if isinstance(job, dict) else None
+    job = loads_object(oldest) if oldest is not None else None
+    return to_seconds(job.get("enqueued_at")) if job is not None else None
 
 
 def _count(value: bytes | None) -> int:

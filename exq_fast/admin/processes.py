@@ -30,7 +30,7 @@ import redis
 from .. import nodes as node_registry
 from ..config import Config
 from ..connection import text
-from ..job import Job, encode, loads, to_seconds
+from ..job import Job, encode, loads_object, to_seconds
 from ..keys import Keys
 from ..store.recovery import requeue_backup
 from ._common import as_bytes, as_int, check_name, entry
@@ -353,12 +353,8 @@ def _node_ids(client: redis.Redis, keys: Keys) -> tuple[list[str], list[bytes]]:
 # -- records ---------------------------------------------------------------------------
 
 
-def _json_object(raw: bytes | str) -> dict[str, Any]:
-    try:
-        value = loads(as_bytes(raw))
-    except (ValueError, UnicodeDecodeError):
-        return {}
-    return value if isinstance(value, dict) else {}
+def _json_object(raw: bytes) -> dict[str, Any]:
+    return loads_object(raw) or {}  # junk reads as no fields
 
 
 def _opt_str(value: object) -> str | None:

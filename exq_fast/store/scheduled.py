@@ -15,7 +15,7 @@ from typing import cast
 import redis
 
 from .. import scripts
-from ..job import loads
+from ..job import loads_object
 from ..keys import Keys
 
 
@@ -53,10 +53,7 @@ def move_members(client: redis.Redis, keys: Keys, zset: str, members: Sequence[b
 def queue_of(member: bytes | str, fallback_queue: str) -> str:
     """The ``queue`` a scheduled job names, or ``fallback_queue`` when it is not a JSON
     object with a string ``queue`` (the worker then buries it with its reason)."""
-    try:
-        job = loads(member.encode("utf-8", "surrogatepass") if isinstance(member, str)
-                    else member)
-    except (ValueError, RecursionError):
-        return fallback_queue
-    queue = job.get("queue") if isinstance(job, dict) else None
+    job = loads_object(member.encode("utf-8", "surrogatepass") if isinstance(member, str)
+                       else member)
+    queue = job.get("queue") if job is not None else None
     return queue if isinstance(queue, str) else fallback_queue
