@@ -226,6 +226,21 @@ def test_busy_lists_a_live_node_and_its_running_job(
         node.close()
 
 
+def test_a_running_record_whose_payload_text_holds_a_lone_surrogate_is_shown(
+        client: Client, redis_client: redis.Redis, keys: Keys) -> None:
+    # Given a node whose in-progress record holds its job as JSON text, and that
+    # text a lone surrogate (a "\ud800" escape in the record: no UTF-8 form)
+    redis_client.sadd(keys.processes, "odd-node")
+    redis_client.hset(keys.node("odd-node"), mapping={
+        "info": json.dumps({"hostname": "h", "pid": 1, "queues": ["q"]}), "busy": "1"})
+    redis_client.hset(keys.workers("odd-node"), "w1", json.dumps({
+        "queue": "q", "run_at": 1, "payload": '{"class":"Odd\ud800","args":[],"jid":"odd-1"}'}))
+    # Then the busy page answers and lists the job, its character as an escape
+    reply = client.get("/busy")
+    assert reply.status == 200
+    assert 'data-jid="odd-1"' in reply.body and "Odd\\ud800" in reply.body
+
+
 def test_the_empty_namespace_with_sidekiq_processes_and_an_exq_node(
         private_redis: RedisServer) -> None:
     # Given Sidekiq 6.4's jobs, sets, stats and process, and Exq 0.23's node, with no

@@ -400,7 +400,9 @@ def _process_info(node: str, name: str, value: bytes) -> ProcessInfo:
     record = _json_object(value)
     payload = record.get("payload")
     if isinstance(payload, str):
-        raw = payload.encode("utf-8")
+        # A lone surrogate (from a "\ud800" escape in the record) has no UTF-8 form:
+        # written back as that escape, so the job still reads (and the page renders).
+        raw = payload.encode("utf-8", "backslashreplace")
     else:
         raw = encode(payload) if isinstance(payload, dict) else value
     job = entry(raw).job
