@@ -75,7 +75,7 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
         raise ValueError("no service name: .../<service>[/<db>]")
     if db and not db.isdigit():
         raise ValueError(f"db must be a number, got {db!r}")
-    return SentinelTarget(parse_sentinels(hosts.split(",")), unquote(service),
+    return SentinelTarget(parse_hosts(hosts.split(",")), unquote(service),
                           int(db or 0), username, password, SENTINEL_SCHEMES[scheme])
 
 
@@ -99,7 +99,7 @@ def parse_cluster_url(url: str) -> ClusterTarget:
     if "?" in rest or "#" in rest or rest.partition("/")[2].strip("/") not in ("", "0"):
         raise ValueError("a cluster URL has no path (db 0 only), query or fragment")
     username, password, hosts = _credentials(rest.partition("/")[0])
-    return ClusterTarget(parse_sentinels(hosts.split(","), default_port=6379), username,
+    return ClusterTarget(parse_hosts(hosts.split(","), default_port=6379), username,
                          password, CLUSTER_SCHEMES[scheme])
 
 
@@ -121,19 +121,20 @@ def _credentials(netloc: str) -> tuple[str | None, str | None, str]:
     return username, password, hosts
 
 
-def parse_sentinels(items: Sequence[str],
-                    default_port: int = DEFAULT_SENTINEL_PORT) -> tuple[tuple[str, int], ...]:
-    """``host[:port]`` strings (IPv6 in brackets) as (host, port); port 26379 by default."""
+def parse_hosts(items: Sequence[str],
+                default_port: int = DEFAULT_SENTINEL_PORT) -> tuple[tuple[str, int], ...]:
+    """``host[:port]`` strings (IPv6 in brackets) as (host, port): sentinels (port 26379
+    by default) or cluster nodes (``default_port`` 6379)."""
     found = []
     for item in items:
         host, port = item.strip(), default_port
         if host.startswith("["):
             host, _, tail = host[1:].partition("]")
             if tail:
-                port = _sentinel_port(item, tail.removeprefix(":"))
+                port = _port(item, tail.removeprefix(":"))
         elif host.count(":") == 1:
             host, tail = host.split(":")
-            port = _sentinel_port(item, tail)
+            port = _port(item, tail)
         if not host:
             raise ValueError(f"no host in {item!r}")
         found.append((host, port))
@@ -142,7 +143,7 @@ def parse_sentinels(items: Sequence[str],
     return tuple(found)
 
 
-def _sentinel_port(item: str, text: str) -> int:
+def _port(item: str, text: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise ValueError(f"bad port in {item!r}")
     return int(text)
@@ -359,7 +360,7 @@ class Config:
                 else None
         if not self.redis_sentinels:
             return None
-        return SentinelTarget(parse_sentinels(_sentinel_list(self.redis_sentinels)),
+        return SentinelTarget(parse_hosts(_sentinel_list(self.redis_sentinels)),
                               self.redis_sentinel_service or "", self.redis_db,
                               self.redis_username, self.redis_password, self.redis_tls)
 
@@ -433,7 +434,7 @@ def _validate_sentinel(config: Config) -> None:
                           "redis_sentinels are set: name the service they watch")
     if config.redis_sentinels:  # checked even when a redis_url overrides them
         try:
-            parse_sentinels(_sentinel_list(config.redis_sentinels))
+            parse_hosts(_sentinel_list(config.redis_sentinels))
         except (ValueError, TypeError) as exc:
             raise ConfigError("redis_sentinels", config.redis_sentinels, str(exc)) from None
 
