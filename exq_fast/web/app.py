@@ -51,7 +51,7 @@ from ..admin import Api, Entry, JobSet, Queue
 from ..admin._common import PAGE_SIZE as SCAN_PAGE
 from ..admin._common import entry
 from ..config import scrub
-from .security import Guard, WebAuth, csrf_token, equal, same_origin, sign
+from .security import Guard, WebAuth, csrf_token, equal, route_path, same_origin, sign
 from .views import (
     Paging,
     ago,
@@ -283,8 +283,7 @@ class WebUI:
     # -- retry, scheduled, dead --------------------------------------------------------
 
     def _set(self, request: Request) -> tuple[str, JobSet, str]:
-        path = request.url.path[len(request.scope.get("root_path", "")):].strip("/")
-        name = path.split("/", 1)[0]
+        name = route_path(request.scope).strip("/").split("/", 1)[0]
         set_name, title = SETS[name]
         jobset = {"retry": self.api.retries, "schedule": self.api.scheduled,
                   "dead": self.api.dead}[set_name]

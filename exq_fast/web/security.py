@@ -38,7 +38,7 @@ from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["CSRF_COOKIE", "LOOPBACK_HOSTS", "TOKEN_COOKIE", "Guard", "WebAuth", "csrf_token",
-           "equal", "host_name", "same_origin", "sign"]
+           "equal", "host_name", "route_path", "same_origin", "sign"]
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 """What ``Host`` may name when the UI has no auth (see ``Guard``)."""
@@ -252,7 +252,7 @@ class Guard:
         if given is not None and self.auth.token is not None and equal(given, self.auth.token):
             rest = urlencode([(k, v) for k, v in query if k != "token"])
             # Only a path of this app, quoted: never //elsewhere, nor raw bytes.
-            here = "/" + quote(scope.get("root_path", "") + _route_path(scope)).lstrip("/")
+            here = "/" + quote(scope.get("root_path", "") + route_path(scope)).lstrip("/")
             target = here + (f"?{rest}" if rest else "")
             await _respond(send, 303, b"", [
                 (b"location", target.encode("latin-1")),
@@ -281,7 +281,8 @@ def _own_request(headers: Headers) -> bool:
             and headers.get("sec-fetch-dest", "document") == "document")
 
 
-def _route_path(scope: Scope) -> str:
+def route_path(scope: Scope) -> str:
+    """The request's path within the app (without the prefix it is mounted under)."""
     path: str = scope.get("path", "/")
     root: str = scope.get("root_path", "")
     return path[len(root):] if root and path.startswith(root) else path

@@ -14,7 +14,7 @@ import uvicorn
 from ..admin import Api
 from ..config import Config
 from . import create_app
-from .security import LOOPBACK_HOSTS, WebAuth
+from .security import WebAuth, host_name
 
 __all__ = ["DEFAULT_BIND", "DEFAULT_PORT", "WebSetupError", "auth_from", "is_loopback",
            "serve"]
@@ -85,10 +85,9 @@ def serve(config: Config, *, bind: str = DEFAULT_BIND, port: int = DEFAULT_PORT,
         api.redis.ping()  # an unreachable Redis fails here, in one line, not per page
         hosts = None
         if allowed_hosts or not auth.enabled:
-            # Loopback names, the address bound, and the names given (--allowed-host).
-            hosts = {*LOOPBACK_HOSTS, bind.strip("[]").lower(), *allowed_hosts}
-            hosts.discard("0.0.0.0")
-            hosts.discard("::")
+            # The address bound (unless a wildcard) and the names given (--allowed-host);
+            # create_app adds the loopback names.
+            hosts = {host_name(bind), *allowed_hosts} - {"0.0.0.0", "::"}
         app = create_app(api=api, auth=auth, allowed_hosts=hosts)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                                server_header=False))

@@ -193,8 +193,7 @@ class Paging:
             page = int(value or "1")
         except ValueError:
             page = 1
-        last = max((total + PAGE_SIZE - 1) // PAGE_SIZE, 1)
-        return cls(min(max(page, 1), last), total)
+        return cls(min(max(page, 1), cls(1, total).pages), total)
 
 
 def matches(entry: Entry, needle: str) -> bool:
