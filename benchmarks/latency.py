@@ -93,8 +93,6 @@ class Row:
         return self.jobs / self.seconds
 
 
-
-
 def peak_mb() -> float:
     """The process's peak RSS so far, in MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

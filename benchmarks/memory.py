@@ -29,7 +29,6 @@ Run from the project root::
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys
@@ -40,7 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
-from _common import delete_namespace, describe_server, rss_mb
+from _common import (
+    delete_namespace,
+    describe_server,
+    exq_fast_command,
+    rss_mb,
+    wait_consuming,
+    worker_env,
+)
 
 from exq_fast import Config, Enqueuer
 from exq_fast.embedded import find_redis
@@ -83,28 +89,20 @@ class Result:
         return self.samples[index] if 0 <= index < len(self.samples) else float("nan")
 
 
-
-
 def start_worker(url: str, namespace: str, concurrency: int, work_dir: Path,
                  log: Path) -> subprocess.Popen[bytes]:
     """``exq-fast run`` consuming the benchmark's queue; waits until it consumes."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXQ_")}
-    env.pop("REDIS_URL", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(work_dir), *filter(None, [env.get("PYTHONPATH")])])
-    script = Path(sys.executable).parent / "exq-fast"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "exq_fast"]
-    command += ["run", "--redis-url", url, "--namespace", namespace, "--queue",
+    command = [*exq_fast_command(), "run", "--redis-url", url, "--namespace", namespace, "--queue",
                 f"{QUEUE}:{concurrency}", "--workers", "memworker",
                 "--node-id", f"mem-{concurrency}"]
     with log.open("wb") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + READY_TIMEOUT
-    while " consuming " not in log.read_text(errors="replace"):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"the worker did not start:\n{log.read_text(errors='replace')}")
-        time.sleep(0.05)
+        process = subprocess.Popen(command, env=worker_env(work_dir), stdout=out,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_consuming([(process, log)], READY_TIMEOUT)
+    except RuntimeError:
+        process.kill()
+        raise
     return process
 
 

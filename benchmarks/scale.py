@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
-from _common import chunks, describe_server
+from _common import chunks, cpu_seconds, describe_server
 
 from exq_fast.config import Config
 from exq_fast.embedded import RedisServer
@@ -54,7 +54,6 @@ from exq_fast import worker
 def noop(*args):
     return None
 '''
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -70,15 +69,6 @@ class Result:
     @property
     def rate(self) -> float:
         return self.jobs / self.seconds
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` so far (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def redis_cpu(client: redis.Redis) -> float:

@@ -64,7 +64,14 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from _common import chunks, describe_server, rss_mb
+from _common import (
+    chunks,
+    describe_server,
+    exq_fast_command,
+    rss_mb,
+    wait_consuming,
+    worker_env,
+)
 
 from exq_fast import __version__
 from exq_fast.admin import Api
@@ -167,20 +174,10 @@ class Node:
     exit_code: int | None = None
 
 
-def worker_command() -> list[str]:
-    """The ``exq-fast`` console script of this interpreter, else ``python -m exq_fast``."""
-    script = Path(sys.executable).parent / "exq-fast"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "exq_fast"]
-
-
-def worker_env(module_dir: Path, record_url: str, dead_max_jobs: int) -> dict[str, str]:
-    """This environment without inherited ``EXQ_*``, plus the soak's settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXQ_")}
-    env.pop("REDIS_URL", None)
-    path = [str(module_dir)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    env.update(PYTHONPATH=os.pathsep.join(path), SOAK_RECORD_URL=record_url,
-               EXQ_SCHEDULER_ENABLE="false", EXQ_DEAD_MAX_JOBS=str(dead_max_jobs))
-    return env
+def soak_env(module_dir: Path, record_url: str, dead_max_jobs: int) -> dict[str, str]:
+    """A worker's environment (``worker_env``) plus the soak's settings."""
+    return {**worker_env(module_dir), "SOAK_RECORD_URL": record_url,
+            "EXQ_SCHEDULER_ENABLE": "false", "EXQ_DEAD_MAX_JOBS": str(dead_max_jobs)}
 
 
 def start_node(index: int, url: str, work_dir: Path, env: dict[str, str],
@@ -188,32 +185,13 @@ def start_node(index: int, url: str, work_dir: Path, env: dict[str, str],
     """Start worker process ``soak-<index>``, its output going to a log file."""
     node_id = f"soak-{index}"
     log = work_dir / f"{node_id}.log"
-    command = [*worker_command(), "run", "--redis-url", url, "--namespace", NAMESPACE,
+    command = [*exq_fast_command(), "run", "--redis-url", url, "--namespace", NAMESPACE,
                "--queue", f"{QUEUE}:{concurrency}", "--workers", WORKER_MODULE,
                "--node-id", node_id]
     with log.open("wb") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL)
     return Node(node_id, process, log)
-
-
-def wait_ready(nodes: Sequence[Node]) -> None:
-    """Wait until every node has logged that it is consuming; fail if one exits."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    pending = list(nodes)
-    while pending:
-        for node in list(pending):
-            if node.process.poll() is not None:
-                raise RuntimeError(f"{node.node_id} exited with {node.process.returncode} at "
-                                   f"start:\n{node.log.read_text(errors='replace')}")
-            if " consuming " in node.log.read_text(errors="replace"):
-                pending.remove(node)
-        if pending and time.monotonic() > deadline:
-            raise RuntimeError(f"{', '.join(n.node_id for n in pending)} not ready in "
-                               f"{READY_TIMEOUT:.0f} s")
-        time.sleep(0.05)
-
-
 
 
 def stop_nodes(nodes: Sequence[Node]) -> None:
@@ -562,14 +540,14 @@ def soak(server: RedisServer, work_dir: Path, options: argparse.Namespace) -> in
     record_url = f"redis://127.0.0.1:{server.port}/{RECORD_DB}"
     expected = expected_kinds(jobs)
     (work_dir / f"{WORKER_MODULE}.py").write_text(WORKER_SOURCE)
-    env = worker_env(work_dir, record_url, options.dead_max_jobs)
+    env = soak_env(work_dir, record_url, options.dead_max_jobs)
     client, record = redis.Redis.from_url(url), redis.Redis.from_url(record_url)
     nodes: list[Node] = []
     try:
         print_header(client, url, jobs, expected, options)
         nodes = [start_node(i + 1, url, work_dir, env, options.concurrency)
                  for i in range(options.processes)]
-        wait_ready(nodes)
+        wait_consuming([(node.process, node.log) for node in nodes], READY_TIMEOUT)
         run = Run(jobs)
         watch(client, nodes, Producer(url, jobs), run, options.timeout)
         stop_nodes(nodes)

@@ -58,7 +58,6 @@ Run from the project root::
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import resource
 import sys
@@ -68,12 +67,11 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import redis
-from _common import chunks, delete_namespace, describe_server
+from _common import chunks, delete_namespace, describe_server, rss_mb
 
 from exq_fast.app import Exq
 from exq_fast.config import Config
@@ -240,17 +238,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def current_rss_mb() -> float:
-    """``VmRSS`` from ``/proc/self/status`` in MB, or NaN where there is no procfs."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return math.nan
-
-
 # --- runs -------------------------------------------------------------------------------------
 
 
@@ -311,7 +298,7 @@ class Window:
     def open(cls, bench: Bench, counter: RequestCounter) -> Window:
         """Snapshot the server counters, RSS and CPU time, then start the clock."""
         server = ServerSnapshot.take(bench.plain)
-        rss = current_rss_mb()
+        rss = rss_mb()
         return cls(counter, server, rss, counter.value, time.process_time(),
                    time.perf_counter_ns())
 
@@ -320,7 +307,7 @@ class Window:
         seconds = (time.perf_counter_ns() - self.start_ns) / 1e9
         cpu = time.process_time() - self.cpu
         sent = self.counter.value - self.sent
-        rss_after, peak = current_rss_mb(), peak_rss_mb()
+        rss_after, peak = rss_mb(), peak_rss_mb()
         server = server_counts(self.server, ServerSnapshot.take(bench.plain),
                                scripted=concurrency is not None)
         return Result(method, concurrency, jobs, seconds, sent, cpu, server, self.rss_before,

@@ -56,6 +56,8 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the real-server set-ups live with the tests
 
+from _common import CLOCK_TICKS, cpu_seconds, exq_fast_command, wait_consuming, worker_env  # noqa: E402
+
 from exq_fast import Config, Enqueuer  # noqa: E402
 from exq_fast.connection import connect  # noqa: E402
 from exq_fast.embedded import RedisServer  # noqa: E402
@@ -63,7 +65,6 @@ from exq_fast.keys import Keys  # noqa: E402
 from tests.cluster import ClusterSetup  # noqa: E402
 from tests.sentinel import SentinelSetup  # noqa: E402
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 QUEUE = "default"
 STAGE = "stage"
 CONCURRENCY = 100
@@ -115,15 +116,6 @@ class Row:
         return self.jobs / self.busiest[1] if self.busiest[1] > 0 else float("inf")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds used so far by process ``pid`` (all its threads)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    # Fields after "pid (comm) ": state is field 3, utime 14 and stime 15 (man 5 proc);
-    # comm may hold spaces or parentheses, hence the split after the last ")".
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
 def server_pids(**servers: RedisServer | subprocess.Popen[bytes]) -> dict[str, int]:
     """``name -> pid`` of running server processes (a ``RedisServer`` or a ``Popen``)."""
     pids = {}
@@ -137,11 +129,7 @@ def server_pids(**servers: RedisServer | subprocess.Popen[bytes]) -> dict[str, i
 def start_workers(url: str, namespaces: list[str], work_dir: Path,
                   per_namespace: int) -> list[subprocess.Popen[bytes]]:
     """``per_namespace`` processes for each namespace; returns once all consume."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXQ_")}
-    env.pop("REDIS_URL", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(work_dir), str(ROOT)])
-    script = Path(sys.executable).parent / "exq-fast"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "exq_fast"]
+    env, command = worker_env(work_dir, ROOT), exq_fast_command()
     processes, logs = [], []
     for ns in namespaces:
         for n in range(per_namespace):
@@ -152,13 +140,11 @@ def start_workers(url: str, namespaces: list[str], work_dir: Path,
                      f"{QUEUE}:{CONCURRENCY}", "--workers", "topoworker", "--no-heartbeat"],
                     env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
             logs.append(log)
-    deadline = time.monotonic() + READY_TIMEOUT
-    while not all(" consuming " in log.read_text(errors="replace") for log in logs):
-        if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
-            stop(processes)
-            raise RuntimeError("a worker did not start:\n" + "\n".join(
-                log.read_text(errors="replace") for log in logs))
-        time.sleep(0.05)
+    try:
+        wait_consuming(list(zip(processes, logs, strict=True)), READY_TIMEOUT)
+    except RuntimeError:
+        stop(processes)
+        raise
     return processes
 
 
