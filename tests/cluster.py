@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 
 import redis
 
 from exq_fast.embedded import RedisServer, free_port, port_is_free
+from tests.conftest import wait_for
 
 MASTERS = 3
 
@@ -59,11 +59,8 @@ class ClusterSetup:
                         *(f"127.0.0.1:{n.port}" for n in self.nodes),
                         "--cluster-replicas", "0", "--cluster-yes"],
                        check=True, capture_output=True, timeout=30)
-        deadline = time.monotonic() + 30
-        while not all(self._ok(node.port) for node in self.nodes):
-            if time.monotonic() > deadline:
-                raise TimeoutError("the cluster did not reach cluster_state:ok")
-            time.sleep(0.1)
+        wait_for(lambda: all(self._ok(node.port) for node in self.nodes), 30,
+                 "the cluster to reach cluster_state:ok", 0.1)
         return self
 
     @staticmethod

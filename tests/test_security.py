@@ -28,7 +28,6 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ import redis
 from exq_fast import Config, Enqueuer, Exq
 from exq_fast.embedded import (
     RedisServer,
+    ServerExited,
     delete_namespace,
     free_port,
     port_is_free,
@@ -540,16 +540,31 @@ def make_tls_with_cryptography(directory: Path) -> TlsFiles:
                     directory / "other-ca.pem")
 
 
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
-    """A throwaway CA, a server certificate for 127.0.0.1 it signed, and an unrelated CA."""
-    directory = tmp_path_factory.mktemp("tls")
+class TlsUnavailable(RuntimeError):
+    """This machine cannot serve TLS (no CA maker, a redis-server built without TLS);
+    the message says why."""
+
+
+def make_tls(directory: Path) -> TlsFiles:
+    """A throwaway CA, a server certificate for 127.0.0.1 it signed, and an unrelated CA,
+    in ``directory``: with the openssl command, else the cryptography package, else
+    ``TlsUnavailable``."""
     if shutil.which("openssl"):
         return make_tls_with_openssl(directory)
     try:
         return make_tls_with_cryptography(directory)
     except ImportError:
-        skip_or_fail("neither the openssl command nor the cryptography package is available")
+        raise TlsUnavailable("neither the openssl command nor the cryptography package "
+                             "is available") from None
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """``make_tls`` in a directory of the module's."""
+    try:
+        return make_tls(tmp_path_factory.mktemp("tls"))
+    except TlsUnavailable as exc:
+        skip_or_fail(str(exc))
         raise  # unreachable: skip_or_fail raises
 
 
@@ -576,69 +591,72 @@ def tls_binaries() -> list[str]:
     return found
 
 
-@dataclass
-class TlsRedis:
-    port: int
-    process: subprocess.Popen[bytes]
-    files: TlsFiles
+def tls_settings(files: TlsFiles) -> list[tuple[str, str]]:
+    """A TLS-only server's TLS settings (redis.conf names): no client certificate is
+    asked for (``tls-auth-clients no``); a replica replicates over TLS too."""
+    return [("tls-cert-file", str(files.server_cert)), ("tls-key-file", str(files.server_key)),
+            ("tls-ca-cert-file", str(files.ca)), ("tls-auth-clients", "no"),
+            ("tls-replication", "yes")]
 
 
-def start_tls_redis(binary: str, files: TlsFiles, directory: Path) -> TlsRedis | str:
-    """A TLS-only redis-server from ``binary``, or why that binary cannot serve TLS."""
-    port = free_port()
-    log = directory / f"redis-{port}.log"
-    args = [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-            "--tls-cert-file", str(files.server_cert), "--tls-key-file", str(files.server_key),
-            "--tls-ca-cert-file", str(files.ca), "--tls-auth-clients", "no",
-            "--save", "", "--appendonly", "no", "--dir", str(directory), "--logfile", str(log)]
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            output = process.stdout.read().decode(errors="replace") if process.stdout else ""
-            stop_process(process)
-            text = log.read_text(errors="replace") if log.exists() else ""
-            return f"{binary} cannot serve TLS: {(output + text).strip()[-300:]}"
-        client = tls_client(port, files.ca, 0.2)
+class TlsRedisServer(RedisServer):
+    """A ``RedisServer`` on TLS only: ``port`` is its TLS port (``port 0``)."""
+
+    def __init__(self, files: TlsFiles, extra_args: tuple[str, ...] = (),
+                 binary: str | None = None) -> None:
+        super().__init__(extra_args=extra_args, binary=binary)
+        self.files = files
+
+    @property
+    def url(self) -> str:
+        """``rediss://127.0.0.1:<port>/0``."""
+        return f"rediss://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        """``RedisServer.start``; a server that exits at once (built without TLS)
+        raises ``TlsUnavailable`` with its output."""
         try:
-            if client.ping():
-                return TlsRedis(port, process, files)
+            return super().start(timeout)
+        except ServerExited as exc:
+            raise TlsUnavailable(f"{self.binary} cannot serve TLS: {exc.output}") from None
+
+    def _listen_args(self) -> list[str]:
+        return ["--port", "0", "--tls-port", str(self.port),
+                *(item for name, value in tls_settings(self.files)
+                  for item in (f"--{name}", value))]
+
+    def _answers(self) -> bool:
+        client = tls_client(self.port, self.files.ca, 0.2)
+        try:
+            return bool(client.ping())
+        except redis.exceptions.AuthenticationError:
+            return True  # it answers: it wants the password
         except (redis.exceptions.RedisError, OSError):
-            time.sleep(0.02)
+            return False
         finally:
             client.close()
-    stop_process(process)
-    return f"{binary} did not answer over TLS on port {port}"
-
-
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(5)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(5)
-    if process.stdout is not None:
-        process.stdout.close()
 
 
 @pytest.fixture(scope="module")
-def tls_redis(tls_files: TlsFiles, tmp_path_factory: pytest.TempPathFactory
-              ) -> Iterator[TlsRedis]:
-    """A private redis-server listening on TLS only (``--port 0``)."""
-    directory = tmp_path_factory.mktemp("tls-redis")
+def tls_redis(tls_files: TlsFiles) -> Iterator[TlsRedisServer]:
+    """A private redis-server listening on TLS only, from the first binary that can."""
     reasons = []
     for binary in tls_binaries():
-        started = start_tls_redis(binary, tls_files, directory)
-        if isinstance(started, TlsRedis):
-            yield started
-            stop_process(started.process)
-            return
-        reasons.append(started)
+        try:
+            server = TlsRedisServer(tls_files, binary=binary)
+            server.start()
+        except RuntimeError as exc:  # TlsUnavailable, or it did not answer
+            reasons.append(str(exc))
+            continue
+        try:
+            yield server
+        finally:
+            server.stop()
+        return
     skip_or_fail("no redis-server with TLS support: " + ("; ".join(reasons) or "none found"))
 
 
-def test_a_node_runs_jobs_over_tls_with_a_private_ca(tls_redis: TlsRedis) -> None:
+def test_a_node_runs_jobs_over_tls_with_a_private_ca(tls_redis: TlsRedisServer) -> None:
     # Given a TLS-only Redis and a rediss:// URL with the CA that signed its certificate
     config = Config(redis_url=f"rediss://127.0.0.1:{tls_redis.port}/0",
                     redis_tls_ca_certs=str(tls_redis.files.ca), namespace=new_namespace(),
@@ -653,7 +671,7 @@ def test_a_node_runs_jobs_over_tls_with_a_private_ca(tls_redis: TlsRedis) -> Non
 
 
 @pytest.mark.parametrize("how", ["redis_tls with a redis:// url", "redis_tls with host/port"])
-def test_redis_tls_turns_a_plain_address_into_tls(tls_redis: TlsRedis, how: str) -> None:
+def test_redis_tls_turns_a_plain_address_into_tls(tls_redis: TlsRedisServer, how: str) -> None:
     # Given the TLS-only Redis addressed without rediss://, but with redis_tls=True
     options: dict[str, Any] = {"redis_tls": True, "redis_tls_ca_certs": str(tls_redis.files.ca)}
     if how.endswith("url"):
@@ -665,7 +683,7 @@ def test_redis_tls_turns_a_plain_address_into_tls(tls_redis: TlsRedis, how: str)
 
 
 @pytest.mark.parametrize("ca", ["other", "system default"])
-def test_tls_verification_refuses_a_server_signed_by_another_ca(tls_redis: TlsRedis,
+def test_tls_verification_refuses_a_server_signed_by_another_ca(tls_redis: TlsRedisServer,
                                                                 ca: str) -> None:
     # Given verification on, with a CA that did not sign the server's certificate
     options = fast(namespace=new_namespace(), redis_tls_verify=True)
@@ -679,7 +697,7 @@ def test_tls_verification_refuses_a_server_signed_by_another_ca(tls_redis: TlsRe
     assert "certificate verify failed" in str(error).lower(), error
 
 
-def test_tls_without_verification_accepts_an_unknown_ca(tls_redis: TlsRedis) -> None:
+def test_tls_without_verification_accepts_an_unknown_ca(tls_redis: TlsRedisServer) -> None:
     # Given verification explicitly off and the wrong CA
     config = Config(redis_url=f"rediss://127.0.0.1:{tls_redis.port}/0",
                     redis_tls_ca_certs=str(tls_redis.files.other_ca), redis_tls_verify=False,

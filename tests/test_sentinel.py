@@ -30,8 +30,8 @@ from exq_fast.connection import connect
 from exq_fast.embedded import delete_namespace
 from exq_fast.keys import Keys
 from tests.conftest import RunProcesses, wait_for
-from tests.sentinel import SERVICE, SentinelSetup, TlsUnavailable
-from tests.test_security import skip_or_fail
+from tests.sentinel import SERVICE, SentinelSetup
+from tests.test_security import TlsUnavailable, skip_or_fail
 
 
 @pytest.fixture
